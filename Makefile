@@ -1,0 +1,49 @@
+# Everything a fresh machine needs: a venv, torch first (the CPU build here), the project, Debian packages.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= serve,onnx,test
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps test test-slow test-all demo serve bench clean
+
+setup: $(STAMP) system-deps
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# espeak-ng (speech with phoneme timings for the corpus), sox (audio conversion), idempotent
+system-deps:
+	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v espeak-ng >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng libespeak-ng1 sox; \
+	fi
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# the main job: the WebRTC server with the built-in avatar on http://127.0.0.1:8080/
+serve: setup
+	$(BIN)/marionette serve --host 127.0.0.1 --port 8080
+
+# a small corpus and its contact sheet
+demo: setup
+	$(BIN)/marionette corpus --out demo_corpus --identities 4 --clips-per-identity 1 --seconds 3 --seed 0 --overwrite
+	$(BIN)/marionette corpus preview demo_corpus --out demo_corpus/preview.png
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo_corpus

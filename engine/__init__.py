@@ -1,0 +1,1 @@
+"""Networks, per-frame latent composition and runtimes. Imports nothing heavy at package import."""

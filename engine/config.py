@@ -1,0 +1,153 @@
+"""Frozen configuration of the model and its audio front end.
+
+A checkpoint stores `ModelConfig.to_dict()` as JSON beside its weights, so a checkpoint rebuilds its
+own model (`ModelConfig.from_dict`). Configs are parsed only at the entry point; library code takes
+these dataclasses, never argparse namespaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """16 kHz mono -> 80-band log-mel, 25 ms window, 10 ms hop (4 mel frames per video frame at 25 fps).
+
+    Framing (shared by the offline function and `MelStream`): the signal is left-padded with
+    `(win_length - hop_length) // 2` zeros and mel frame k covers padded[k*hop : k*hop + win], so
+    mel frame k is centred on the k-th 10 ms hop of the original signal and video frame i at 25 fps
+    owns mel frames 4i .. 4i+3. Only complete windows are emitted (no right padding).
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 512
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+    f_min: float = 55.0
+    f_max: float = 7600.0
+    log_floor: float = 1e-5
+
+    @property
+    def left_pad(self) -> int:
+        return (self.win_length - self.hop_length) // 2
+
+    @property
+    def right_overhang(self) -> int:
+        """Samples past the end of hop k that mel frame k still needs."""
+        return self.win_length - self.hop_length - self.left_pad
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """Dimensions of the factor latents z_t = [lip, pose, eye, exp]; all zeros is the canonical face."""
+
+    lip: int = 20
+    pose: int = 6
+    eye: int = 6  # gaze 2 + blink/lids 4
+    exp: int = 10
+
+    @property
+    def total(self) -> int:
+        return self.lip + self.pose + self.eye + self.exp
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for name in ("lip", "pose", "eye", "exp"):
+            n = getattr(self, name)
+            out[name] = slice(start, start + n)
+            start += n
+        return out
+
+
+FACTORS: tuple[str, ...] = ("lip", "pose", "eye", "exp")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Widths of the networks (the `lite` / `base` / `tiny` presets differ only here)."""
+
+    app_channels: tuple[int, ...] = (16, 32, 64)  # E_app pyramid widths at 256^2 / 128^2 / 64^2
+    app_dim: int = 128  # appearance vector
+    motion_channels: tuple[int, ...] = (16, 32, 64, 96, 128)  # E_mot
+    motion_dim: int = 256  # unified motion feature (PD-FGC stage 1)
+    head_hidden: int = 128  # E_lip / E_pose / E_eye / E_exp MLP width
+    audio_channels: tuple[int, ...] = (32, 64, 96)  # E_aud
+    flow_channels: int = 64  # generator's flow/occlusion decoder width at <= 64^2
+    refine_channels: int = 32  # refine net width at 128^2
+    mouth_channels: int = 24  # mouth-region branch width
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lite"
+    image_size: int = 256
+    fps: int = 25
+    past_ms: int = 200  # audio context the lip encoder sees before the end of the frame's own audio
+    lookahead_ms: int = 120  # audio context after it: the algorithmic latency floor
+    latents: LatentConfig = field(default_factory=LatentConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    net: NetworkConfig = field(default_factory=NetworkConfig)
+
+    # --- mel window geometry of the audio encoder (derived) ---
+    @property
+    def mel_per_frame(self) -> int:
+        hop_ms = 1000 * self.audio.hop_length / self.audio.sample_rate
+        n = 1000 / self.fps / hop_ms
+        if abs(n - round(n)) > 1e-9:
+            raise ValueError(f"fps {self.fps} does not give a whole number of mel hops per frame")
+        return int(round(n))
+
+    @property
+    def mel_past(self) -> int:
+        """Mel frames up to and including the frame's own (the window's part that is not lookahead)."""
+        return int(round(self.past_ms * self.audio.sample_rate / 1000 / self.audio.hop_length))
+
+    @property
+    def mel_future(self) -> int:
+        return int(round(self.lookahead_ms * self.audio.sample_rate / 1000 / self.audio.hop_length))
+
+    @property
+    def mel_window(self) -> int:
+        return self.mel_past + self.mel_future
+
+    def mel_window_start(self, frame: int) -> int:
+        """First mel frame of video frame `frame`'s window: [start, start + mel_window)."""
+        return (frame + 1) * self.mel_per_frame - self.mel_past
+
+    # --- presets ---
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        presets = {
+            "lite": cls(name="lite"),
+            "base": cls(name="base", net=NetworkConfig(
+                app_channels=(32, 64, 128), app_dim=256, motion_channels=(32, 64, 128, 192, 256),
+                motion_dim=512, head_hidden=256, audio_channels=(64, 128, 192), flow_channels=128,
+                refine_channels=64, mouth_channels=48)),
+            "tiny": cls(name="tiny", image_size=64, net=NetworkConfig(
+                app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32), motion_dim=64,
+                head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16, refine_channels=8,
+                mouth_channels=8)),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown model config {name!r}; valid: {', '.join(presets)}")
+        return dataclasses.replace(presets[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        lat = LatentConfig(**d.pop("latents", {}))
+        aud = AudioConfig(**d.pop("audio", {}))
+        net = d.pop("net", {})
+        net = NetworkConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in net.items()})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields in checkpoint config: {sorted(unknown)}")
+        return cls(latents=lat, audio=aud, net=net, **d)

@@ -1,0 +1,1 @@
+"""Custom GPU kernels, each beside a pure-PyTorch reference that is the CPU fallback."""

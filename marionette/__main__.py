@@ -1,0 +1,3 @@
+from marionette.cli import main
+
+raise SystemExit(main())

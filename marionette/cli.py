@@ -1,0 +1,165 @@
+"""The one `marionette` command. Parses arguments into frozen config dataclasses and hands them to
+library code; each subcommand imports its package lazily so `marionette --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("marionette")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------- corpus
+def _corpus_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "Render a synthetic talking-head corpus with per-frame ground truth for every factor. "
+        "`marionette corpus preview DIR --out sheet.png` draws a contact sheet of a corpus."))
+    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    p.add_argument("--identities", type=_positive_int, required=True, help="number of identities")
+    p.add_argument("--clips-per-identity", type=_positive_int, required=True)
+    p.add_argument("--seconds", type=_positive_float, required=True, help="mean clip duration in seconds")
+    p.add_argument("--size", type=_positive_int, default=256, help="frame size in pixels (multiple of 8)")
+    p.add_argument("--fps", type=_positive_int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel clip workers (processes)")
+    p.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    return p
+
+
+def _cmd_corpus(argv: list[str]) -> int:
+    if argv[:1] == ["preview"]:
+        p = argparse.ArgumentParser(prog="marionette corpus preview",
+                                    description="Contact sheet: identities x single-factor sweeps.")
+        p.add_argument("corpus", type=Path)
+        p.add_argument("--out", type=Path, required=True, help="PNG to write")
+        p.add_argument("--identities", type=_positive_int, default=4, help="rows (identities) to show")
+        a = p.parse_args(argv[1:])
+        from trainer.corpus.preview import make_preview
+
+        out = make_preview(a.corpus, a.out, identities=a.identities)
+        print(out)
+        return 0
+    a = _corpus_parser("marionette corpus").parse_args(argv)
+    from trainer.corpus.generate import CorpusConfig, generate_corpus
+
+    cfg = CorpusConfig(out=a.out, identities=a.identities, clips_per_identity=a.clips_per_identity,
+                       seconds=a.seconds, size=a.size, fps=a.fps, seed=a.seed, workers=a.workers,
+                       device=a.device, overwrite=a.overwrite)
+    out = generate_corpus(cfg)
+    print(out)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- render
+def _cmd_render(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette render", description=(
+        "Offline render: a portrait and a speech recording -> a lip-synced talking-head mp4 with the audio. "
+        "Each factor has one source: lips from the audio, pose/eyes/expression from a driving video, "
+        "an expression preset, or the idle-motion model."))
+    p.add_argument("--avatar", type=Path, help="portrait image (PNG/JPEG); default: the built-in avatar")
+    p.add_argument("--audio", type=Path, required=True, help="speech (wav/mp3/... any rate, mono or stereo)")
+    p.add_argument("--out", type=Path, required=True, help="output .mp4")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory; default: the built-in one")
+    p.add_argument("--config", default="lite", help="model config when no checkpoint exists (lite, base)")
+    p.add_argument("--pose-from", type=Path, help="driving video for head pose")
+    p.add_argument("--eyes-from", type=Path, help="driving video for gaze and blinks")
+    p.add_argument("--expression-from", type=Path, help="driving video for expression")
+    p.add_argument("--expression", help="preset[:intensity], e.g. happy:0.8, or a blend happy:0.5+sad:0.3")
+    p.add_argument("--driving", choices=["hold", "loop"], default="hold",
+                   help="driving video shorter than the audio: hold its last frame (default) or loop it")
+    p.add_argument("--fps", type=_positive_int, default=25)
+    p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
+    a = p.parse_args(argv)
+    from engine.render import RenderConfig, render
+
+    cfg = RenderConfig(avatar=a.avatar, audio=a.audio, out=a.out, checkpoint=a.checkpoint, config=a.config,
+                       pose_from=a.pose_from, eyes_from=a.eyes_from, expression_from=a.expression_from,
+                       expression=a.expression, driving=a.driving, fps=a.fps, backend=a.backend, seed=a.seed)
+    print(render(cfg))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ serve
+def _cmd_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette serve", description=(
+        "WebRTC avatar server: open http://HOST:PORT/, allow the microphone, and the avatar speaks with your voice."))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--avatar", type=Path, help="portrait image; default: the built-in avatar")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory; default: the built-in one")
+    p.add_argument("--config", default="lite", help="model config when no checkpoint exists")
+    p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.add_argument("--fps", type=_positive_int, default=25)
+    p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                   help="restrict ICE host candidates to this address (repeatable), e.g. 127.0.0.1")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN server URL (repeatable); none by default")
+    p.add_argument("--max-sessions", type=_positive_int, default=8)
+    p.add_argument("--max-upload-mb", type=_positive_float, default=8.0, help="largest avatar upload")
+    a = p.parse_args(argv)
+    from streaming.server import ServeConfig, serve
+
+    cfg = ServeConfig(host=a.host, port=a.port, avatar=a.avatar, checkpoint=a.checkpoint, config=a.config,
+                      backend=a.backend, fps=a.fps, ice_hosts=tuple(a.ice_host), ice_servers=tuple(a.ice_server),
+                      max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024))
+    serve(cfg)
+    return 0
+
+
+COMMANDS = {
+    "serve": (_cmd_serve, "the WebRTC avatar server (main job)"),
+    "corpus": (_cmd_corpus, "render the synthetic talking-head corpus (and `corpus preview`)"),
+    "render": (_cmd_render, "offline render: portrait + audio -> talking-head mp4"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="marionette", description="Real-time streaming avatar engine.")
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top.add_argument("command", choices=sorted(COMMANDS), metavar="command",
+                     help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    top.add_argument("args", nargs=argparse.REMAINDER)
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    a = top.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from engine.errors import MarionetteError
+
+    try:
+        return COMMANDS[a.command][0](a.args)
+    except MarionetteError as e:
+        print(f"marionette {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""asyncio + aiortc avatar server."""

@@ -1,0 +1,1 @@
+"""Progressive training (PD-FGC recipe), the synthetic corpus and evaluation."""
