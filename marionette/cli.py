@@ -91,14 +91,18 @@ def _cmd_render(argv: list[str]) -> int:
     p.add_argument("--driving", choices=["hold", "loop"], default="hold",
                    help="driving video shorter than the audio: hold its last frame (default) or loop it")
     p.add_argument("--fps", type=_positive_int, default=25)
-    p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt")
+    p.add_argument("--exported", type=Path, help="a `marionette export` directory (onnxruntime / tensorrt)")
+    p.add_argument("--precision", default="fp32", help="fp32 | int8 (onnxruntime) | fp16 (torch CUDA, tensorrt)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for inference")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     a = p.parse_args(argv)
     from engine.render import RenderConfig, render
 
     cfg = RenderConfig(avatar=a.avatar, audio=a.audio, out=a.out, checkpoint=a.checkpoint, config=a.config,
                        pose_from=a.pose_from, eyes_from=a.eyes_from, expression_from=a.expression_from,
-                       expression=a.expression, driving=a.driving, fps=a.fps, backend=a.backend, seed=a.seed)
+                       expression=a.expression, driving=a.driving, fps=a.fps, backend=a.backend, seed=a.seed,
+                       exported=a.exported, precision=a.precision, threads=a.threads)
     print(render(cfg))
     return 0
 
@@ -130,7 +134,108 @@ def _cmd_serve(argv: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- export
+def _cmd_export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette export", description=(
+        "Compile a checkpoint for a runtime: ONNX models (per-frame generator, audio encoder, per-avatar "
+        "encoder, motion encoder) for ONNX Runtime, or TensorRT engines built from them (NVIDIA GPU)."))
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory; default: the built-in one")
+    p.add_argument("--config", default="lite", help="model config when no checkpoint exists (random weights)")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], required=True)
+    p.add_argument("--out", type=Path, required=True, help="output directory (with a manifest.json)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--max-batch", type=_positive_int, default=16)
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    from engine.export import ExportConfig, export
+
+    cfg = ExportConfig(checkpoint=a.checkpoint, config=a.config, format=a.format, out=a.out,
+                       precision=a.precision, max_batch=a.max_batch, overwrite=a.overwrite)
+    print(export(cfg))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ train / eval
+def _cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette train", description=(
+        "Train the model progressively (PD-FGC): motion -> factors -> expression -> idle. "
+        "Multi-GPU / multi-process: torchrun --nproc_per_node N -m marionette train ..."))
+    p.add_argument("--stage", default="all", help="motion | factors | expression | idle | all")
+    p.add_argument("--data", type=Path, required=True, help="corpus directory (marionette corpus) or video folders")
+    p.add_argument("--config", default="lite", help="tiny | lite | base")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint/, metrics.jsonl, state)")
+    p.add_argument("--steps", type=_positive_int, help="steps per stage (default: the config's)")
+    p.add_argument("--batch", type=_positive_int, dest="batch_size", help="batch size per process")
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's saved state")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=_positive_int, default=1000)
+    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes (0: in process)")
+    p.add_argument("--vgg", type=Path, dest="vgg_weights",
+                   help="VGG19 weights (.safetensors) you supply: enables the perceptual loss")
+    p.add_argument("--oracle", type=Path, help="trained factor oracle: features for the motion-reconstruction loss")
+    p.add_argument("--init", type=Path, help="start later stages from this checkpoint")
+    a = p.parse_args(argv)
+    from trainer.train import TrainConfig, train
+
+    cfg = TrainConfig(stage=a.stage, data=a.data, config=a.config, out=a.out, steps=a.steps,
+                      batch_size=a.batch_size, lr=a.lr, resume=a.resume, device=a.device, seed=a.seed,
+                      ckpt_every=a.ckpt_every, log_every=a.log_every, workers=a.workers,
+                      vgg_weights=a.vgg_weights, oracle=a.oracle, init=a.init)
+    print(train(cfg))
+    return 0
+
+
+def _cmd_oracle(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette oracle", description=(
+        "Train the factor oracle: a regressor reading pose, gaze, blink, mouth and expression from frames "
+        "(the yardstick of `marionette evaluate`)."))
+    p.add_argument("--data", type=Path, help="corpus directory (default: rendered frames only)")
+    p.add_argument("--out", type=Path, required=True, help="oracle directory to write")
+    p.add_argument("--steps", type=_positive_int, default=3000)
+    p.add_argument("--batch", type=_positive_int, dest="batch_size", default=32)
+    p.add_argument("--size", type=_positive_int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from trainer.oracle import OracleConfig, train_oracle
+
+    print(train_oracle(OracleConfig(data=a.data, out=a.out, steps=a.steps, batch_size=a.batch_size, size=a.size,
+                                    device=a.device, seed=a.seed)))
+    return 0
+
+
+def _cmd_evaluate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette evaluate", description=(
+        "Evaluate a checkpoint against the corpus ground truth: reconstruction, factor control, "
+        "disentanglement, lip sync; with copy-source and random-weights baselines."))
+    p.add_argument("--checkpoint", type=Path, help="default: the built-in checkpoint")
+    p.add_argument("--config", default="lite", help="model config when no checkpoint exists")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", default="test", help="train | val | test | all")
+    p.add_argument("--out", type=Path, required=True, help="report.json (report.md and report.png beside it)")
+    p.add_argument("--oracle", type=Path, help="default: <checkpoint>/oracle")
+    p.add_argument("--max-clips", type=_positive_int)
+    p.add_argument("--max-frames", type=_positive_int, default=100)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from trainer.evaluate import EvalConfig, evaluate
+
+    evaluate(EvalConfig(data=a.data, out=a.out, checkpoint=a.checkpoint, split=a.split, oracle=a.oracle,
+                        max_clips=a.max_clips, max_frames=a.max_frames, device=a.device, config=a.config,
+                        seed=a.seed))
+    print(a.out)
+    return 0
+
+
 COMMANDS = {
+    "train": (_cmd_train, "train the model (progressive stages)"),
+    "oracle": (_cmd_oracle, "train the factor oracle used by evaluate"),
+    "evaluate": (_cmd_evaluate, "evaluate a checkpoint against corpus ground truth"),
+    "export": (_cmd_export, "compile a checkpoint to ONNX / TensorRT"),
     "serve": (_cmd_serve, "the WebRTC avatar server (main job)"),
     "corpus": (_cmd_corpus, "render the synthetic talking-head corpus (and `corpus preview`)"),
     "render": (_cmd_render, "offline render: portrait + audio -> talking-head mp4"),

@@ -1,0 +1,120 @@
+"""`Marionette`: every network of the engine in one module, built from a `ModelConfig`.
+
+Per avatar (once):         E_app(portrait)                      -> source, feat_hi, feat_lo, app (an AvatarState)
+Per driving frame:         E_mot(frame) -> E_lip/E_pose/E_eye/E_exp -> factor latents
+Per audio window:          E_aud(mel window)                    -> lip latent (same space as E_lip)
+Per output frame:          G(z, source, feat_hi, feat_lo, app)  -> frame
+
+z = [lip, pose, eye, exp] in the order and with the sizes of `cfg.latents` (`LatentConfig.slices()`);
+all zeros is the canonical face. The latents' meaning:
+
+* lip (20): free, learnt (lip-audio contrastive, PD-FGC sec. 3.2); E_aud and E_lip share this space.
+* pose (6): fixed physical meaning, regressed by the trainer (POSE_LATENT_SCALE):
+      [yaw / 30 deg, pitch / 20 deg, roll / 15 deg, tx / 0.08, ty / 0.08, (scale - 1) / 0.1]
+  (rotations in degrees, translations as a fraction of the image size, scale relative to canonical framing;
+  the units of the corpus' "pose" factor group).
+* eye (6): [gaze_x, gaze_y, lid_left, lid_right, free, free]: gaze -1..1 (x: subject's left is +, y: up is +),
+  lids 0 = open .. 1 = closed (the corpus' "eyes" group); the last two are free (learnt).
+* exp (10): free, learnt (PD-FGC sec. 3.3). Named points in it ("expression presets") travel in the
+  checkpoint's meta; see `engine.checkpoint.default_expression_presets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from engine.config import FACTORS, ModelConfig
+from engine.networks import AppearanceEncoder, AudioEncoder, FactorHead, Generator, MotionEncoder
+
+# Physical meaning of the pose latent: latent = value / scale (see the module docstring).
+POSE_LATENT_NAMES: tuple[str, ...] = ("yaw", "pitch", "roll", "tx", "ty", "scale")
+POSE_LATENT_SCALE: tuple[float, ...] = (30.0, 20.0, 15.0, 0.08, 0.08, 0.1)
+POSE_LATENT_OFFSET: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # latent = (value - offset) / scale
+# Physical meaning of the eye latent: the first four entries are the values themselves; the rest are free.
+EYE_LATENT_NAMES: tuple[str, ...] = ("gaze_x", "gaze_y", "lid_left", "lid_right")
+
+
+class Marionette(nn.Module):
+    """All networks of the engine (PD-FGC's E_app, E_mot, E_lip, E_pose, E_eye, E_exp, E_aud and G).
+
+    Submodules: ``e_app, e_mot, e_lip, e_pose, e_eye, e_exp, e_aud, generator``. ``forward`` is G.
+    Image inputs are (B, 3, S, S) in [-1, 1] (the runtime converts from [0, 1]).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        lat, net = cfg.latents, cfg.net
+        self.e_app = AppearanceEncoder(cfg)
+        self.e_mot = MotionEncoder(cfg)
+        self.e_lip = FactorHead(net.motion_dim, net.head_hidden, lat.lip)
+        self.e_pose = FactorHead(net.motion_dim, net.head_hidden, lat.pose)
+        self.e_eye = FactorHead(net.motion_dim, net.head_hidden, lat.eye)
+        self.e_exp = FactorHead(net.motion_dim, net.head_hidden, lat.exp)
+        self.e_aud = AudioEncoder(cfg)
+        self.generator = Generator(cfg)
+
+    # ---- per avatar
+    def encode_avatar(self, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E_app: (B,3,S,S) in [-1,1] -> feat_hi (B,C1,S/2,S/2), feat_lo (B,C2,S/4,S/4), app (B,app_dim)."""
+        return self.e_app(portrait)
+
+    # ---- per driving frame
+    def motion_feature(self, frames: torch.Tensor) -> torch.Tensor:
+        """E_mot: (B,3,S,S) in [-1,1] -> unified motion feature (B, motion_dim)."""
+        return self.e_mot(frames)
+
+    def heads(self, motion: torch.Tensor) -> dict[str, torch.Tensor]:
+        """E_lip/E_pose/E_eye/E_exp on a unified motion feature -> {"lip", "pose", "eye", "exp"}."""
+        return {"lip": self.e_lip(motion), "pose": self.e_pose(motion), "eye": self.e_eye(motion),
+                "exp": self.e_exp(motion)}
+
+    def encode_motion(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B,3,S,S) in [-1,1] -> {"lip": (B,lip), "pose": (B,pose), "eye": (B,eye), "exp": (B,exp)}."""
+        return self.heads(self.e_mot(frames))
+
+    # ---- per audio window
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
+        """E_aud: (B, n_mels, mel_window) log-mel -> lip latent (B, lip)."""
+        return self.e_aud(mel)
+
+    # ---- latents
+    def compose(self, factors: Mapping[str, torch.Tensor], batch: int | None = None) -> torch.Tensor:
+        """Concatenate factor latents into z (B, latents.total); a missing factor is canonical (zeros)."""
+        unknown = set(factors) - set(FACTORS)
+        if unknown:
+            raise ValueError(f"unknown factors {sorted(unknown)}; valid: {', '.join(FACTORS)}")
+        ref = next(iter(factors.values()), None)
+        if batch is None:
+            batch = 1 if ref is None else ref.shape[0]
+        p = next(self.parameters())
+        dev, dt = (p.device, p.dtype) if ref is None else (ref.device, ref.dtype)
+        parts = []
+        for name in FACTORS:
+            n = getattr(self.cfg.latents, name)
+            v = factors.get(name)
+            if v is None:
+                v = torch.zeros(batch, n, device=dev, dtype=dt)
+            elif tuple(v.shape) != (batch, n):
+                raise ValueError(f"factor {name!r} has shape {tuple(v.shape)}, expected {(batch, n)}")
+            parts.append(v.to(device=dev, dtype=dt))
+        return torch.cat(parts, dim=1)
+
+    def split(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """z (B, latents.total) -> {"lip", "pose", "eye", "exp"} (views)."""
+        return {k: z[:, s] for k, s in self.cfg.latents.slices().items()}
+
+    # ---- per output frame
+    def forward(self, z: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor, feat_lo: torch.Tensor,
+                app: torch.Tensor) -> torch.Tensor:
+        """G: z (B,total) + avatar tensors (batched) -> (B,3,S,S) in [-1,1]."""
+        return self.generator(z, source, feat_hi, feat_lo, app)
+
+    def reconstruct(self, source: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
+        """Self-reconstruction (training): appearance of `source`, every factor from `driving` via E_mot + heads."""
+        feat_hi, feat_lo, app = self.e_app(source)
+        z = self.compose(self.encode_motion(driving))
+        return self.generator(z, source, feat_hi, feat_lo, app)

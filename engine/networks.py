@@ -1,0 +1,340 @@
+"""The networks of Marionette: PD-FGC's factor encoders with a real-time warping generator.
+
+Symbols follow PD-FGC (Wang et al., CVPR 2023, sections 3.1-3.3):
+
+* ``E_app``  appearance encoder  -> :class:`AppearanceEncoder` (run once per avatar, its output is cached)
+* ``E_mot``  motion encoder      -> :class:`MotionEncoder`     (the unified motion feature, stage 1)
+* ``E_lip``, ``E_pose``, ``E_eye``, ``E_exp`` -> :class:`FactorHead` (fine-grained factor latents, stages 2-3)
+* ``E_aud``  audio encoder       -> :class:`AudioEncoder`      (mel window -> lip latent, same space as E_lip)
+* ``G``      image generator     -> :class:`Generator`
+
+PD-FGC's generator is a StyleGAN2 decoder modulated per frame (15-36 GMAC/frame). ``G`` here is a warping
+generator instead: everything heavy that depends only on the portrait is computed once by ``E_app`` and
+cached; per frame, a small decoder turns the factor latents z into a dense flow and an occlusion mask at
+S/4 (64^2 for S = 256), the cached S/2 and S/4 features and the S x S source image are warped with
+``F.grid_sample``, and a shallow refine net at <= S/2 (with a mouth-region branch that paints what the
+source does not contain: teeth, tongue, mouth interior) produces the frame. Weights are fixed (no per-frame
+style modulation), so G exports to ONNX with a dynamic batch axis, batches across sessions and quantises.
+
+All convolutions are plain ``Conv2d`` + ``LeakyReLU(0.2)``; no normalisation layers, so every output row
+depends on its own input row only (a batch of N equals N single calls).
+
+Tensor conventions: images are (B, 3, S, S) in [-1, 1]; S must be a multiple of 32 and >= 64.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+
+# ---- constants that are not (yet) NetworkConfig fields ------------------------------------------
+LEAK = 0.2  # LeakyReLU slope everywhere
+DECODER_START_DIV = 32  # G's flow decoder starts at S/32 (8^2 at S = 256) and doubles up to S/4
+OCC_INIT = 3.0  # occlusion logit bias at init: sigmoid(3) = 0.95, the warped features pass almost unchanged
+ALPHA_INIT = 4.0  # final blend logit bias at init: sigmoid(4) = 0.98 of the warped source image
+MOUTH_MASK_INIT = -2.0  # mouth-branch mask logit bias at init: the branch starts mostly off
+MEL_CENTER = -5.0  # E_aud input normalisation of natural-log mel power: (mel - MEL_CENTER) / MEL_SCALE
+MEL_SCALE = 3.0
+AUDIO_HIDDEN = 256  # E_aud's last hidden layer
+MOTION_POOL = 4  # E_mot pools its last feature map to at most 4 x 4 before the linear layer
+
+__all__ = [
+    "AppearanceEncoder", "MotionEncoder", "FactorHead", "AudioEncoder", "Generator", "count_macs",
+    "grid_sample_macs",
+]
+
+
+def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+
+
+class ConvAct(nn.Sequential):
+    """Conv2d (same padding, optional stride 2) + LeakyReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1):
+        super().__init__(conv(cin, cout, k, stride), nn.LeakyReLU(LEAK, inplace=True))
+
+
+class ResBlock(nn.Module):
+    """x + conv(act(conv(x))), then LeakyReLU; width preserved."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = conv(c, c)
+        self.conv2 = conv(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.leaky_relu(self.conv1(x), LEAK))
+        return F.leaky_relu(x + h, LEAK)
+
+
+def _check_size(s: int) -> None:
+    if s % DECODER_START_DIV or s < 64:
+        raise ValueError(f"image_size must be a multiple of {DECODER_START_DIV} and >= 64, got {s}")
+
+
+# =================================================================================== E_app
+class AppearanceEncoder(nn.Module):
+    """E_app: portrait -> cached feature pyramid + appearance vector (PD-FGC sec. 3.1).
+
+    (B,3,S,S) in [-1,1] -> feat_hi (B, C1, S/2, S/2), feat_lo (B, C2, S/4, S/4), app (B, app_dim),
+    with (C0, C1, C2) = ``net.app_channels`` (C0 is the width of the stem at S x S).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        _check_size(cfg.image_size)
+        c0, c1, c2 = cfg.net.app_channels
+        d = cfg.net.app_dim
+        self.stem = ConvAct(3, c0)  # (B,C0,S,S)
+        self.hi = nn.Sequential(ConvAct(c0, c1, stride=2), ResBlock(c1))  # (B,C1,S/2,S/2)
+        self.lo = nn.Sequential(ConvAct(c1, c2, stride=2), ResBlock(c2))  # (B,C2,S/4,S/4)
+        self.glob = nn.Sequential(ConvAct(c2, 2 * c2, stride=2), ConvAct(2 * c2, d, stride=2))  # (B,d,S/16,S/16)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.stem(img)
+        feat_hi = self.hi(h)
+        feat_lo = self.lo(feat_hi)
+        app = self.fc(self.glob(feat_lo).mean(dim=(2, 3)))  # (B, app_dim)
+        return feat_hi, feat_lo, app
+
+
+# =================================================================================== E_mot
+class MotionEncoder(nn.Module):
+    """E_mot: driving frame (B,3,S,S) in [-1,1] -> unified motion feature (B, motion_dim) (PD-FGC sec. 3.1).
+
+    One stride-2 stage per entry of ``net.motion_channels`` (S -> S/2^n), average-pooled to at most
+    MOTION_POOL^2 positions, flattened (keeps where things are, which pose needs) and projected.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        _check_size(cfg.image_size)
+        layers, cin = [], 3
+        for c in cfg.net.motion_channels:
+            layers += [ConvAct(cin, c, stride=2), ConvAct(c, c)]
+            cin = c
+        self.body = nn.Sequential(*layers)
+        s = cfg.image_size
+        for _ in cfg.net.motion_channels:
+            s = (s + 1) // 2
+        self.pool = max(1, s // MOTION_POOL)  # kernel of the fixed average pool (exports as AveragePool)
+        s_out = s // self.pool
+        self.fc = nn.Linear(cin * s_out * s_out, cfg.net.motion_dim)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        h = self.body(frames)  # (B, C, S/2^n, S/2^n)
+        if self.pool > 1:
+            h = F.avg_pool2d(h, self.pool)
+        return self.fc(h.flatten(1))  # (B, motion_dim)
+
+
+# =================================================================================== E_lip / E_pose / E_eye / E_exp
+class FactorHead(nn.Module):
+    """E_lip / E_pose / E_eye / E_exp: MLP, unified motion feature (B, motion_dim) -> factor latent (B, dim)
+    (PD-FGC sec. 3.2 for lip/pose/eye, sec. 3.3 for expression)."""
+
+    def __init__(self, motion_dim: int, hidden: int, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(motion_dim, hidden), nn.LeakyReLU(LEAK, inplace=True),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(LEAK, inplace=True),
+            nn.Linear(hidden, dim))
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return self.mlp(m)
+
+
+# =================================================================================== E_aud
+class AudioEncoder(nn.Module):
+    """E_aud: log-mel window (B, n_mels, T) -> lip latent (B, lip), in the space of E_lip (PD-FGC sec. 3.2,
+    lip-audio contrastive learning). Wav2Lip-sized 2-D conv net over (mel band, time); T = cfg.mel_window
+    (past + lookahead), so the lookahead is a config choice. ~0.09 GMAC for lite at T = 32.
+
+    Input is the natural-log mel power of the audio front end; it is normalised inside as
+    (mel - MEL_CENTER) / MEL_SCALE, so callers pass the front end's output unchanged.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a0, a1, a2 = cfg.net.audio_channels
+        self.n_mels, self.window = cfg.audio.n_mels, cfg.mel_window
+        self.body = nn.Sequential(
+            ConvAct(1, a0), ConvAct(a0, a0),  # (B,a0,M,T)
+            ConvAct(a0, a1, stride=2), ConvAct(a1, a1),  # (B,a1,M/2,T/2)
+            ConvAct(a1, a2, stride=2), ConvAct(a2, a2),  # (B,a2,M/4,T/4)
+            ConvAct(a2, a2, stride=2),  # (B,a2,M/8,T/8)
+        )
+        m, t = self.n_mels, self.window
+        for _ in range(3):
+            m, t = (m + 1) // 2, (t + 1) // 2
+        self.fc = nn.Sequential(nn.Linear(a2 * m * t, AUDIO_HIDDEN), nn.LeakyReLU(LEAK, inplace=True),
+                                nn.Linear(AUDIO_HIDDEN, cfg.latents.lip))
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = ((mel - MEL_CENTER) / MEL_SCALE).unsqueeze(1)  # (B,1,M,T)
+        return self.fc(self.body(x).flatten(1))  # (B, lip)
+
+
+# =================================================================================== G
+def _base_grid(n: int) -> torch.Tensor:
+    """Identity sampling grid (1, n, n, 2) for grid_sample(align_corners=False): pixel centres in [-1, 1]."""
+    v = (torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1
+    gy, gx = torch.meshgrid(v, v, indexing="ij")
+    return torch.stack((gx, gy), dim=-1).unsqueeze(0)
+
+
+def _up(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class Generator(nn.Module):
+    """G: factor latents + cached avatar tensors -> frame (PD-FGC sec. 3.3's generator, made warping).
+
+    ``forward(z, source, feat_hi, feat_lo, app)``:
+      z       (B, latents.total)    [lip, pose, eye, exp]; all zeros = canonical face
+      source  (B, 3, S, S)          portrait in [-1, 1]
+      feat_hi (B, C1, S/2, S/2)     E_app features
+      feat_lo (B, C2, S/4, S/4)     E_app features
+      app     (B, app_dim)          E_app appearance vector
+    -> (B, 3, S, S) in [-1, 1].
+
+    Stages (each a method, so they can be timed and counted separately):
+      flow():   [z, app] -> MLP to S/32 -> 3 x (upsample, conv) -> S/4; a 1x1 guide from feat_lo joins at
+                S/4 (so the flow knows where the face is) -> flow (B,2,S/4,S/4) in normalised grid units
+                (backward warp: output p samples input at p + flow(p)), occlusion (B,1,S/4,S/4) in (0,1),
+                and decoder features m (B, fc/2, S/4, S/4). The flow output layer is zero-initialised, so a
+                fresh G warps by the identity and reproduces (almost) the source.
+      warp():   grid_sample of feat_lo at S/4, feat_hi at S/2 (flow bilinearly upsampled), each times the
+                occlusion, and of the 3-channel source at S x S.
+      refine(): S/4: [warped feat_lo, m] -> 1x1 -> conv (2rc); mouth branch: conv (mc) at S/4 -> up -> conv at
+                S/2 -> rc features + mask, blended into the S/2 features; S/2: [up(S/4), warped feat_hi] -> 1x1
+                -> residual block (rc) -> conv to 4 x 4 channels -> pixel shuffle -> RGB (tanh) + alpha at
+                S x S; frame = alpha * warped source + (1 - alpha) * RGB. The head is zero-initialised with
+                the alpha bias at ALPHA_INIT, so at init the frame is 0.98 x the warped source.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        s = cfg.image_size
+        _check_size(s)
+        n = cfg.net
+        c1, c2 = n.app_channels[1], n.app_channels[2]
+        fc, rc, mc = n.flow_channels, n.refine_channels, n.mouth_channels
+        self.size = s
+        self.s0 = s // DECODER_START_DIV
+        self.fc_ch = fc
+        # --- flow/occlusion decoder (S/32 -> S/4)
+        self.fc = nn.Linear(cfg.latents.total + n.app_dim, fc * self.s0 * self.s0)
+        self.dec16 = ConvAct(fc, fc)  # S/16
+        self.dec32 = ConvAct(fc, fc // 2)  # S/8
+        self.guide = ConvAct(c2, fc // 4, k=1)  # S/4, from the cached feat_lo
+        self.dec64 = ConvAct(fc // 2 + fc // 4, fc // 2)  # S/4
+        self.flow_out = conv(fc // 2, 3)  # 2 flow + 1 occlusion logit
+        nn.init.zeros_(self.flow_out.weight)
+        with torch.no_grad():
+            self.flow_out.bias.copy_(torch.tensor([0.0, 0.0, OCC_INIT]))
+        # --- refine at S/4
+        self.r64_in = ConvAct(c2 + fc // 2, 2 * rc, k=1)
+        self.r64 = ConvAct(2 * rc, 2 * rc)
+        # --- mouth-region branch (S/4 -> S/2): paints what the source lacks, blended by its own mask
+        self.mouth64 = ConvAct(2 * rc, mc)
+        self.mouth128 = ConvAct(mc, mc)
+        self.mouth_out = conv(mc, rc + 1, k=1)  # rc features + 1 mask logit
+        with torch.no_grad():
+            self.mouth_out.bias[rc].fill_(MOUTH_MASK_INIT)
+        # --- refine at S/2 and the S x S head
+        self.r128_in = ConvAct(2 * rc + c1, rc, k=1)
+        self.r128 = ResBlock(rc)
+        self.head = conv(rc, 4 * 4)  # (rgb 3 + alpha 1) x 2 x 2 -> pixel shuffle to S x S
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[12:16].fill_(ALPHA_INIT)  # pixel_shuffle: out channel c <- in channels 4c .. 4c+3
+        self.rc = rc
+        for k, n_ in (("grid_lo", s // 4), ("grid_hi", s // 2), ("grid_full", s)):
+            self.register_buffer(k, _base_grid(n_), persistent=False)  # (1, n, n, 2)
+
+    # ---- stages
+    def flow(self, z: torch.Tensor, feat_lo: torch.Tensor, app: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = z.shape[0]
+        h = F.leaky_relu(self.fc(torch.cat([z, app], dim=1)), LEAK)
+        h = h.view(b, self.fc_ch, self.s0, self.s0)  # (B,fc,S/32,S/32)
+        h = self.dec16(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B,fc,S/16,S/16)
+        h = self.dec32(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B,fc/2,S/8,S/8)
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B,fc/2,S/4,S/4)
+        m = self.dec64(torch.cat([h, self.guide(feat_lo)], dim=1))  # (B,fc/2,S/4,S/4)
+        o = self.flow_out(m)  # (B,3,S/4,S/4)
+        return o[:, :2], torch.sigmoid(o[:, 2:3]), m
+
+    def warp(self, flow: torch.Tensor, occ: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor,
+             feat_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.size
+
+        def sample(x: torch.Tensor, base: torch.Tensor, fl: torch.Tensor) -> torch.Tensor:
+            grid = base + fl.permute(0, 2, 3, 1)  # (B,n,n,2)
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+        w_lo = sample(feat_lo, self.grid_lo, flow) * occ  # (B,C2,S/4,S/4)
+        flow_hi, occ_hi = _up(flow, s // 2), _up(occ, s // 2)
+        w_hi = sample(feat_hi, self.grid_hi, flow_hi) * occ_hi  # (B,C1,S/2,S/2)
+        w_src = sample(source, self.grid_full, _up(flow, s))  # (B,3,S,S)
+        return w_lo, w_hi, w_src
+
+    def refine(self, m: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, w_src: torch.Tensor
+               ) -> torch.Tensor:
+        r = self.r64(self.r64_in(torch.cat([w_lo, m], dim=1)))  # (B,2rc,S/4,S/4)
+        mo = self.mouth64(r)  # (B,mc,S/4,S/4)
+        mo = self.mouth_out(self.mouth128(F.interpolate(mo, scale_factor=2.0, mode="nearest")))  # (B,rc+1,S/2,S/2)
+        mouth, mmask = mo[:, : self.rc], torch.sigmoid(mo[:, self.rc:])
+        h = self.r128_in(torch.cat([F.interpolate(r, scale_factor=2.0, mode="nearest"), w_hi], dim=1))
+        h = h + mmask * (mouth - h)  # (B,rc,S/2,S/2): mouth region painted by the branch
+        h = F.pixel_shuffle(self.head(self.r128(h)), 2)  # (B,4,S,S)
+        rgb, alpha = torch.tanh(h[:, :3]), torch.sigmoid(h[:, 3:4])
+        return alpha * w_src + (1 - alpha) * rgb  # (B,3,S,S)
+
+    def forward(self, z: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor, feat_lo: torch.Tensor,
+                app: torch.Tensor) -> torch.Tensor:
+        flow, occ, m = self.flow(z, feat_lo, app)
+        w_lo, w_hi, w_src = self.warp(flow, occ, source, feat_hi, feat_lo)
+        return self.refine(m, w_lo, w_hi, w_src)
+
+
+# =================================================================================== cost accounting
+def grid_sample_macs(input_shape: Any, grid_shape: Any, interpolation_mode: int = 0, *args: Any,
+                     **kwargs: Any) -> int:
+    """MACs of one grid_sampler_2d: taps per output element (bilinear 4, nearest 1, bicubic 16) x C x outputs."""
+    taps = {0: 4, 1: 1, 2: 16}.get(int(interpolation_mode), 4)
+    n, c = input_shape[0], input_shape[1]
+    return taps * n * c * grid_shape[1] * grid_shape[2]
+
+
+def _grid_flops(input_shape, grid_shape, interpolation_mode=0, *args, out_shape=None, **kwargs) -> int:
+    return 2 * grid_sample_macs(input_shape, grid_shape, interpolation_mode)
+
+
+def _bilinear_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
+    n = 1
+    for d in out_shape:
+        n *= d
+    return 2 * 4 * n
+
+
+def count_macs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Multiply-accumulates of ``fn(*args, **kwargs)`` under torch.utils.flop_counter.FlopCounterMode
+    (MACs = FLOPs / 2), with grid_sample (4 MACs per bilinear output element and channel) and bilinear
+    upsampling (4 per output element) added, which the counter does not know. Elementwise ops are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {aten.grid_sampler_2d: _grid_flops, aten.upsample_bilinear2d: _bilinear_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops() // 2

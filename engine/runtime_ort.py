@@ -1,0 +1,419 @@
+"""`OrtRuntime`: the ONNX Runtime backend (the CPU default), running an `marionette export` directory.
+
+Same protocol and output layout as `engine.runtime.TorchRuntime`: `prepare_avatar` -> `AvatarState` (CPU
+float32 tensors), `generate(avatars, z)` -> (B,3,S,S) float32 in [0,1], `encode_audio`, `encode_motion`,
+`warmup`, `cfg`, plus `describe()`.
+
+What makes the per-frame path fast here (each measured by benchmarks/backends.py; numbers in its JSON):
+* sessions with ORT_ENABLE_ALL (NCHWc conv layouts, fusions), sequential execution, one intra-op pool
+  sized to the physical cores, no busy-waiting between ops (`spin`), CPU memory arena and memory
+  patterns on (session creation is < 1 s for all four lite graphs, so no optimized-model cache);
+* **GridSample offload**: ONNX Runtime's CPU GridSample kernel is ~10x slower than torch's grid_sample on
+  the generator's three warps (17 of the 40 ms of a `lite` frame on one core). The generator graph is cut
+  at its GridSample nodes into a head graph (everything the warps do not depend on: the flow decoder and
+  the sampling grids) and a tail graph (refine net), both run by ONNX Runtime; the warps in between run
+  with torch.nn.functional.grid_sample on the same arrays (zero-copy). The exported file itself is
+  untouched (TensorRT has a fast native GridSample). `grid_sample="onnxruntime"` keeps the single graph;
+* avatar tensors of a batch (one avatar repeated, or one per row) are assembled once and reused while
+  the same avatars come back (the server asks for the same sessions tick after tick);
+* generator outputs are written by ONNX Runtime straight into a fresh numpy array through IO binding
+  (no extra copy), which becomes the returned torch tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.avatar import AvatarState
+from engine.config import FACTORS, ModelConfig
+from engine.errors import InputError, MissingDependency
+
+log = logging.getLogger(__name__)
+
+GRID_SAMPLE_MODES = ("torch", "onnxruntime")
+_AVATAR_CACHE_SIZE = 2  # batches of up to 16 lite avatars are ~62 MB each
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may run on (hyper-threads counted once); >= 1."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        cpu = phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key, val = key.strip(), val.strip()
+                if key == "processor":
+                    cpu = int(val)
+                elif key == "physical id":
+                    phys = val
+                elif key == "core id":
+                    core = val
+                elif not key and cpu is not None:
+                    if cpu in allowed and core is not None:
+                        cores.add((phys or "0", core))
+                    cpu = phys = core = None
+        if cpu is not None and cpu in allowed and core is not None:
+            cores.add((phys or "0", core))
+    except OSError:
+        pass
+    return max(1, min(len(cores) or len(allowed), len(allowed)))
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort  # noqa: PLC0415
+    except ImportError as e:
+        raise MissingDependency(f"onnxruntime is not installed ({e}): pip install 'marionette[onnx]'") from None
+    return ort
+
+
+def portrait_array(image, cfg: ModelConfig) -> np.ndarray:
+    """A portrait (anything engine.image.load_portrait takes) -> (1,3,S,S) float32 in [0,1]."""
+    from engine.image import load_portrait  # noqa: PLC0415
+
+    return load_portrait(image, cfg.image_size).numpy()
+
+
+# ------------------------------------------------------------------------------ GridSample offload
+@dataclass(frozen=True)
+class _Warp:
+    x: str
+    grid: str
+    out: str
+    mode: str
+    padding_mode: str
+    align_corners: bool
+
+
+@dataclass
+class SplitGraph:
+    """A graph cut at its GridSample nodes: head (ORT) -> warps (torch) -> tail (ORT)."""
+
+    head: Any  # onnx.ModelProto
+    head_inputs: list[str]
+    head_outputs: list[str]
+    warps: list[_Warp]
+    constants: dict[str, np.ndarray]  # initializers the warps read directly
+    tail: Any
+    tail_inputs: list[str]
+    outputs: list[str]
+
+
+_TORCH_GS_MODE = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
+                  "cubic": "bicubic"}
+
+
+def split_at_grid_sample(model) -> SplitGraph | None:
+    """Cut `model` (onnx.ModelProto) into head / GridSample warps / tail, or None where that cannot be done
+    (no GridSample, a GridSample that depends on another, subgraphs, a graph output made by a warp)."""
+    import onnx  # noqa: PLC0415
+    from onnx import helper  # noqa: PLC0415
+
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return None
+    inferred = onnx.shape_inference.infer_shapes(model)
+    vinfo = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    inits = {i.name: i for i in g.initializer}
+    graph_inputs = [i.name for i in g.input if i.name not in inits]
+    outputs = [o.name for o in g.output]
+
+    tainted: set[str] = set()
+    head_nodes, tail_nodes, warp_nodes = [], [], []
+    for n in g.node:
+        ins = [i for i in n.input if i]
+        if n.op_type == "GridSample" and n.domain in ("", "ai.onnx"):
+            if any(i in tainted for i in ins):
+                return None
+            warp_nodes.append(n)
+            tainted.update(n.output)
+        elif any(i in tainted for i in ins):
+            tail_nodes.append(n)
+            tainted.update(n.output)
+        else:
+            head_nodes.append(n)
+    if not warp_nodes or not tail_nodes:
+        return None
+    warp_outs = {o for n in warp_nodes for o in n.output}
+    if warp_outs & set(outputs):
+        return None
+
+    head_made = {o for n in head_nodes for o in n.output}
+    rest_needs = [i for n in (*warp_nodes, *tail_nodes) for i in n.input if i]
+    head_outputs = list(dict.fromkeys([i for i in rest_needs if i in head_made] +
+                                      [o for o in outputs if o in head_made]))
+    tail_needs = list(dict.fromkeys(i for n in tail_nodes for i in n.input if i))
+    tail_inputs = [i for i in tail_needs if i in head_made or i in warp_outs or i in graph_inputs]
+    head_needs = list(dict.fromkeys(i for n in head_nodes for i in n.input if i))
+    head_inputs = [i for i in graph_inputs if i in head_needs]
+
+    def value_info(name: str):
+        v = vinfo.get(name)
+        if v is None or not v.type.tensor_type.elem_type:
+            raise ValueError(f"no type for {name}")
+        return v
+
+    try:
+        def make(nodes, ins, outs, name):
+            used = {i for n in nodes for i in n.input}
+            graph = helper.make_graph(nodes, name, [value_info(i) for i in ins], [value_info(o) for o in outs],
+                                      initializer=[t for k, t in inits.items() if k in used])
+            m = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+            onnx.checker.check_model(m)
+            return m
+
+        head = make(head_nodes, head_inputs, head_outputs, g.name + "_head")
+        tail = make(tail_nodes, tail_inputs, [o for o in outputs if o not in head_made], g.name + "_tail")
+    except (ValueError, onnx.checker.ValidationError) as e:
+        log.debug("cannot split the graph at GridSample: %s", e)
+        return None
+
+    def attr(n, key, default):
+        for a in n.attribute:
+            if a.name == key:
+                v = helper.get_attribute_value(a)
+                return v.decode() if isinstance(v, bytes) else v
+        return default
+
+    warps = []
+    for n in warp_nodes:
+        mode = attr(n, "mode", "bilinear")
+        pad = attr(n, "padding_mode", "zeros")
+        if mode not in _TORCH_GS_MODE or pad not in ("zeros", "border", "reflection"):
+            return None
+        warps.append(_Warp(n.input[0], n.input[1], n.output[0], _TORCH_GS_MODE[mode], pad,
+                           bool(attr(n, "align_corners", 0))))
+    consts = {k: onnx.numpy_helper.to_array(inits[k]) for w in warps for k in (w.x, w.grid) if k in inits}
+    return SplitGraph(head, head_inputs, head_outputs, warps, consts, tail, tail_inputs, list(outputs))
+
+
+# ------------------------------------------------------------------------------------------- runtime
+class OrtRuntime:
+    """ONNX Runtime backend over an export directory (see engine.export).
+
+    threads: intra-op threads of every session (default: physical cores). grid_sample: "torch" (default:
+    the generator's warps run with torch's kernel, see the module docstring) or "onnxruntime" (the
+    exported graph as is). spin: let ORT's pool threads busy-wait between ops (off by default: on a
+    CPU shared with audio, video encoding and the event loop -- the server's case -- spinning threads
+    steal the cores the others need; measured 97 vs 124 ms/frame for lite on 2 loaded cores)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dir: Path, *, threads: int | None = None, grid_sample: str = "torch",
+                 spin: bool = False):
+        from engine.export import read_manifest  # noqa: PLC0415
+
+        ort = _import_ort()
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(self.export_dir)
+        if self.manifest["format"] != "onnx":
+            raise InputError(f"{self.export_dir} holds a {self.manifest['format']!r} export; the onnxruntime "
+                             "backend needs --format onnx")
+        if grid_sample not in GRID_SAMPLE_MODES:
+            raise InputError(f"grid_sample must be one of {', '.join(GRID_SAMPLE_MODES)}, got {grid_sample!r}")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be positive, got {threads}")
+        self.cfg = ModelConfig.from_dict(self.manifest["model_config"])
+        self.precision = self.manifest.get("precision", "fp32")
+        self.threads = threads or physical_cores()
+        self.spin = bool(spin)
+        self._ort = ort
+        graphs = self.manifest["graphs"]
+        missing = [n for n in ("generator", "audio_encoder", "avatar_encoder", "motion_encoder") if n not in graphs]
+        if missing:
+            raise InputError(f"{self.export_dir}: manifest lacks graphs {missing}")
+        self._io = {name: ([i["name"] for i in g["inputs"]], [o["name"] for o in g["outputs"]])
+                    for name, g in graphs.items()}
+        self._audio = self._session(self.export_dir / graphs["audio_encoder"]["file"])
+        self._avatar = self._session(self.export_dir / graphs["avatar_encoder"]["file"])
+        self._motion = self._session(self.export_dir / graphs["motion_encoder"]["file"])
+        gen_path = self.export_dir / graphs["generator"]["file"]
+        self._split: SplitGraph | None = None
+        if grid_sample == "torch":
+            import onnx  # noqa: PLC0415
+
+            self._split = split_at_grid_sample(onnx.load(str(gen_path)))
+            if self._split is None:
+                log.info("generator has no GridSample to offload; running it as one graph")
+        if self._split is not None:
+            self._head = self._session(self._split.head.SerializeToString())
+            self._tail = self._session(self._split.tail.SerializeToString())
+            self._gen = None
+        else:
+            self._gen = self._session(gen_path)
+        self.grid_sample = "torch" if self._split is not None else "onnxruntime"
+        self._gen_inputs, self._gen_outputs = self._io["generator"]
+        self._avatar_names = self._gen_inputs[1:]  # source, feat_hi, feat_lo, app
+        self._batches: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ sessions
+    def _session(self, model: Path | bytes):
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = True
+        so.enable_mem_pattern = True
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        src = str(model) if isinstance(model, Path) else model
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "device": "cpu", "precision": self.precision, "threads": self.threads,
+                "grid_sample": self.grid_sample, "spin": self.spin, "export_dir": str(self.export_dir),
+                "onnxruntime": self._ort.__version__,
+                "checkpoint_hash": self.manifest.get("checkpoint_hash")}
+
+    # ------------------------------------------------------------------ per avatar
+    def prepare_avatar(self, image) -> AvatarState:
+        """Portrait (anything load_portrait accepts, or an AvatarState) -> AvatarState of CPU float32
+        tensors. Runs avatar_encoder.onnx once."""
+        s = self.cfg.image_size
+        if isinstance(image, AvatarState):
+            if image.image_size != s:
+                raise InputError(f"avatar is {image.image_size}px, this model needs {s}px")
+            return image.to("cpu", torch.float32)
+        x = portrait_array(image, self.cfg)
+        ins, outs = self._io["avatar_encoder"]
+        res = self._avatar.run(outs, {ins[0]: x})
+        named = dict(zip(outs, res))
+        return AvatarState(*(torch.from_numpy(np.ascontiguousarray(named[n])) for n in self._avatar_names))
+
+    # ------------------------------------------------------------------ per frame
+    def _avatar_batch(self, avatars: AvatarState | Sequence[AvatarState], b: int) -> tuple[np.ndarray, ...]:
+        if isinstance(avatars, AvatarState):
+            avatars = [avatars]
+        avatars = list(avatars)
+        if not avatars:
+            raise InputError("generate needs at least one avatar")
+        s = self.cfg.image_size
+        for a in avatars:
+            if not isinstance(a, AvatarState):
+                raise InputError(f"expected AvatarState, got {type(a).__name__}")
+            if a.image_size != s:
+                raise InputError(f"avatar is {a.image_size}px, this model needs {s}px")
+        if len(avatars) not in (1, b):
+            raise InputError(f"got {len(avatars)} avatars for a batch of {b} latents; "
+                             "pass one avatar for all rows or one per row")
+        if len(avatars) == 1 and b == 1:
+            return tuple(_as_f32(t) for t in avatars[0].tensors())
+        if len(avatars) > 1 and all(a is avatars[0] for a in avatars):
+            avatars = avatars[:1]
+        key = (b, *(id(a) for a in avatars))
+        with self._lock:
+            hit = self._batches.get(key)
+            if hit is not None:
+                self._batches.move_to_end(key)
+                return hit[1]
+        if len(avatars) == 1:
+            arrays = tuple(np.ascontiguousarray(np.broadcast_to(_as_f32(t), (b, *t.shape[1:])))
+                           for t in avatars[0].tensors())
+        else:
+            arrays = tuple(np.concatenate([_as_f32(t) for t in ts], axis=0)
+                           for ts in zip(*(a.tensors() for a in avatars)))
+        with self._lock:
+            self._batches[key] = (tuple(avatars), arrays)  # holds the avatars: their ids stay unique
+            while len(self._batches) > _AVATAR_CACHE_SIZE:
+                self._batches.popitem(last=False)
+        return arrays
+
+    def generate(self, avatars: AvatarState | Sequence[AvatarState], z) -> torch.Tensor:
+        """z (B, latents.total); one avatar for all rows or one per row -> (B,3,S,S) float32 in [0,1]."""
+        z = _as_f32(z)
+        total = self.cfg.latents.total
+        if z.ndim == 1:
+            z = z[None]
+        if z.ndim != 2 or z.shape[1] != total:
+            raise InputError(f"z must be (B, {total}), got {tuple(z.shape)}")
+        z = np.ascontiguousarray(z)
+        feeds = dict(zip(self._gen_inputs, (z, *self._avatar_batch(avatars, z.shape[0]))))
+        s = self.cfg.image_size
+        out = np.empty((z.shape[0], 3, s, s), np.float32)  # ORT writes the frames here (IO binding)
+        if self._split is None:
+            _run_into(self._gen, feeds, self._gen_outputs[0], out)
+        else:
+            self._run_split(feeds, out)
+        return torch.from_numpy(out)
+
+    def _run_split(self, feeds: dict[str, np.ndarray], out: np.ndarray) -> None:
+        sp = self._split
+        env = dict(feeds)
+        env.update(zip(sp.head_outputs, self._head.run(sp.head_outputs, {k: feeds[k] for k in sp.head_inputs})))
+        env.update(sp.constants)
+        with torch.inference_mode():
+            for w in sp.warps:
+                y = torch.nn.functional.grid_sample(torch.from_numpy(env[w.x]), torch.from_numpy(env[w.grid]),
+                                                    mode=w.mode, padding_mode=w.padding_mode,
+                                                    align_corners=w.align_corners)
+                env[w.out] = y.numpy()
+        _run_into(self._tail, {k: env[k] for k in sp.tail_inputs}, sp.outputs[0], out)
+
+    def encode_audio(self, mel_windows) -> torch.Tensor:
+        """(B, n_mels, mel_window) log-mel -> lip latents (B, lip) float32."""
+        m = _as_f32(mel_windows)
+        want = (self.cfg.audio.n_mels, self.cfg.mel_window)
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3 or tuple(m.shape[1:]) != want:
+            raise InputError(f"mel windows must be (B, {want[0]}, {want[1]}), got {tuple(m.shape)}")
+        ins, outs = self._io["audio_encoder"]
+        return torch.from_numpy(self._audio.run(outs, {ins[0]: np.ascontiguousarray(m)})[0])
+
+    def encode_motion(self, frames) -> dict[str, torch.Tensor]:
+        """Driving frames (B,3,S,S) in [0,1] -> {"lip", "pose", "eye", "exp"} float32."""
+        f = _as_f32(frames)
+        s = self.cfg.image_size
+        if f.ndim == 3:
+            f = f[None]
+        if f.ndim != 4 or tuple(f.shape[1:]) != (3, s, s):
+            raise InputError(f"driving frames must be (B, 3, {s}, {s}) in [0, 1], got {tuple(f.shape)}")
+        ins, outs = self._io["motion_encoder"]
+        res = dict(zip(outs, self._motion.run(outs, {ins[0]: np.ascontiguousarray(f)})))
+        return {k: torch.from_numpy(res[k]) for k in FACTORS}
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Runs every per-frame path once per batch size (arena growth, NCHWc weight reorders)."""
+        s = self.cfg.image_size
+        avatar = self.prepare_avatar(torch.full((1, 3, s, s), 0.5))
+        for b in batch_sizes:
+            self.generate(avatar, np.zeros((b, self.cfg.latents.total), np.float32))
+            self.encode_audio(np.zeros((b, self.cfg.audio.n_mels, self.cfg.mel_window), np.float32))
+        with self._lock:
+            self._batches.clear()
+
+
+def _run_into(session, feeds: dict[str, np.ndarray], output: str, out: np.ndarray) -> None:
+    """session.run with the one output written into the preallocated `out` (no copy of the result)."""
+    io = session.io_binding()
+    for k, v in feeds.items():
+        io.bind_cpu_input(k, np.ascontiguousarray(v))
+    io.bind_output(output, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+    session.run_with_iobinding(io)
+
+
+def _as_f32(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            x = x.to("cpu", torch.float32)
+        return x.numpy()
+    return np.asarray(x, dtype=np.float32)

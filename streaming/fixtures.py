@@ -1,0 +1,206 @@
+"""Test and benchmark fixtures made of real parts: speech from espeak-ng with known silences, and a
+"responsive" random checkpoint.
+
+Why a responsive checkpoint: the engine zero-initialises the generator's flow and RGB heads, so a
+freshly initialised (random-weights) model ignores z entirely and every frame is the portrait: lips,
+pose and controls cannot be seen in the video until a trained checkpoint exists. The responsive
+checkpoint is the same `Marionette` with those two layers and the audio encoder's output layer
+re-drawn at a visible scale (seeded): z then moves pixels (not like a face would; it is still
+random), which is what the streaming tests need to see lips follow speech and controls act.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+RESPONSIVE = {"flow_std": 1.5, "head_std": 0.3, "audio_gain": 600.0}
+
+
+def responsive_checkpoint(out: Path, config: str = "lite", seed: int = 0) -> Path:
+    """Write a z-responsive random checkpoint to `out` (see the module doc); returns `out`."""
+    import torch
+
+    from engine.checkpoint import load_model, save_checkpoint
+
+    model, meta = load_model(None, config=config, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        model.generator.flow_out.weight.normal_(0, RESPONSIVE["flow_std"], generator=g)
+        model.generator.head.weight.normal_(0, RESPONSIVE["head_std"], generator=g)
+        model.e_aud.fc[-1].weight.mul_(RESPONSIVE["audio_gain"])
+    meta = {"random_weights": True, "responsive_fixture": dict(RESPONSIVE), "seed": seed,
+            "expression_presets": meta["expression_presets"]}
+    return save_checkpoint(model, Path(out), meta=meta)
+
+
+def espeak(text: str, rate: int = 48000, voice: str = "en-us", wpm: int = 160) -> np.ndarray:
+    """Speech from the espeak-ng command line as int16 mono at `rate` (trailing silence trimmed)."""
+    from engine.audio import load_audio
+
+    fd, path = tempfile.mkstemp(suffix=".wav")
+    os.close(fd)
+    try:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-w", path, text], check=True,
+                       capture_output=True, timeout=60)
+        x = load_audio(path, rate)
+    finally:
+        os.unlink(path)
+    nz = np.flatnonzero(np.abs(x) > 1e-3)
+    if len(nz):
+        x = x[nz[0]: nz[-1] + 1]
+    return (np.clip(x, -1, 1) * 32767).astype(np.int16)
+
+
+def speech_with_pauses(texts, pause_s: float = 1.0, lead_s: float = 1.0, rate: int = 48000):
+    """Utterances separated by digital silence -> (int16 samples, [(start, end) sample index of each
+    utterance])."""
+    parts = [np.zeros(int(lead_s * rate), np.int16)]
+    spans = []
+    pos = len(parts[0])
+    for t in texts:
+        x = espeak(t, rate)
+        spans.append((pos, pos + len(x)))
+        parts += [x, np.zeros(int(pause_s * rate), np.int16)]
+        pos += len(x) + int(pause_s * rate)
+    return np.concatenate(parts), spans
+
+
+class ServerThread:
+    """The server on its own event loop (uvloop when available) in a background thread, on
+    127.0.0.1 and an ephemeral port: what the tests and the benchmarks run against.
+
+        with ServerThread(ServeConfig(...)) as st:
+            st.url; st.server (the AvatarServer); st.call(coroutine_function, *args)
+    """
+
+    def __init__(self, cfg, host: str = "127.0.0.1"):
+        import dataclasses
+        import threading
+
+        self.cfg = dataclasses.replace(cfg, host=host, port=0)
+        self.server = None
+        self.loop = None
+        self.port = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop = None
+        self._thread = threading.Thread(target=self._main, name="marionette-test-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def _main(self) -> None:
+        import asyncio
+
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as e:  # noqa: BLE001 - reported by start()
+            self._error = e
+            self._ready.set()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        from aiohttp import web
+
+        from streaming.server import AvatarServer
+
+        self._stop = asyncio.Event()
+        self.server = AvatarServer(self.cfg)
+        await self.server.start()
+        runner = web.AppRunner(self.server.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.host, 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+            await self.server.stop()
+
+    def start(self, timeout: float = 180.0) -> "ServerThread":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn, *args, timeout: float = 30.0):
+        """Run coroutine function fn(*args) on the server's loop; returns its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(fn(*args), self.loop).result(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.loop is not None and self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------------ benchmark helpers
+WORDS = ["hello", "yes", "banana", "open the door", "thank you", "good morning", "papa", "maybe",
+         "one two three", "okay", "wonderful", "bottle", "marionette", "fine", "see you"]
+
+
+def mouth_region(frame: np.ndarray) -> np.ndarray:
+    """The lower-middle region of a frame (H, W, 3) where the mouth is, as float32."""
+    s = frame.shape[0]
+    return frame[int(0.6 * s):int(0.9 * s), int(0.3 * s):int(0.7 * s)].astype(np.float32)
+
+
+def default_checkpoint(tmp_dir: Path, config: str = "lite") -> tuple[Path, str]:
+    """The trained built-in checkpoint when installed, else the responsive fixture; (path, what)."""
+    from engine.checkpoint import builtin_checkpoint_dir
+
+    b = builtin_checkpoint_dir()
+    if b is not None:
+        return b, "built-in checkpoint"
+    return responsive_checkpoint(Path(tmp_dir) / f"responsive-{config}", config), \
+        f"responsive random fixture ({config}; no trained checkpoint installed)"
+
+
+def send_time_of_sample(sent: list, index: int) -> float | None:
+    """When the 20 ms packet holding sample `index` left a PcmSource (its `sent` list)."""
+    import bisect
+
+    starts = [p for p, _ in sent]
+    i = bisect.bisect_right(starts, index) - 1
+    if i < 0 or index >= sent[i][0] + 960:
+        return None
+    return sent[i][1]
+
+
+def percentiles(values, ps=(50, 95)) -> dict:
+    a = np.asarray(values, np.float64)
+    if not len(a):
+        return {"n": 0}
+    out = {"n": int(len(a)), "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max())}
+    for p in ps:
+        out[f"p{p}"] = float(np.percentile(a, p))
+    return out

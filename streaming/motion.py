@@ -1,0 +1,188 @@
+"""Per-session motion state, owned by the scheduler thread: the mel stream and lip windows, and the
+pose / eye / expression sources the controls steer.
+
+Factor sources (`{"type": "source", ...}` switches them):
+  * pose: "idle" (default) = the engine's `IdleSource` sway and nods around the commanded pose (a
+    `pose` control moves the centre, blended over 200 ms; the head never freezes); "controls" =
+    exactly the commanded pose; "webcam" = E_pose of the driving webcam (idle until its first frame).
+  * eye: "idle" (default) = idle saccades around the commanded gaze, idle blinks; "controls" =
+    exactly the commanded gaze, lids open; "webcam" = E_eye. A `blink` control closes both lids
+    (80 ms close, 120 ms open) over whatever the source gives.
+  * exp: "controls" (default, neutral until told) = the preset / vector (blended over 300 ms);
+    "idle" = neutral (an `expression` control switches it back to "controls"); "webcam" = E_exp.
+  * lip: "audio" (default) = E_aud on the frame's mel window, gated to zeros in silence;
+    "controls" = closed; "webcam" = E_lip of the webcam.
+Every source is a pure function of the session's frame index i = tick - first tick.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from streaming import controls as C
+
+
+class SessionMotion:
+    POSE_TRANSITION_S = 0.2
+    GAZE_TRANSITION_S = 0.08
+    BLINK_CLOSE_S = 0.08
+    BLINK_OPEN_S = 0.12
+
+    def __init__(self, cfg, presets, fps: int, seed: int = 0, mel_ring: int = 2048):
+        from engine.audio import MelStream
+        from engine.composer import FixedSource, IdleSource, PresetSource
+
+        self.cfg = cfg
+        self.fps = int(fps)
+        self.lat = cfg.latents
+        self.presets = {k: np.asarray(v, np.float32) for k, v in presets.items()}
+        self.idle = IdleSource(seed=seed, fps=fps)
+        self.idle_pushed = 0  # frames whose energy the idle source has
+        self.pose_cmd = FixedSource(np.zeros(self.lat.pose, np.float32),
+                                    transition_frames=max(0, round(self.POSE_TRANSITION_S * fps)))
+        self.gaze_cmd = FixedSource(np.zeros(2, np.float32),
+                                    transition_frames=max(0, round(self.GAZE_TRANSITION_S * fps)))
+        self.exp_src = PresetSource(np.zeros(self.lat.exp, np.float32), self.presets, fps=fps)
+        self.modes = {"lip": "audio", "pose": "idle", "eye": "idle", "exp": "controls"}
+        self.blinks: deque[int] = deque(maxlen=8)
+        self.webcam_latents: dict[str, np.ndarray] | None = None
+        self.last_frame = -1
+        # mel
+        self.mel = MelStream(cfg.audio)
+        self._mel_ring = np.zeros((mel_ring, cfg.audio.n_mels), np.float32)
+        self.n_mel = 0
+        self._silence = math.log(cfg.audio.log_floor)
+        hop_s = cfg.audio.hop_length / cfg.audio.sample_rate
+        self.hops_per_frame = 1.0 / (fps * hop_s)
+
+    # ------------------------------------------------------------------------------------ controls
+    def apply(self, ctl) -> None:
+        """Apply one validated control (scheduler thread); takes effect from the next frame."""
+        from engine.controls import pose_latent
+
+        at = self.last_frame + 1
+        if isinstance(ctl, C.Pose):
+            tf = None if ctl.transition_ms is None else round(ctl.transition_ms / 1000 * self.fps)
+            self.pose_cmd.set(pose_latent(ctl.yaw, ctl.pitch, ctl.roll), at_frame=at, transition_frames=tf)
+        elif isinstance(ctl, C.Gaze):
+            tf = None if ctl.transition_ms is None else round(ctl.transition_ms / 1000 * self.fps)
+            self.gaze_cmd.set(np.array([ctl.x, ctl.y], np.float32), at_frame=at, transition_frames=tf)
+        elif isinstance(ctl, C.Blink):
+            self.blinks.append(at)
+        elif isinstance(ctl, C.Expression):
+            tf = None if ctl.transition_ms is None else round(ctl.transition_ms / 1000 * self.fps)
+            if ctl.vector is not None:
+                self.exp_src.set(np.asarray(ctl.vector, np.float32), intensity=ctl.intensity, at_frame=at,
+                                 transition_frames=tf)
+            else:
+                self.exp_src.set(ctl.preset, intensity=ctl.intensity, at_frame=at, transition_frames=tf)
+            if self.modes["exp"] == "idle":
+                self.modes["exp"] = "controls"
+        elif isinstance(ctl, C.Source):
+            self.modes[ctl.factor] = ctl.source
+
+    def wants_webcam(self) -> bool:
+        return any(m == "webcam" for m in self.modes.values())
+
+    # ----------------------------------------------------------------------------------------- mel
+    def push_audio(self, samples16: np.ndarray) -> None:
+        if not len(samples16):
+            return
+        new = self.mel.push(samples16).numpy()
+        n = len(new)
+        if not n:
+            return
+        ring = self._mel_ring
+        if n >= len(ring):
+            new = new[-len(ring):]
+            self.n_mel += n - len(new)
+            n = len(new)
+        i = self.n_mel % len(ring)
+        k = min(n, len(ring) - i)
+        ring[i:i + k] = new[:k]
+        ring[:n - k] = new[k:]
+        self.n_mel += n
+
+    def mel_window(self, start: int) -> tuple[np.ndarray, bool]:
+        """(n_mels, mel_window) for mel frames [start, start + W); frames not computed yet, before the
+        stream or overwritten are silence. Returns (window, complete)."""
+        w = self.cfg.mel_window
+        ring = self._mel_ring
+        out = np.full((w, ring.shape[1]), self._silence, np.float32)
+        lo = max(start, self.n_mel - len(ring), 0)
+        hi = min(start + w, self.n_mel)
+        if hi > lo:
+            idx = np.arange(lo, hi) % len(ring)
+            out[lo - start:hi - start] = ring[idx]
+        return out.T, start + w <= self.n_mel
+
+    # ------------------------------------------------------------------------------------- compose
+    def push_energy_until(self, frame: int, rms_of_frame) -> None:
+        """Give the idle source the speech energy of every frame up to `frame` (in order)."""
+        if frame < self.idle_pushed:
+            return
+        vals = [rms_of_frame(i) for i in range(self.idle_pushed, frame + 1)]
+        self.idle.push_energy(np.asarray(vals, np.float64))
+        self.idle_pushed = frame + 1
+
+    def compose_rest(self, i: int) -> dict[str, np.ndarray]:
+        """pose, eye and exp latents of session frame i (lip is the scheduler's job)."""
+        from engine.controls import eye_latent
+
+        self.last_frame = max(self.last_frame, i)
+        wc = self.webcam_latents
+        out = {}
+        # pose
+        mode = self.modes["pose"]
+        if mode == "webcam" and wc is not None:
+            out["pose"] = wc["pose"]
+        elif mode == "controls":
+            out["pose"] = self.pose_cmd.latents(i, 1)[0]
+        else:
+            out["pose"] = self.idle.latents(i, 1, "pose")[0] + self.pose_cmd.latents(i, 1)[0]
+        # eyes
+        mode = self.modes["eye"]
+        if mode == "webcam" and wc is not None:
+            eye = np.array(wc["eye"], np.float32)
+        elif mode == "controls":
+            g = self.gaze_cmd.latents(i, 1)[0]
+            eye = eye_latent(g[0], g[1], 0.0, 0.0)
+        else:
+            eye = self.idle.latents(i, 1, "eye")[0].copy()
+            g = self.gaze_cmd.latents(i, 1)[0]
+            eye[0] = np.clip(eye[0] + g[0], -1, 1)
+            eye[1] = np.clip(eye[1] + g[1], -1, 1)
+        lid = self._blink_lid(i)
+        if lid > 0:
+            eye[2] = max(eye[2], lid)
+            eye[3] = max(eye[3], lid)
+        out["eye"] = eye
+        # expression
+        mode = self.modes["exp"]
+        if mode == "webcam" and wc is not None:
+            out["exp"] = wc["exp"]
+        elif mode == "idle":
+            out["exp"] = np.zeros(self.lat.exp, np.float32)
+        else:
+            out["exp"] = self.exp_src.latents(i, 1)[0]
+        return out
+
+    def _blink_lid(self, i: int) -> float:
+        lid = 0.0
+        for b in self.blinks:
+            dt = (i - b) / self.fps
+            if dt < 0:
+                continue
+            c, o = self.BLINK_CLOSE_S, self.BLINK_OPEN_S
+            v = dt / c if dt < c else (1 - (dt - c) / o if dt < c + o else 0.0)
+            lid = max(lid, min(1.0, max(0.0, v)))
+        return lid
+
+    def lip_mode(self) -> str:
+        m = self.modes["lip"]
+        if m == "webcam" and self.webcam_latents is None:
+            return "audio"
+        return m

@@ -1,0 +1,129 @@
+"""The engine as the server drives it: one object with numpy in, numpy/av frames out, built from a
+checkpoint (or random weights) and a backend name. Everything here runs on the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, runtime, meta: dict, threads: int | None = None):
+        import torch
+
+        self.rt = runtime
+        self.cfg = runtime.cfg
+        self.meta = dict(meta)
+        self.presets = {k: np.asarray(v, np.float32) for k, v in (meta.get("expression_presets") or {}).items()}
+        self.random_weights = bool(meta.get("random_weights", False))
+        self.threads = threads
+        self._torch = torch
+
+    @classmethod
+    def load(cls, checkpoint: Path | None = None, config: str = "lite", backend: str = "torch", seed: int = 0,
+             threads: int | None = None) -> "Pipeline":
+        import torch
+
+        from engine.checkpoint import load_model
+
+        if not threads:
+            # leave a core to the event loop and the video encoders (torch's own default takes all
+            # cores, and its spinning workers starve everything else on a small machine)
+            threads = max(1, (os.cpu_count() or 2) - 1)
+        torch.set_num_threads(int(threads))
+        model, meta = load_model(checkpoint, config=config, seed=seed)
+        if backend == "torch":
+            from engine.runtime import TorchRuntime
+
+            rt = TorchRuntime(model, device="cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            try:
+                from engine.backend import open_backend
+            except ImportError:  # pragma: no cover - engine without the backend registry
+                raise InputError(f"unknown backend {backend!r}; available: torch") from None
+            rt = open_backend(backend, checkpoint=checkpoint, config=config, seed=seed, threads=threads)
+        return cls(rt, meta, threads)
+
+    # ---------------------------------------------------------------------------------- avatars
+    def prepare_avatar(self, src):
+        """Path, encoded bytes, PIL image -> AvatarState (InputError on a bad image)."""
+        return self.rt.prepare_avatar(src)
+
+    # -------------------------------------------------------------------------------- per frame
+    def encode_audio(self, mels: np.ndarray) -> np.ndarray:
+        out = self.rt.encode_audio(self._torch.from_numpy(np.ascontiguousarray(mels, np.float32)))
+        return np.asarray(out, np.float32)
+
+    def encode_motion(self, frames_u8: np.ndarray) -> dict[str, np.ndarray]:
+        x = self._torch.from_numpy(np.ascontiguousarray(frames_u8)).permute(0, 3, 1, 2).float().div_(255.0)
+        out = self.rt.encode_motion(x)
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+    def generate(self, avatars: list, z: np.ndarray) -> np.ndarray:
+        """-> (B, S, S, 3) uint8."""
+        from engine.runtime import to_uint8_hwc
+
+        if all(a is avatars[0] for a in avatars):
+            avatars = avatars[0]  # one avatar for every row: broadcast, no copy
+        frames = self.rt.generate(avatars, self._torch.from_numpy(z))
+        return to_uint8_hwc(frames)
+
+    @staticmethod
+    def to_video_frames(frames_u8: np.ndarray) -> list:
+        """(B,S,S,3) uint8 -> av.VideoFrame in yuv420p (what the VP8/H.264 encoders take), off the loop."""
+        import av
+
+        return [av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p")
+                for f in frames_u8]
+
+    # ---------------------------------------------------------------------------------- timing
+    def warmup(self, avatar, batch_sizes=(1, 2), repeats: int = 8) -> dict[int, float]:
+        """Run every per-frame path; returns the 90th-percentile round time per batch size (s)."""
+        out = {}
+        s = self.cfg.image_size
+        lat = self.cfg.latents
+        for b in batch_sizes:
+            z = np.zeros((b, lat.total), np.float32)
+            mel = np.zeros((b, self.cfg.audio.n_mels, self.cfg.mel_window), np.float32)
+            times = []
+            for i in range(repeats + 2):
+                t = time.perf_counter()
+                self.encode_audio(mel)
+                self.to_video_frames(self.generate([avatar] * b, z))
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            out[b] = float(np.percentile(times, 90))
+        self.encode_motion(np.zeros((1, s, s, 3), np.uint8))
+        return out
+
+
+def placeholder_portrait(size: int = 256):
+    """A drawn stand-in portrait (PIL image) for when the engine ships no built-in avatar."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    s = size
+    img = Image.new("RGB", (s, s), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    u = s / 256
+    d.rectangle([0, int(200 * u), s, s], fill=(70, 80, 110))  # shoulders
+    d.ellipse([int(98 * u), int(150 * u), int(158 * u), int(215 * u)], fill=(214, 170, 140))  # neck
+    d.ellipse([int(62 * u), int(28 * u), int(194 * u), int(196 * u)], fill=(226, 184, 152))  # face
+    d.chord([int(56 * u), int(18 * u), int(200 * u), int(120 * u)], 180, 360, fill=(70, 48, 36))  # hair
+    for x in (100, 156):
+        d.ellipse([int((x - 14) * u), int(96 * u), int((x + 14) * u), int(112 * u)], fill=(250, 250, 250))
+        d.ellipse([int((x - 6) * u), int(98 * u), int((x + 6) * u), int(110 * u)], fill=(60, 90, 130))
+        d.line([int((x - 16) * u), int(86 * u), int((x + 14) * u), int(84 * u)], fill=(70, 48, 36),
+               width=max(1, int(4 * u)))  # brows
+    d.polygon([(int(128 * u), int(112 * u)), (int(118 * u), int(140 * u)), (int(134 * u), int(140 * u))],
+              fill=(205, 160, 130))  # nose
+    d.chord([int(104 * u), int(148 * u), int(152 * u), int(170 * u)], 0, 180, fill=(170, 80, 80))  # lips
+    return img.filter(ImageFilter.GaussianBlur(radius=max(0.5, 1.2 * u)))

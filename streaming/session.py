@@ -1,0 +1,590 @@
+"""One WebRTC peer: its inbound audio (and optional webcam), its two outbound tracks, its control
+channel, and its lifecycle (cleanup when the peer leaves, fails, or goes silent on the wire).
+
+Threads: everything here runs on the event loop except `wants_tick`, `build_job`, `deliver`,
+`set_webcam_latents` and `fail_from_thread`, which the scheduler thread calls; `_lock` guards the
+frame slot and the epoch they share with the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+
+import numpy as np
+from aiortc.mediastreams import MediaStreamError
+
+from streaming import controls as C
+from streaming.audio_in import HOP16, RATE16, RATE48, InboundAudio
+from streaming.clock import AUDIO_SAMPLES
+from streaming.motion import SessionMotion
+from streaming.scheduler import FrameJob
+from streaming.tracks import AvatarVideoTrack, DelayedAudioTrack
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    def __init__(self, sid: str, pc, *, clock, scheduler, pipeline, metrics, avatar_id: str, avatar,
+                 latency_s: float, lead_s: float, seed: int = 0, peer_timeout_s: float = 5.0,
+                 connect_timeout_s: float = 20.0, stats_interval_s: float = 1.0, audio_prefetch: int | None = 1,
+                 grace_s: float = 0.012, on_closed=None):
+        self.id = sid
+        self.pc = pc
+        self.clock = clock
+        self.scheduler = scheduler
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.avatar_id = avatar_id
+        self.avatar = avatar
+        self.latency_s = latency_s
+        self.lead_s = lead_s
+        self.fps = clock.fps
+        self.peer_timeout_s = peer_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.stats_interval_s = stats_interval_s
+        self.audio_prefetch = audio_prefetch
+        self.grace_s = grace_s
+        self._on_closed = on_closed
+        self.loop = asyncio.get_running_loop()
+        self.created = time.monotonic()
+        self.closed = False
+        self.close_reason: str | None = None
+        self._closed_event = asyncio.Event()
+
+        self.audio = InboundAudio(latency_s)
+        self.motion = SessionMotion(pipeline.cfg, pipeline.presets, clock.fps, seed=seed)
+        self.video_track = AvatarVideoTrack(self)
+        self.audio_track = DelayedAudioTrack(self)
+        self.channel = None
+        self._tasks: set[asyncio.Task] = set()
+        self._controls: deque = deque()
+
+        # shared with the scheduler thread
+        self._lock = threading.Lock()
+        self._slot: dict[int, object] = {}
+        self._waiter = None  # (tick, future) of a video track waiting for a late frame
+        self._interrupt_at: float | None = None
+        self._interrupt_tick: int | None = None
+        self.interrupts = 0
+        self.interrupt_latencies: deque = deque(maxlen=100)  # interrupt -> first flushed-state frame sent (s)
+        self.epoch = 0
+        self.k_start: int | None = None
+        self._last_flush = -math.inf
+        self._webcam_frame = None
+        self._webcam_seq = 0
+        self._webcam_done = 0
+        self.speaking = False
+        self.lip_energy = 0.0
+        self._onsets_pending: dict[int, float] = {}
+        self.onset_latencies: deque = deque(maxlen=2000)  # speech onset arrival -> its first open-mouth frame sent (s)
+
+        # stats
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.frames_late = 0  # sent within the grace period after their tick
+        self.drops: dict[str, int] = {}
+        self._sent_times: deque = deque(maxlen=128)
+        self._audio_sent: dict[int, float] = {}
+        self._video_pending: dict[int, float] = {}
+        self.av_offset_last: float | None = None
+        self.av_offsets: deque = deque(maxlen=20000)  # (monotonic, video minus audio send time) per tick
+        self.av_offset_max = 0.0
+        self.av_offset_n = 0
+        self.av_offset_sum = 0.0
+        self.underrun_samples = 0
+        self.controls_applied = 0
+        self.control_errors = 0
+        self.webcam_frames_in = 0
+
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_connection_state)
+
+    # ========================================================================= peer connection
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        t = asyncio.ensure_future(coro)
+        t.set_name(f"session-{self.id}-{name}")
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def start(self) -> None:
+        self._spawn(self._monitor(), "monitor")
+
+    def _on_track(self, track) -> None:
+        if track.kind == "audio":
+            self._shorten_jitter_buffer(track)
+            self._spawn(self._consume_audio(track), "audio-in")
+        elif track.kind == "video":
+            self._spawn(self._consume_webcam(track), "webcam-in")
+
+    def _shorten_jitter_buffer(self, track) -> None:
+        """aiortc holds inbound audio until 4 later packets exist (80 ms); `InboundAudio` already
+        absorbs jitter and gaps, so keep `audio_prefetch` packets instead (aiortc internals; skipped
+        quietly if they change)."""
+        if self.audio_prefetch is None:
+            return
+        try:
+            from aiortc.jitterbuffer import JitterBuffer
+
+            for tr in self.pc.getTransceivers():
+                rx = tr.receiver
+                if rx.track is track and hasattr(rx, "_RTCRtpReceiver__jitter_buffer"):
+                    old = rx._RTCRtpReceiver__jitter_buffer
+                    rx._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=old.capacity,
+                                                                      prefetch=self.audio_prefetch)
+        except Exception:  # noqa: BLE001
+            log.debug("could not shorten the audio jitter buffer", exc_info=True)
+
+    def _on_datachannel(self, channel) -> None:
+        if channel.label != "control":
+            return
+        self.channel = channel
+
+        @channel.on("message")
+        def on_message(data):
+            self.handle_channel_message(data)
+
+    async def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.debug("session %s: connection %s", self.id, state)
+        if state in ("failed", "closed"):
+            await self.close(f"connection {state}")
+
+    def attach_outbound(self) -> None:
+        """Put the avatar video and the delayed audio on the offer's transceivers that can send."""
+        from aiortc.rtcpeerconnection import or_direction
+
+        placed = {"audio": False, "video": False}
+        for tr in self.pc.getTransceivers():
+            offer_dir = getattr(tr, "_offerDirection", None)
+            if tr.kind not in placed or placed[tr.kind] or offer_dir not in ("sendonly", "sendrecv"):
+                continue
+            tr.sender.replaceTrack(self.video_track if tr.kind == "video" else self.audio_track)
+            tr.direction = or_direction(tr.direction, "sendonly")
+            placed[tr.kind] = True
+        if not placed["video"]:
+            raise ValueError("the offer has no video transceiver that can receive the avatar "
+                             "(add a recvonly or sendrecv video transceiver)")
+
+    # =============================================================================== inbound
+    async def _consume_audio(self, track) -> None:
+        while not self.closed:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            try:
+                self.audio.push(frame, self.clock.now())
+            except Exception:  # noqa: BLE001 - a broken frame must not end the session
+                log.exception("session %s: bad inbound audio frame", self.id)
+
+    async def _consume_webcam(self, track) -> None:
+        """Keep only the latest webcam frame (converted on the scheduler thread when a factor uses it)."""
+        while not self.closed:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.webcam_frames_in += 1
+            if self.motion.wants_webcam():
+                with self._lock:
+                    self._webcam_frame = frame
+                    self._webcam_seq += 1
+
+    # ============================================================================== controls
+    def handle_channel_message(self, data) -> None:
+        msg = None
+        try:
+            msg = C.decode_message(data)
+            ctl = C.parse_control(msg, self.control_context())
+        except C.ControlError as e:
+            self.control_errors += 1
+            self.metrics.controls.inc(type=_type_of(msg), result="error")
+            self.send({"type": "error", "error": str(e), "id": C.message_id(msg)})
+            return
+        self.apply_controls([ctl])
+        if isinstance(ctl, C.StatsRequest):
+            self.send(self.stats(), id=C.message_id(msg))
+        elif C.message_id(msg) is not None:
+            self.send({"type": "ack", "id": C.message_id(msg)})
+
+    def control_context(self) -> C.ControlContext:
+        return C.ControlContext(presets=self.pipeline.presets, exp_dim=self.pipeline.cfg.latents.exp)
+
+    def apply_controls(self, ctls: list) -> None:
+        """Validated controls: interrupt now (on the loop); the rest on the scheduler's next round."""
+        for c in ctls:
+            self.metrics.controls.inc(type=type(c).__name__.lower(), result="ok")
+            self.controls_applied += 1
+            if isinstance(c, C.Interrupt):
+                self.interrupt()
+            elif isinstance(c, C.StatsRequest):
+                pass
+            else:
+                self._controls.append(c)
+
+    def interrupt(self) -> None:
+        """Flush pending audio (silenced from now on) and pending frames (discarded, including one
+        being generated); the next frame made shows the mouth closed."""
+        self.audio.flush()
+        with self._lock:
+            self.epoch += 1
+            n = len(self._slot)
+            self._slot.clear()
+            self._last_flush = self.clock.now()
+            self._interrupt_at, self._interrupt_tick = time.monotonic(), None
+        self.interrupts += 1
+        if self.k_start is not None:  # remake the next tick's frame now rather than lose the tick
+            self.scheduler.request_redo(self, self.clock.video_tick_at(self.clock.now()) + 1)
+        log.debug("session %s: interrupt (%d pending frames flushed)", self.id, n)
+
+    def send(self, obj: dict, **extra) -> bool:
+        ch = self.channel
+        if ch is None or ch.readyState != "open":
+            return False
+        if extra:
+            obj = {**obj, **{k: v for k, v in extra.items() if v is not None}}
+        if obj.get("id", 0) is None:
+            obj = {k: v for k, v in obj.items() if k != "id"}
+        try:
+            ch.send(json.dumps(obj))
+            return True
+        except Exception:  # noqa: BLE001 - channel closing under us
+            return False
+
+    # ========================================================================= scheduler side
+    def start_video(self) -> int:
+        """Called by the video track's first recv(): the first tick this session gets frames for."""
+        k = self.clock.video_tick_at(self.clock.now() + self.lead_s + 0.002) + 1
+        with self._lock:
+            self.k_start = k
+        self.scheduler.add(self)
+        return k
+
+    def wants_tick(self, k: int) -> bool:
+        ks = self.k_start
+        return not self.closed and ks is not None and k >= ks
+
+    def _p48(self, k: int, off: int) -> int:
+        return k * RATE48 // self.fps + off
+
+    def frame_hops(self, k: int, off: int) -> tuple[int, int, int]:
+        """(first hop, hops, end hop) of the audio tick k shows, in 10 ms hops of the 16 kHz stream.
+
+        Tick k is due when stream sample p48(k) plays; the frame shows the frame period of audio
+        centred there, so a sound's first frame is never more than half a period off the sound."""
+        q16 = (self._p48(k, off) - RATE48 / self.fps / 2) / 3.0
+        h0 = int(round(q16 / HOP16))
+        end = int(round((q16 + RATE16 / self.fps) / HOP16))
+        return h0, max(1, end - h0), end
+
+    def build_job(self, k: int) -> FrameJob | None:
+        m = self.motion
+        while self._controls:
+            m.apply(self._controls.popleft())
+        m.push_audio(self.audio.take_pending_16k())
+        i = k - self.k_start
+        with self._lock:
+            epoch = self.epoch
+            cam = None
+            if self._webcam_seq != self._webcam_done and m.wants_webcam():
+                cam, self._webcam_done = self._webcam_frame, self._webcam_seq
+        off = self.audio.offset48
+        job = FrameJob(session=self, tick=k, epoch=epoch, avatar=self.avatar, rest={})
+        lip_mode = m.lip_mode()
+        if off is not None:
+            h0, nh, end = self.frame_hops(k, off)
+            if lip_mode == "audio":
+                job.gate = self.audio.gate(h0, nh)
+                if job.gate > 0:
+                    job.mel, _complete = m.mel_window(end - m.cfg.mel_past)
+                    if not self.speaking:  # a speech onset: time it from arrival to the frame leaving
+                        arrived = self.audio.first_speech_arrival(h0 - self.audio.hangover_hops,
+                                                                  nh + self.audio.hangover_hops)
+                        if arrived is not None:
+                            with self._lock:
+                                self._onsets_pending[k] = arrived
+
+            def rms_of(idx: int) -> float:
+                a, n, _ = self.frame_hops(self.k_start + idx, off)
+                return self.audio.rms(a, n)
+
+            m.push_energy_until(i, rms_of)
+        else:
+            m.push_energy_until(i, lambda idx: 0.0)
+        self.speaking = job.gate > 0
+        job.rest = m.compose_rest(i)
+        if lip_mode == "webcam":
+            job.lip = m.webcam_latents["lip"]
+        elif lip_mode == "controls" or job.mel is None:
+            job.lip = None  # zeros: closed mouth
+        if cam is not None:
+            job.webcam = self._webcam_to_array(cam)
+        return job
+
+    def _webcam_to_array(self, frame) -> np.ndarray:
+        s = self.pipeline.cfg.image_size
+        w, h = frame.width, frame.height
+        side = min(w, h)
+        rgb = frame.to_ndarray(format="rgb24")
+        top, left = (h - side) // 2, (w - side) // 2
+        crop = np.ascontiguousarray(rgb[top:top + side, left:left + side])
+        if side != s:
+            import av
+
+            f = av.VideoFrame.from_ndarray(crop, format="rgb24").reformat(width=s, height=s)
+            crop = f.to_ndarray(format="rgb24")
+        return crop
+
+    def set_webcam_latents(self, lat: dict) -> None:
+        self.motion.webcam_latents = lat
+
+    def deliver(self, k: int, frame, epoch: int, z_lip=None) -> None:
+        with self._lock:
+            if self.closed or epoch != self.epoch:
+                return
+            self._slot[k] = frame
+            for old in [t for t in self._slot if t < k - 2]:
+                del self._slot[old]
+            if self._interrupt_at is not None and self._interrupt_tick is None:
+                self._interrupt_tick = k  # the first frame made after the flush
+            w = self._waiter
+        if w is not None and w[0] == k:
+            self.loop.call_soon_threadsafe(_wake, w[1])
+        self.lip_energy = 0.0 if z_lip is None else float(np.abs(z_lip).mean())
+
+    def fail_from_thread(self, reason: str) -> None:
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.close(reason)))
+
+    # =========================================================================== track side
+    def take_frame(self, k: int, count: bool = True):
+        with self._lock:
+            f = self._slot.pop(k, None)
+            for old in [t for t in self._slot if t < k]:
+                del self._slot[old]
+        if f is None and count:
+            self.count_drop_for(k)
+        return f
+
+    async def wait_frame(self, k: int, timeout: float):
+        """Wait up to `timeout` for tick k's frame (the scheduler may be finishing it)."""
+        fut = self.loop.create_future()
+        with self._lock:
+            f = self._slot.pop(k, None)
+            if f is not None:
+                return f
+            self._waiter = (k, fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiter = None
+                f = self._slot.pop(k, None)
+        if f is not None:
+            self.frames_late += 1
+        return f
+
+    def count_drop_for(self, k: int) -> None:
+        flushed = self.clock.now() - self._last_flush < 3 * self.clock.period
+        self.count_drop("flush" if flushed else "late")
+
+    def count_drop(self, reason: str, n: int = 1) -> None:
+        self.frames_dropped += n
+        self.drops[reason] = self.drops.get(reason, 0) + n
+        self.metrics.frames_dropped.inc(n, reason=reason)
+
+    def audio_for_frame(self, j: int):
+        off = self.audio.offset48
+        if off is None:
+            return None
+        pcm, missing = self.audio.read48(j * AUDIO_SAMPLES + off, AUDIO_SAMPLES)
+        last = self.audio.last_arrival
+        if missing and last is not None and self.clock.now() - last < 0.1:
+            self.underrun_samples += missing
+            self.metrics.audio_underruns.inc(missing)
+        return pcm
+
+    def note_video_sent(self, k: int, t: float) -> None:
+        self.frames_sent += 1
+        if self._interrupt_tick is not None and k >= self._interrupt_tick:
+            lat = t - self._interrupt_at
+            self.interrupt_latencies.append(lat)
+            self.metrics.stage_latency.observe(lat, stage="interrupt_to_frame_sent")
+            self._interrupt_at = self._interrupt_tick = None
+        if self._onsets_pending:
+            with self._lock:
+                arrived = self._onsets_pending.pop(k, None)
+                for old in [x for x in self._onsets_pending if x < k]:
+                    del self._onsets_pending[old]
+            if arrived is not None:
+                lat = (t - self.clock.t0) - arrived
+                self.onset_latencies.append(lat)
+                self.metrics.stage_latency.observe(lat, stage="speech_onset_to_frame_sent")
+        self._sent_times.append(t)
+        self.metrics.frames_sent.inc()
+        # the audio frame playing the same instant: tick k is due at k/fps = (k*48000/fps)/48000
+        num = k * RATE48
+        j, rem = divmod(num // self.fps, AUDIO_SAMPLES)
+        t_media = t - rem / RATE48
+        if j in self._audio_sent:
+            self._record_offset(t_media - self._audio_sent[j])
+        else:
+            self._video_pending[j] = t_media
+            if len(self._video_pending) > 16:
+                for old in sorted(self._video_pending)[:-16]:
+                    del self._video_pending[old]
+
+    def note_audio_sent(self, j: int, t: float) -> None:
+        self.metrics.audio_frames_sent.inc()
+        self._audio_sent[j] = t
+        if len(self._audio_sent) > 64:
+            for old in sorted(self._audio_sent)[:-64]:
+                del self._audio_sent[old]
+        tv = self._video_pending.pop(j, None)
+        if tv is not None:
+            self._record_offset(tv - t)
+
+    def _record_offset(self, off: float) -> None:
+        self.av_offsets.append((time.monotonic(), off))
+        self.av_offset_last = off
+        self.av_offset_n += 1
+        self.av_offset_sum += off
+        self.av_offset_max = max(self.av_offset_max, abs(off))
+        self.metrics.av_offset.observe(off)
+        self.metrics.av_offset_last.set(off, session=self.id)
+
+    # =============================================================================== stats
+    def fps_now(self) -> float:
+        now = time.monotonic()
+        recent = [t for t in self._sent_times if now - t <= 1.0]
+        return float(len(recent))
+
+    def stats(self) -> dict:
+        sch = self.scheduler
+        return {
+            "type": "stats",
+            "session": self.id,
+            "uptime_s": round(time.monotonic() - self.created, 3),
+            "fps": self.fps_now(),
+            "target_fps": self.fps,
+            "frames_sent": self.frames_sent,
+            "frames_dropped": self.frames_dropped,
+            "frames_late": self.frames_late,
+            "drops": dict(self.drops),
+            "latency_ms": round(self.latency_s * 1000, 1),
+            "round_ms": round(sch.est_round * 1000, 2),
+            "batch": sch.last_batch,
+            "av_offset_ms": None if self.av_offset_last is None else round(self.av_offset_last * 1000, 2),
+            "av_offset_mean_ms": round(self.av_offset_sum / self.av_offset_n * 1000, 3) if self.av_offset_n else None,
+            "av_offset_max_ms": round(self.av_offset_max * 1000, 2),
+            "speaking": self.speaking,
+            "onset_latency_ms": _percentiles_ms(self.onset_latencies),
+            "interrupts": self.interrupts,
+            "interrupt_latency_ms": _percentiles_ms(self.interrupt_latencies),
+            "lip": round(self.lip_energy, 4),
+            "sources": dict(self.motion.modes),
+            "audio_frames_in": self.audio.frames_in,
+            "audio_underrun_ms": round(self.underrun_samples / RATE48 * 1000, 1),
+            "audio_gap_ms": round(self.audio.inserted_samples / RATE48 * 1000, 1),
+            "webcam_frames_in": self.webcam_frames_in,
+            "controls": self.controls_applied,
+            "control_errors": self.control_errors,
+            "avatar": self.avatar_id,
+        }
+
+    # ============================================================================ lifecycle
+    async def _rx_packets(self) -> int | None:
+        total = None
+        seen = set()
+        for tr in self.pc.getTransceivers():
+            for t in (tr.receiver.transport, tr.sender.transport):
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                try:
+                    for st in t._get_stats().values():
+                        if getattr(st, "type", None) == "transport":
+                            total = (total or 0) + int(st.packetsReceived)
+                except Exception:  # noqa: BLE001
+                    pass
+        return total
+
+    async def _monitor(self) -> None:
+        last_rx, last_change = None, time.monotonic()
+        next_stats = time.monotonic() + self.stats_interval_s
+        while not self.closed:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            state = self.pc.connectionState
+            if state == "connected":
+                rx = await self._rx_packets()
+                if rx != last_rx:
+                    last_rx, last_change = rx, now
+                elif now - last_change > self.peer_timeout_s:
+                    log.info("session %s: nothing received for %.1f s; closing", self.id, now - last_change)
+                    await self.close("peer timed out")
+                    return
+            elif state in ("new", "connecting") and now - self.created > self.connect_timeout_s:
+                await self.close("connection did not establish")
+                return
+            if now >= next_stats:
+                next_stats = now + self.stats_interval_s
+                self.send(self.stats())
+
+    async def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            await self._closed_event.wait()
+            return
+        self.closed = True
+        self.close_reason = reason
+        log.info("session %s closed: %s", self.id, reason)
+        self.scheduler.remove(self)
+        current = asyncio.current_task()
+        for t in list(self._tasks):
+            if t is not current:
+                t.cancel()
+        self.video_track.stop()
+        self.audio_track.stop()
+        try:
+            await self.pc.close()
+        except Exception:  # noqa: BLE001
+            log.exception("session %s: closing the peer connection failed", self.id)
+        others = [t for t in self._tasks if t is not current]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        with self._lock:
+            self._slot.clear()
+            self._webcam_frame = None
+        self.metrics.av_offset_last.remove(session=self.id)
+        self.channel = None
+        if self._on_closed is not None:
+            self._on_closed(self)
+        self._closed_event.set()
+
+
+def _wake(fut) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _percentiles_ms(values) -> dict | None:
+    if not values:
+        return None
+    a = np.asarray(values, np.float64) * 1000
+    return {"n": int(len(a)), "p50": round(float(np.percentile(a, 50)), 1),
+            "p95": round(float(np.percentile(a, 95)), 1), "last": round(float(a[-1]), 1)}
+
+
+def _type_of(msg) -> str:
+    t = msg.get("type") if isinstance(msg, dict) else None
+    return t if isinstance(t, str) and t in ("pose", "gaze", "blink", "expression", "source", "interrupt", "stats") \
+        else "invalid"

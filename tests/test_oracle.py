@@ -1,0 +1,202 @@
+"""The factor oracle: network shapes and units, save/load, training data, accuracy, a short training run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import InputError
+from trainer import oracle as O
+from trainer.corpus import factors as fa
+
+
+def _small(size: int = 64) -> O.FactorOracle:
+    torch.manual_seed(0)
+    return O.FactorOracle(O.OracleNetConfig(size=size, channels=(8, 16, 16, 32, 32), embed_dim=24)).eval()
+
+
+def test_columns_follow_the_factor_table():
+    assert O.N_OUT == sum(fa.dims(g) for g in fa.GROUP_NAMES)
+    sl = O.group_slices()
+    for g in fa.GROUP_NAMES:
+        assert [c for gg, c in O.COLUMNS[sl[g]]] == fa.column_names(g)
+        assert all(gg == g for gg, _ in O.COLUMNS[sl[g]])
+        lo, hi = fa.ranges(g)
+        np.testing.assert_array_equal(O.LOW[sl[g]], lo)
+        np.testing.assert_array_equal(O.HIGH[sl[g]], hi)
+
+
+def test_forward_groups_units_and_features():
+    o = _small()
+    x = torch.rand(3, 3, 80, 80)  # any square size: resized to the oracle's
+    out = o(x)
+    assert list(out) == list(fa.GROUP_NAMES)
+    for g, v in out.items():
+        assert v.shape == (3, fa.dims(g))
+    flat = o.flat(x)
+    np.testing.assert_allclose(flat.detach().numpy(), (O.LOW + O.RANGE * o.normalised(x).detach().numpy()), rtol=1e-5, atol=1e-5)
+    assert o.features(x).shape == (3, 24)
+    with pytest.raises(InputError):
+        o(torch.rand(2, 1, 64, 64))
+    # gradients reach the input (the trainer uses `features` as a loss feature)
+    xi = torch.rand(2, 3, 64, 64, requires_grad=True)
+    o.features(xi).sum().backward()
+    assert xi.grad is not None and float(xi.grad.abs().sum()) > 0
+
+
+def test_read_factors_batches_match_one_pass():
+    o = _small()
+    x = torch.rand(5, 3, 64, 64)
+    np.testing.assert_allclose(O.read_factors(o, x, batch_size=2), o.flat(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert O.read_factors(o, x[:0]).shape == (0, O.N_OUT)
+
+
+def test_save_load_roundtrip(tmp_path):
+    o = _small()
+    d = O.save_oracle(o, tmp_path / "oracle", meta={"note": "x"})
+    assert sorted(p.name for p in d.iterdir()) == sorted([O.WEIGHTS, O.CONFIG])
+    doc = json.loads((d / O.CONFIG).read_text())
+    assert doc["net"]["channels"] == [8, 16, 16, 32, 32] and doc["meta"] == {"note": "x"}
+    o2, meta = O.load_oracle(d)
+    assert meta == {"note": "x"} and not o2.training
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(o.flat(x), o2.flat(x))
+    o3, _ = O.load_oracle(d / O.CONFIG)  # the file names the directory too
+    assert torch.equal(o3.flat(x), o2.flat(x))
+
+
+def test_load_rejects_bad_oracles(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        O.load_oracle(tmp_path / "nope")
+    d = O.save_oracle(_small(), tmp_path / "o")
+    doc = json.loads((d / O.CONFIG).read_text())
+    doc["columns"] = doc["columns"][::-1]
+    (d / O.CONFIG).write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="columns"):
+        O.load_oracle(d)
+    d = O.save_oracle(_small(), tmp_path / "o2")
+    (d / O.WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match="safetensors"):
+        O.load_oracle(d)
+    d = O.save_oracle(_small(), tmp_path / "o3")
+    doc = json.loads((d / O.CONFIG).read_text())
+    doc["net"]["embed_dim"] = 25
+    (d / O.CONFIG).write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="weights do not match"):
+        O.load_oracle(d)
+
+
+def test_default_oracle_dir(tmp_path):
+    assert O.default_oracle_dir(None) is None
+    assert O.default_oracle_dir(tmp_path) == tmp_path / "oracle"
+
+
+def test_sample_factors_cover_ranges_and_are_seeded():
+    a = O.sample_factors(np.random.default_rng(3), 2000)
+    b = O.sample_factors(np.random.default_rng(3), 2000)
+    flat = O.flat_factors(a)
+    np.testing.assert_array_equal(flat, O.flat_factors(b))
+    assert flat.shape == (2000, O.N_OUT)
+    assert (flat >= O.LOW - 1e-6).all() and (flat <= O.HIGH + 1e-6).all()
+    # every column spreads over most of its range (an oracle trained on it sees all of it)
+    spread = (np.percentile(flat, 98, axis=0) - np.percentile(flat, 2, axis=0)) / O.RANGE
+    assert (spread > 0.6).all(), dict(zip(O.COLUMNS, spread.round(2)))
+    # groups are sampled independently: no strong correlation across groups
+    c = np.corrcoef(flat.T)
+    sl = O.group_slices()
+    for g in sl:
+        for h in sl:
+            if g != h:
+                assert np.abs(c[sl[g], sl[h]]).max() < 0.15
+
+
+def test_accuracy_numbers():
+    truth = np.zeros((4, O.N_OUT), np.float32)
+    truth[:, 0] = [0, 10, 20, 30]  # yaw
+    pred = truth.copy()
+    pred[:, 0] += 7.0  # 7 degrees off
+    acc = O.accuracy(pred, truth)
+    yaw = acc["groups"]["pose"]["columns"]["yaw"]
+    assert acc["frames"] == 4
+    assert yaw["mae"] == pytest.approx(7.0)
+    assert yaw["mae_pct"] == pytest.approx(100 * 7.0 / 70.0)
+    assert yaw["mean_baseline_mae"] == pytest.approx(10.0)  # |x - 15| averaged
+    assert acc["groups"]["eyes"]["mae_pct"] == 0.0
+    with pytest.raises(ValueError):
+        O.accuracy(pred[:, :3], truth[:, :3])
+
+
+def test_augment_is_seeded_and_keeps_range():
+    x = torch.rand(6, 3, 32, 32)
+    a = O.augment(x, torch.Generator().manual_seed(1))
+    b = O.augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert not torch.equal(a, x)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(InputError):
+        O.OracleConfig(data=None, out=tmp_path, render_fraction=1.5)
+    with pytest.raises(InputError):
+        O.OracleConfig(data=None, out=tmp_path, steps=-1)
+    with pytest.raises(InputError):
+        O.OracleNetConfig(size=50)
+    assert O.OracleConfig(data=None, out=tmp_path, render_fraction=0.2).render_fraction == 1.0
+
+
+def _finite_tree(x):
+    if isinstance(x, dict):
+        return all(_finite_tree(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite_tree(v) for v in x)
+    if isinstance(x, float):
+        return math.isfinite(x)
+    return True
+
+
+def test_train_oracle_on_small_corpus(small_corpus, tmp_path):
+    cfg = O.OracleConfig(data=small_corpus, out=tmp_path / "oracle", steps=4, batch_size=8, size=64,
+                         render_pool=16, eval_frames=16, max_real_frames=64, log_every=2)
+    d = O.train_oracle(cfg)
+    oracle, meta = O.load_oracle(d)
+    assert oracle.cfg.size == 64
+    t = meta["trained"]
+    assert t["steps"] == 4 and t["real_frames"] > 0 and t["render_pool"] == 16
+    for key in ("accuracy_rendered", "accuracy"):
+        acc = meta[key]
+        assert acc["frames"] > 0 and _finite_tree(acc)
+        assert set(acc["groups"]) == set(fa.GROUP_NAMES)
+    assert meta["accuracy"]["split"] in ("val", "test")
+
+
+
+def test_training_is_deterministic(tmp_path):
+    def run(name):
+        cfg = O.OracleConfig(data=None, out=tmp_path / name, steps=2, batch_size=4, size=64, render_pool=4,
+                             eval_frames=4)
+        return O.load_oracle(O.train_oracle(cfg))
+
+    (a, ma), (b, mb) = run("a"), run("b")
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(a.flat(x), b.flat(x))
+    assert ma == mb and ma["trained"]["real_frames"] == 0
+
+
+@pytest.mark.slow
+def test_trained_oracle_beats_predicting_the_mean(small_corpus, tmp_path):
+    cfg = O.OracleConfig(data=small_corpus, out=tmp_path / "oracle", steps=1500, batch_size=32, size=64,
+                         render_pool=2048, eval_frames=256, log_every=250)
+    _, meta = O.load_oracle(O.train_oracle(cfg))
+    for key in ("accuracy_rendered", "accuracy"):
+        g = meta[key]["groups"]
+        mae = np.mean([c["mae_pct"] for v in g.values() for c in v["columns"].values()])
+        base = np.mean([c["mean_baseline_pct"] for v in g.values() for c in v["columns"].values()])
+        assert mae < 0.6 * base, (key, mae, base)
+    g = meta["accuracy_rendered"]["groups"]
+    for group in fa.GROUP_NAMES:  # on independent factors every group is read better than its mean
+        assert g[group]["mae_pct"] < 0.7 * g[group]["mean_baseline_pct"], (group, g[group])

@@ -1,0 +1,420 @@
+"""Streaming parts on their own: the media clock, control validation, ICE restriction, Prometheus
+text, the inbound audio path (resampling, VAD gating, flush, gaps), per-session motion and the
+scheduler's batching. Real components throughout (webrtcvad, av, the engine's tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import time
+
+import av
+import numpy as np
+import pytest
+
+from streaming import controls as C
+from streaming.audio_in import HOP48, InboundAudio
+from streaming.clock import AUDIO_SAMPLES, MediaClock
+from streaming.metrics import ServerMetrics
+
+pytest.importorskip("aiortc")
+pytest.importorskip("webrtcvad")
+
+CTX = C.ControlContext(presets={"neutral": [0.0] * 10, "happy": [1.0] + [0.0] * 9, "sad": [0.0, 1.0] + [0.0] * 8},
+                       exp_dim=10)
+
+
+# ------------------------------------------------------------------------------------------- clock
+def test_clock_video_and_audio_share_one_timeline():
+    t = [100.0]
+    clk = MediaClock(25, time_fn=lambda: t[0])
+    assert clk.now() == 0.0
+    assert clk.video_time(25) == pytest.approx(1.0)
+    assert clk.audio_time(50) == pytest.approx(1.0)  # 50 x 20 ms
+    # over ten minutes the two tracks' due times for the same instant are identical
+    for k in (0, 1, 12345, 15000):
+        j = k * 2  # 25 fps: two 20 ms audio frames per video tick
+        assert clk.video_time(k) == clk.audio_time(j)
+    assert clk.video_pts(15000, 0) == 15000 * 3600
+    assert clk.audio_pts(30000, 0) == 30000 * AUDIO_SAMPLES
+    t[0] = 100.0 + 0.039
+    assert clk.video_tick_at(clk.now()) == 0
+    assert clk.next_video_tick() == 1
+    t[0] = 100.0 + 0.04
+    assert clk.video_tick_at(clk.now()) == 1
+
+
+def test_clock_sleep_until_paces_on_the_loop():
+    clk = MediaClock(25)
+
+    async def run():
+        late = []
+        for k in range(1, 6):
+            late.append(await clk.sleep_until(clk.video_time(k)))
+        return late
+
+    t0 = time.monotonic()
+    late = asyncio.run(run())
+    assert time.monotonic() - t0 == pytest.approx(0.2 - clk.video_time(0), abs=0.06)
+    assert max(late) < 0.05
+
+
+# ---------------------------------------------------------------------------------------- controls
+@pytest.mark.parametrize("msg,typ", [
+    ({"type": "pose", "yaw": 10, "pitch": -5, "roll": 2}, C.Pose),
+    ({"type": "gaze", "x": 0.3, "y": -0.2}, C.Gaze),
+    ({"type": "blink"}, C.Blink),
+    ({"type": "expression", "preset": "happy", "intensity": 0.8}, C.Expression),
+    ({"type": "expression", "preset": "happy:0.5+sad:0.3"}, C.Expression),
+    ({"type": "expression", "vector": [0.1] * 10}, C.Expression),
+    ({"type": "source", "factor": "pose", "from": "webcam"}, C.Source),
+    ({"type": "source", "factor": "eyes", "from": "idle"}, C.Source),
+    ({"type": "interrupt", "id": 7}, C.Interrupt),
+    ({"type": "stats"}, C.StatsRequest),
+])
+def test_valid_controls_parse(msg, typ):
+    assert isinstance(C.parse_control(msg, CTX), typ)
+
+
+@pytest.mark.parametrize("msg,needle", [
+    ({"type": "dance"}, "unknown control type"),
+    ({"yaw": 3}, "type"),
+    ([1, 2], "JSON object"),
+    ({"type": "pose", "yaw": "left"}, "number"),
+    ({"type": "pose", "yaw": 1e9}, "outside"),
+    ({"type": "pose", "yaw": float("nan")}, "finite"),
+    ({"type": "pose", "yaw": True}, "number"),
+    ({"type": "pose", "yaw": 1, "wiggle": 2}, "unknown field"),
+    ({"type": "gaze", "x": 2}, "outside"),
+    ({"type": "expression", "preset": "smug"}, "unknown preset"),
+    ({"type": "expression", "preset": "happy:9"}, "outside"),
+    ({"type": "expression", "preset": "happy", "vector": [0] * 10}, "exactly one"),
+    ({"type": "expression", "vector": [0] * 3}, "10 numbers"),
+    ({"type": "source", "factor": "nose", "from": "idle"}, "unknown factor"),
+    ({"type": "source", "factor": "pose", "from": "audio"}, "cannot come from"),
+    ({"type": "blink", "eye": "left"}, "unknown field"),
+])
+def test_bad_controls_are_rejected_with_a_message(msg, needle):
+    with pytest.raises(C.ControlError, match=needle):
+        C.parse_control(msg, CTX)
+
+
+def test_control_batches_are_all_or_nothing_and_size_limited():
+    with pytest.raises(C.ControlError, match=r"control\[1\]"):
+        C.parse_controls([{"type": "blink"}, {"type": "nope"}], CTX)
+    assert len(C.parse_controls([{"type": "blink"}, {"type": "interrupt"}], CTX)) == 2
+    with pytest.raises(C.ControlError, match="not valid JSON"):
+        C.decode_message("{nope")
+    with pytest.raises(C.ControlError, match="larger"):
+        C.decode_message("x" * (C.MAX_MESSAGE_BYTES + 1))
+
+
+# --------------------------------------------------------------------------------------------- ICE
+def test_ice_restriction_uses_aioices_seam_and_restores_it():
+    import aioice.ice
+
+    from streaming.ice import filter_remote_candidates, restrict_host_candidates
+
+    original = aioice.ice.get_host_addresses
+    assert "127.0.0.1" not in original(use_ipv4=True, use_ipv6=False)  # why the option exists
+    h = restrict_host_candidates(["127.0.0.1"])
+    try:
+        assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == ["127.0.0.1"]
+        assert h.loopback_only
+    finally:
+        h.restore()
+    assert aioice.ice.get_host_addresses is original
+    with pytest.raises(ValueError, match="not an address of this machine"):
+        restrict_host_candidates(["203.0.113.7"])
+    with pytest.raises(ValueError, match="IP address"):
+        restrict_host_candidates(["localhost"])
+    sdp = ("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+           "a=candidate:1 1 udp 2130706431 10.1.2.3 5000 typ host\r\n"
+           "a=candidate:2 1 udp 2130706431 127.0.0.1 5001 typ host\r\n"
+           "a=candidate:3 1 udp 2130706431 abcd.local 5002 typ host\r\n")
+    out = filter_remote_candidates(sdp, loopback_only=True)
+    assert "127.0.0.1 5001" in out and "10.1.2.3" not in out and ".local" not in out
+    assert filter_remote_candidates(sdp, loopback_only=False) == sdp
+
+
+def test_ice_gathers_only_the_restricted_host():
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    from streaming.ice import restrict_host_candidates
+
+    async def gather():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return [line for line in sdp.splitlines() if line.startswith("a=candidate")]
+
+    h = restrict_host_candidates(["127.0.0.1"])
+    try:
+        cands = asyncio.run(gather())
+    finally:
+        h.restore()
+    assert cands and all(" 127.0.0.1 " in c for c in cands)
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def test_metrics_render_prometheus_text():
+    m = ServerMetrics(sessions_fn=lambda: 3)
+    m.frames_sent.inc(5)
+    m.frames_dropped.inc(2, reason="late")
+    m.stage_latency.observe(0.012, stage="generate")
+    m.stage_latency.observe(0.5, stage="generate")
+    m.av_offset.observe(-0.003)
+    text = m.render()
+    assert "# TYPE marionette_sessions gauge\nmarionette_sessions 3\n" in text
+    assert "marionette_frames_sent_total 5" in text
+    assert 'marionette_frames_dropped_total{reason="late"} 2' in text
+    assert 'marionette_stage_latency_seconds_bucket{stage="generate",le="0.015"} 1' in text
+    assert 'marionette_stage_latency_seconds_bucket{stage="generate",le="+Inf"} 2' in text
+    assert 'marionette_stage_latency_seconds_count{stage="generate"} 2' in text
+    assert "marionette_av_offset_seconds_count 1" in text
+    for line in text.splitlines():  # every sample line is "name{labels} value"
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1].replace("+Inf", "inf"))
+
+
+# ----------------------------------------------------------------------------------- inbound audio
+def _frames(x48: np.ndarray, stereo: bool = True, rate: int = 48000, chunk: int = 960):
+    for i in range(0, len(x48) - chunk + 1, chunk):
+        c = x48[i:i + chunk]
+        data = np.stack([c, c], 1).reshape(1, -1) if stereo else c.reshape(1, -1)
+        f = av.AudioFrame.from_ndarray(data, format="s16", layout="stereo" if stereo else "mono")
+        f.sample_rate = rate
+        f.pts = i
+        yield i, f
+
+
+def _feed(a: InboundAudio, x48, stereo=True, t0=0.02):
+    for i, f in _frames(x48, stereo):
+        a.push(f, t0 + i / 48000)
+
+
+@pytest.fixture(scope="module")
+def speech48():
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    from streaming.fixtures import espeak
+
+    return espeak("Hello there, this is a test of the voice gate.")
+
+
+def _frame_gates(a: InboundAudio):
+    return np.array([a.gate(h, 4) for h in range(0, a.n_hops - 4, 4)])
+
+
+def test_vad_gate_follows_speech_and_closes_within_100ms(speech48):
+    sil = np.zeros(48000, np.int16)
+    a = InboundAudio(0.2)
+    _feed(a, np.concatenate([sil, speech48, sil]))  # browsers' 48 kHz stereo
+    g = _frame_gates(a)
+    hop_start, hop_end = 100, 100 + len(speech48) // HOP48
+    frames = np.flatnonzero(g)
+    assert frames.size > 0
+    first, last_end = frames[0] * 4, frames[-1] * 4 + 4
+    assert hop_start - 4 <= first <= hop_start + 4  # opens at the onset
+    assert last_end <= hop_end + 10  # closed within 100 ms of the speech end
+    assert g[: hop_start // 4 - 1].sum() == 0 and g[(hop_end + 10) // 4 + 1:].sum() == 0
+    assert g[hop_start // 4: hop_end // 4].mean() > 0.6  # open through most of the speech
+
+
+@pytest.mark.parametrize("kind", ["hiss", "hum", "loud-hiss"])
+def test_vad_gate_stays_shut_on_noise(kind):
+    rng = np.random.default_rng(0)
+    n = 48000 * 3
+    if kind == "hum":
+        x = np.sin(np.arange(n) * 2 * np.pi * 120 / 48000) * 0.1
+    else:
+        x = rng.normal(0, 0.1 if kind == "loud-hiss" else 0.01, n)
+    a = InboundAudio(0.2)
+    _feed(a, (x * 32767).astype(np.int16))
+    assert _frame_gates(a).sum() == 0
+
+
+def test_vad_finds_speech_in_noise(speech48):
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.zeros(48000, np.int16), speech48, np.zeros(24000, np.int16)]).astype(np.float64)
+    x += rng.normal(0, 0.005 * 32767, len(x))
+    a = InboundAudio(0.2)
+    _feed(a, np.clip(x, -32768, 32767).astype(np.int16), stereo=False)
+    g = _frame_gates(a)
+    assert g[:24].sum() == 0 and g[25: 25 + len(speech48) // 1920].mean() > 0.5
+
+
+def test_inbound_audio_is_positioned_on_the_clock_and_flushable(speech48):
+    lat = 0.2
+    a = InboundAudio(lat)
+    x = np.concatenate([np.zeros(9600, np.int16), speech48])
+    _feed(a, x, t0=1.0)
+    # anchor: stream position n nominally arrived at anchor + n/48000; played lat later
+    assert a.anchor == pytest.approx(1.0 - 960 / 48000, abs=1e-6)
+    assert a.offset48 % HOP48 == 0
+    t_play = 1.5
+    p = a.position_at(t_play)
+    assert p / 48000 == pytest.approx(t_play - lat - a.anchor, abs=0.011)
+    pcm, missing = a.read48(9600, 960)
+    assert np.array_equal(pcm, x[9600:10560]) and missing == 0
+    _, missing = a.read48(a.n48 - 480, 960)
+    assert missing == 480  # not arrived yet
+    a.flush()
+    pcm, _ = a.read48(9600, 960)
+    assert not pcm.any()  # flushed audio is silence
+    assert a.gate(0, a.n_hops) == 0.0
+
+
+def test_gap_in_the_inbound_stream_keeps_later_audio_in_place():
+    a = InboundAudio(0.2, anchor_settle_s=0.1)
+    tone = (np.sin(np.arange(48000) * 0.05) * 8000).astype(np.int16)
+    frames = list(_frames(tone))
+    for i, f in frames[:25]:
+        a.push(f, 0.02 + i / 48000)
+    n_before = a.n48
+    # the sender goes quiet for 300 ms (DTX / muted), then continues
+    for i, f in frames[25:]:
+        a.push(f, 0.02 + i / 48000 + 0.3)
+    assert a.inserted_samples == pytest.approx(0.3 * 48000, abs=HOP48)
+    assert a.n48 == len(frames) * 960 + a.inserted_samples
+    assert a.n48 > n_before
+
+
+# ------------------------------------------------------------------------------------------ motion
+@pytest.fixture(scope="module")
+def tiny_pipeline():
+    from streaming.pipeline import Pipeline
+
+    return Pipeline.load(None, "tiny", threads=1)
+
+
+def test_session_motion_controls(tiny_pipeline):
+    from streaming.motion import SessionMotion
+
+    p = tiny_pipeline
+    m = SessionMotion(p.cfg, p.presets, 25, seed=0)
+    a = m.compose_rest(0)
+    b = m.compose_rest(5)
+    assert not np.allclose(a["pose"], b["pose"])  # idle sway: the head never freezes
+    m.apply(C.Source("pose", "controls"))
+    m.apply(C.Pose(yaw=30.0, transition_ms=0))
+    assert m.compose_rest(6)["pose"][0] == pytest.approx(1.0)  # yaw / 30
+    assert np.allclose(m.compose_rest(6)["pose"], m.compose_rest(7)["pose"])  # exactly the command
+    m.apply(C.Source("eye", "controls"))  # no idle blinks: only the commanded one
+    m.apply(C.Blink())
+    lids = [m.compose_rest(i)["eye"][2] for i in range(8, 16)]
+    assert max(lids) == pytest.approx(1.0) and lids[-1] == 0.0
+    m.apply(C.Expression(preset="happy", intensity=0.5, transition_ms=0))
+    assert np.allclose(m.compose_rest(17)["exp"], 0.5 * p.presets["happy"])
+    m.apply(C.Source("exp", "idle"))
+    assert not m.compose_rest(18)["exp"].any()
+
+
+def test_mel_windows_match_the_offline_front_end(tiny_pipeline):
+    import torch
+
+    from engine.audio import log_mel
+    from streaming.motion import SessionMotion
+
+    p = tiny_pipeline
+    m = SessionMotion(p.cfg, p.presets, 25)
+    x = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    for i in range(0, len(x), 333):
+        m.push_audio(x[i:i + 333])
+    ref = log_mel(x, p.cfg.audio).numpy()
+    w, complete = m.mel_window(20)
+    assert complete
+    assert np.allclose(w.T, ref[20:20 + p.cfg.mel_window], atol=1e-5)
+    w, complete = m.mel_window(len(ref) - 5)
+    assert not complete and np.allclose(w.T[5:], math.log(p.cfg.audio.log_floor))
+    assert isinstance(torch.from_numpy(w), torch.Tensor)
+
+
+# --------------------------------------------------------------------------------------- scheduler
+class _Sink:
+    """A minimal session for the scheduler: always wants a frame, records what it gets."""
+
+    def __init__(self, sid, avatar, total):
+        self.id = sid
+        self.avatar = avatar
+        self.total = total
+        self.got: dict[int, object] = {}
+
+    def wants_tick(self, k):
+        return True
+
+    def build_job(self, k):
+        from streaming.scheduler import FrameJob
+
+        return FrameJob(session=self, tick=k, epoch=0, avatar=self.avatar,
+                        rest={"pose": np.zeros(6, np.float32), "eye": np.zeros(6, np.float32),
+                              "exp": np.zeros(10, np.float32)})
+
+    def deliver(self, k, frame, epoch, z_lip=None):
+        self.got[k] = frame
+
+    def fail_from_thread(self, reason):  # pragma: no cover
+        raise AssertionError(reason)
+
+
+def test_scheduler_batches_sessions_each_tick_off_the_calling_thread(tiny_pipeline):
+    import threading
+
+    from streaming.pipeline import placeholder_portrait
+    from streaming.scheduler import Scheduler
+
+    p = tiny_pipeline
+    clock = MediaClock(25)
+    metrics = ServerMetrics()
+    sch = Scheduler(p, clock, metrics, lead_s=0.02).start()
+    try:
+        avatar = sch.submit(p.prepare_avatar, placeholder_portrait(p.cfg.image_size)).result(30)
+        assert sch.submit(threading.current_thread).result(5).name == "marionette-scheduler"
+        sinks = [_Sink(f"s{i}", avatar, p.cfg.latents.total) for i in range(3)]
+        for s in sinks:
+            sch.add(s)
+        time.sleep(1.0)
+        for s in sinks:
+            sch.remove(s)
+    finally:
+        sch.stop()
+    ticks = [set(s.got) for s in sinks]
+    common = set.intersection(*ticks)
+    assert len(common) >= 15  # ~25 ticks in a second, every session served in the same rounds
+    f = sinks[0].got[min(common)]
+    assert (f.width, f.height) == (p.cfg.image_size, p.cfg.image_size)
+    assert metrics.batch_size.count() >= 15 and metrics.batch_size.mean() == pytest.approx(3, abs=0.5)
+    assert not sch.alive
+
+
+def test_inbound_audio_takes_any_rate_and_layout_even_changing_midstream():
+    a = InboundAudio(0.2)
+    t = 0.02
+    for rate, stereo in [(48000, True), (16000, False), (44100, True)]:
+        n = rate // 50
+        x = (np.sin(np.arange(rate) * 2 * np.pi * 200 / rate) * 8000).astype(np.int16)
+        for i in range(0, rate - n + 1, n):
+            c = x[i:i + n]
+            data = np.stack([c, c], 1).reshape(1, -1) if stereo else c.reshape(1, -1)
+            f = av.AudioFrame.from_ndarray(data, format="s16", layout="stereo" if stereo else "mono")
+            f.sample_rate = rate
+            a.push(f, t)
+            t += 0.02
+    assert a.n48 == pytest.approx(3 * 48000, abs=3 * 960)  # three seconds, whatever came in
+    assert a.n16 == pytest.approx(a.n48 / 3, abs=64)
+
+
+def test_ice_servers_parse_and_bad_ones_are_input_errors():
+    from engine.errors import InputError
+    from streaming.ice import ice_servers
+    from streaming.server import AvatarServer, ServeConfig
+
+    s = ice_servers(["stun:stun.example.org:3478", "turn:alice:secret@turn.example.org:3478?transport=tcp"])
+    assert s[0].urls == "stun:stun.example.org:3478" and s[0].username is None
+    assert s[1].urls == "turn:turn.example.org:3478?transport=tcp" and (s[1].username, s[1].credential) == ("alice", "secret")
+    assert ice_servers([]) == []  # none by default: nothing is contacted
+    with pytest.raises(InputError, match="--ice-server"):
+        AvatarServer(ServeConfig(ice_servers=("http://nope",)))

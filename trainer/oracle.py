@@ -1,0 +1,552 @@
+"""The factor oracle: a small CNN that reads every factor group of `factors.FACTOR_GROUPS` (pose, eyes,
+mouth, expression, in their own units) back from a frame.
+
+It is the yardstick of `marionette evaluate` (factor-control error, disentanglement, lip sync) and a
+feature extractor for the trainer (`FactorOracle.features`, the penultimate embedding).
+
+Training (`train_oracle`) mixes two sources of labelled frames:
+* frames rendered fresh by the corpus' `FaceRenderer` from independently sampled factors and identities
+  (unlimited, decorrelated: the oracle cannot learn the corpus' correlations between groups);
+* decoded mp4 frames of the corpus' train split with their per-frame ground truth (the codec and the
+  corpus' own rendering size, i.e. exactly what it reads at evaluation time).
+Frames are augmented (down/up-sampling blur, noise, brightness/contrast) so that it also reads the softer
+frames a generator produces. Its accuracy is always reported on decoded frames of held-out identities.
+
+On disk: a directory with `oracle.safetensors` and `oracle.json` ({"format": 1, "net": OracleNetConfig,
+"columns": [...], "meta": {...}}); by convention it lives in `<checkpoint>/oracle/` so a checkpoint
+carries the yardstick it is evaluated with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import InputError
+from trainer.corpus import factors as _factors
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+WEIGHTS = "oracle.safetensors"
+CONFIG = "oracle.json"
+ORACLE_SUBDIR = "oracle"
+
+GROUPS: tuple[str, ...] = _factors.GROUP_NAMES  # ("pose", "eyes", "mouth", "expression")
+COLUMNS: tuple[tuple[str, str], ...] = tuple((g, c.name) for g in GROUPS for c in _factors.FACTOR_GROUPS[g])
+N_OUT = len(COLUMNS)
+LOW = np.concatenate([_factors.ranges(g)[0] for g in GROUPS]).astype(np.float32)
+HIGH = np.concatenate([_factors.ranges(g)[1] for g in GROUPS]).astype(np.float32)
+RANGE = (HIGH - LOW).astype(np.float32)
+
+
+def group_slices() -> dict[str, slice]:
+    """Where each factor group sits in the oracle's flat (…, N_OUT) output."""
+    out, start = {}, 0
+    for g in GROUPS:
+        n = _factors.dims(g)
+        out[g] = slice(start, start + n)
+        start += n
+    return out
+
+
+def flat_factors(groups: Mapping[str, Any]) -> np.ndarray:
+    """{group: (T, D)} -> (T, N_OUT) float32 in the oracle's column order."""
+    missing = [g for g in GROUPS if g not in groups]
+    if missing:
+        raise InputError(f"factor table lacks groups {missing}; needs {list(GROUPS)}")
+    parts = []
+    for g in GROUPS:
+        a = np.asarray(groups[g], np.float32)
+        if a.ndim != 2 or a.shape[1] != _factors.dims(g):
+            raise InputError(f"factor group {g!r} must be (T, {_factors.dims(g)}), got {a.shape}")
+        parts.append(a)
+    if len({len(p) for p in parts}) != 1:
+        raise InputError(f"factor groups have different lengths: {[len(p) for p in parts]}")
+    return np.concatenate(parts, axis=1)
+
+
+# =================================================================================== network
+@dataclass(frozen=True)
+class OracleNetConfig:
+    """size: the frame size the oracle works at (inputs of any square size are resized to it);
+    channels: widths of the stride-2 stages after a full-resolution stem; embed_dim: `features` size."""
+
+    size: int = 128
+    channels: tuple[int, ...] = (16, 32, 64, 96, 128)
+    embed_dim: int = 256
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 32 or self.size % (2 ** len(self.channels)):
+            raise InputError(f"oracle size must be an integer >= 32 divisible by {2 ** len(self.channels)}, "
+                             f"got {self.size!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "OracleNetConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise InputError(f"unknown oracle config fields {sorted(set(d) - known)}")
+        if "channels" in d:
+            d["channels"] = tuple(int(c) for c in d["channels"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(min(8, cout // 4), cout),
+                         nn.SiLU())
+
+
+class FactorOracle(nn.Module):
+    """Regressor frame -> factor groups. Input (B, 3, H, W) in [0, 1] (resized to `cfg.size`).
+
+    Stem (full resolution) + len(channels) stride-2 stages -> flatten -> embedding e (B, embed_dim)
+    -> linear -> normalised factors y in ~[0, 1] ((value - low) / (high - low) per column, the corpus'
+    ranges) -> units. `forward` gives {group: (B, D)} in the units of `factors.FACTOR_GROUPS`.
+    """
+
+    def __init__(self, cfg: OracleNetConfig = OracleNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        layers = [_conv(3, ch[0], 1)]
+        cin = ch[0]
+        for c in ch:
+            layers += [_conv(cin, c, 2), _conv(c, c, 1)]
+            cin = c
+        self.body = nn.Sequential(*layers)
+        side = cfg.size // 2 ** len(ch)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.embed_dim), nn.SiLU())
+        self.head = nn.Linear(cfg.embed_dim, N_OUT)
+        self.register_buffer("low", torch.from_numpy(LOW.copy()), persistent=False)
+        self.register_buffer("span", torch.from_numpy(RANGE.copy()), persistent=False)
+        with torch.no_grad():  # start at the middle of every range
+            self.head.bias.fill_(0.5)
+
+    def _prepare(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.dim() == 3:
+            frames = frames.unsqueeze(0)
+        if frames.dim() != 4 or frames.shape[1] != 3:
+            raise InputError(f"oracle frames must be (B, 3, H, W) in [0, 1], got {tuple(frames.shape)}")
+        p = self.head.weight
+        x = frames.to(device=p.device, dtype=p.dtype)
+        s = self.cfg.size
+        if tuple(x.shape[-2:]) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return x * 2.0 - 1.0  # (B, 3, s, s)
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> penultimate embedding (B, embed_dim)."""
+        return self.embed(self.body(self._prepare(frames)))
+
+    def normalised(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N_OUT) factors as fractions of their ranges (columns: `COLUMNS`)."""
+        return self.head(self.features(frames))
+
+    def flat(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N_OUT) factors in units (columns: `COLUMNS`)."""
+        return self.low + self.span * self.normalised(frames)
+
+    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) in [0, 1] -> {"pose": (B, 6), "eyes": (B, 4), "mouth": (B, 3), "expression": (B, 6)}."""
+        y = self.flat(frames)
+        return {g: y[:, s] for g, s in group_slices().items()}
+
+
+@torch.no_grad()
+def read_factors(oracle: FactorOracle, frames: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Run the oracle over (N, 3, H, W) frames in [0, 1] in batches -> (N, N_OUT) float32 numpy (units)."""
+    was = oracle.training
+    oracle.eval()
+    out = []
+    for i in range(0, len(frames), batch_size):
+        out.append(oracle.flat(frames[i:i + batch_size]).float().cpu())
+    oracle.train(was)
+    if not out:
+        return np.zeros((0, N_OUT), np.float32)
+    return torch.cat(out).numpy()
+
+
+# =================================================================================== save / load
+def save_oracle(oracle: FactorOracle, path: Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write the oracle to the directory `path` (safetensors + JSON, atomically). Returns the directory."""
+    from safetensors.torch import save_file
+
+    from engine.checkpoint import _atomic_write
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in oracle.state_dict().items()}
+    doc = {"format": FORMAT, "net": oracle.cfg.to_dict(), "columns": [f"{g}.{c}" for g, c in COLUMNS],
+           "low": LOW.tolist(), "high": HIGH.tolist(), "meta": dict(meta or {})}
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    _atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(path / CONFIG, lambda p: Path(p).write_text(text))
+    return path
+
+
+def load_oracle(path: Path, device: str | torch.device = "cpu") -> tuple[FactorOracle, dict]:
+    """Oracle directory (or its oracle.json / oracle.safetensors) -> (oracle in eval mode, meta)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file() and path.name in (WEIGHTS, CONFIG):
+        path = path.parent
+    if not path.is_dir():
+        raise InputError(f"oracle {path} does not exist (a directory with {WEIGHTS} and {CONFIG}; "
+                         "train one with trainer.oracle.train_oracle / `marionette oracle`)")
+    for f in (WEIGHTS, CONFIG):
+        if not (path / f).is_file():
+            raise InputError(f"oracle {path}: missing {f}")
+    try:
+        doc = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"oracle {path}: {CONFIG} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise InputError(f"oracle {path}: unsupported format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+    want = [f"{g}.{c}" for g, c in COLUMNS]
+    if doc.get("columns") != want:
+        raise InputError(f"oracle {path}: its columns {doc.get('columns')} differ from this corpus' factor table {want}")
+    if not np.allclose(doc.get("low", []), LOW) or not np.allclose(doc.get("high", []), HIGH):
+        raise InputError(f"oracle {path}: trained for other factor ranges than this corpus' factor table")
+    cfg = OracleNetConfig.from_dict(doc.get("net", {}))
+    model = FactorOracle(cfg)
+    try:
+        state = load_file(str(path / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"oracle {path}: {WEIGHTS} is not a readable safetensors file ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"oracle {path}: weights do not match its config ({e})") from None
+    model.to(device).eval()
+    return model, dict(doc.get("meta") or {})
+
+
+def default_oracle_dir(checkpoint_dir: Path | None) -> Path | None:
+    """Where the oracle of a checkpoint lives: `<checkpoint>/oracle` (None without a checkpoint)."""
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / ORACLE_SUBDIR
+
+
+# =================================================================================== training data
+def sample_factors(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Independent factors for `n` rendered training frames, covering every group's whole range.
+
+    Lids: a third both-equal (blinks), a third independent, a third nearly open; expression: half
+    independent uniform columns (each zero half the time), half a preset at a random intensity plus noise.
+    """
+    out = {}
+    lo, hi = _factors.ranges("pose")
+    out["pose"] = rng.uniform(lo, hi, size=(n, len(lo))).astype(np.float32)
+    gaze = rng.uniform(-1.0, 1.0, size=(n, 2))
+    kind = rng.integers(0, 3, size=n)
+    both = rng.uniform(0.0, 1.0, size=n)
+    ind = rng.uniform(0.0, 1.0, size=(n, 2))
+    lids = np.where(kind[:, None] == 0, both[:, None], np.where(kind[:, None] == 1, ind,
+                                                                 rng.uniform(0.0, 0.15, size=(n, 2))))
+    out["eyes"] = np.concatenate([gaze, lids], 1).astype(np.float32)
+    lo, hi = _factors.ranges("mouth")
+    m = rng.uniform(lo, hi, size=(n, 3))
+    closed = rng.random(n) < 0.15  # closed mouths are common in speech
+    m[closed, 0] = 0.0
+    out["mouth"] = m.astype(np.float32)
+    free = rng.uniform(0.0, 1.0, size=(n, 6)) * (rng.random((n, 6)) < 0.5)
+    presets = np.stack([_factors.preset_vector(p) for p in _factors.PRESET_NAMES])
+    pre = presets[rng.integers(0, len(presets), size=n)] * rng.uniform(0.0, 1.0, size=(n, 1))
+    pre = np.clip(pre + rng.normal(0.0, 0.08, size=(n, 6)), 0.0, 1.0)
+    out["expression"] = np.where((rng.random(n) < 0.5)[:, None], free, pre).astype(np.float32)
+    return out
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample appearance augmentation of (B, 3, S, S) frames in [0, 1] that keeps every factor:
+    down/up-sampling blur (to x0.4 .. x0.85, 60 %), Gaussian noise (sd <= 0.03), brightness/contrast (+-12 %)."""
+    B, _, S, _ = x.shape
+    dev = x.device
+
+    def u(*shape):
+        return torch.rand(*shape, generator=gen, device=dev)
+
+    out = x.clone()
+    levels = (0.4, 0.55, 0.7, 0.85)
+    level = (u(B) * len(levels)).long().clamp(max=len(levels) - 1)
+    blur = u(B) < 0.6
+    for j, sc in enumerate(levels):
+        idx = torch.nonzero(blur & (level == j)).flatten()
+        if len(idx):
+            s = max(16, int(round(S * sc)))
+            small = F.interpolate(out[idx], size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            out[idx] = F.interpolate(small, size=(S, S), mode="bilinear", align_corners=False)
+    gain = 1.0 + 0.24 * (u(B, 1, 1, 1) - 0.5)
+    bias = 0.12 * (u(B, 1, 1, 1) - 0.5)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * gain + mean + bias
+    noise = 0.03 * u(B, 1, 1, 1) * torch.randn(out.shape, generator=gen, device=dev)
+    return (out + noise).clamp(0.0, 1.0)
+
+
+def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size), antialiased bilinear (a no-op at the same size)."""
+    if tuple(frames.shape[-2:]) == (size, size):
+        return frames
+    return F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).clamp(0.0, 1.0)
+
+
+def uint8_to_float(frames: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# =================================================================================== accuracy
+def accuracy(pred: np.ndarray, truth: np.ndarray, baseline: np.ndarray | None = None) -> dict[str, Any]:
+    """Per-column MAE of oracle readings `pred` against `truth` (both (N, N_OUT), units), in units and as
+    % of the column's range, with the MAE of predicting a constant (`baseline`, default the truth's mean).
+
+    {"frames": N, "groups": {group: {"mae_pct": mean over columns, "mean_baseline_pct": ...,
+     "columns": {name: {"mae", "mae_pct", "mean_baseline_mae", "mean_baseline_pct", "unit"}}}}}"""
+    pred = np.asarray(pred, np.float64)
+    truth = np.asarray(truth, np.float64)
+    if pred.shape != truth.shape or pred.ndim != 2 or pred.shape[1] != N_OUT:
+        raise ValueError(f"pred and truth must both be (N, {N_OUT}), got {pred.shape} and {truth.shape}")
+    base = truth.mean(0) if baseline is None else np.asarray(baseline, np.float64)
+    mae = np.abs(pred - truth).mean(0) if len(truth) else np.full(N_OUT, np.nan)
+    bmae = np.abs(truth - base[None]).mean(0) if len(truth) else np.full(N_OUT, np.nan)
+    groups: dict[str, Any] = {}
+    for g, sl in group_slices().items():
+        cols = {}
+        for j, col in zip(range(sl.start, sl.stop), _factors.FACTOR_GROUPS[g]):
+            cols[col.name] = {"unit": col.unit, "mae": float(mae[j]), "mae_pct": float(100 * mae[j] / RANGE[j]),
+                              "mean_baseline_mae": float(bmae[j]),
+                              "mean_baseline_pct": float(100 * bmae[j] / RANGE[j])}
+        groups[g] = {"mae_pct": float(np.mean([c["mae_pct"] for c in cols.values()])),
+                     "mean_baseline_pct": float(np.mean([c["mean_baseline_pct"] for c in cols.values()])),
+                     "columns": cols}
+    return {"frames": int(len(truth)), "groups": groups}
+
+
+# =================================================================================== training
+@dataclass(frozen=True)
+class OracleConfig:
+    """Training of the factor oracle (`train_oracle`).
+
+    data: corpus directory (its train split supplies decoded frames, its val split, else test, the
+    held-out accuracy); None trains on rendered frames only. out: directory written (oracle.safetensors +
+    oracle.json). render_fraction: share of each batch rendered fresh by FaceRenderer (at `render_size`,
+    default `size`); the rest are corpus train frames (all rendered when there is no train split).
+    render_pool: rendered frames are drawn from a pool of this many frames rendered once up front (0: fresh
+    frames every step); None = fresh on CUDA, a pool of 4096 elsewhere (the CPU renderer takes tens of ms
+    per 128 px frame, several times a training step's share).
+    max_real_frames: cap on the decoded train frames kept in memory (evenly spread over the clips).
+    eval_frames: frames of each accuracy check written to meta: "accuracy_rendered" (fresh renders of
+    unseen identities) and "accuracy" (decoded frames of the val split, else test, evenly spread).
+    """
+
+    data: Path | None
+    out: Path
+    steps: int = 3000
+    batch_size: int = 32
+    size: int = 128
+    device: str = "cpu"
+    seed: int = 0
+    lr: float = 2e-3
+    render_fraction: float = 0.5
+    render_size: int | None = None
+    render_pool: int | None = None
+    max_real_frames: int = 20000
+    eval_frames: int = 1024
+    log_every: int = 100
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1:
+            raise InputError(f"oracle training needs steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+        if not 0.0 <= self.render_fraction <= 1.0:
+            raise InputError(f"render_fraction must be in 0..1, got {self.render_fraction}")
+        if self.data is None and self.render_fraction < 1.0:
+            object.__setattr__(self, "render_fraction", 1.0)
+
+
+def _spread(n_total: int, n: int) -> np.ndarray:
+    """n indices evenly spread over range(n_total) (all of them when n >= n_total)."""
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64))
+
+
+def corpus_frames(data: Path, splits: Iterable[str], max_frames: int, size: int,
+                  desc: str = "frames") -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decoded corpus frames with ground truth: at most `max_frames` frames evenly spread over all the
+    clips of `splits` (the same number from every clip, deterministic), resized to `size`.
+
+    Returns (frames (N, 3, size, size) uint8, truth (N, N_OUT) float32, identities (N,))."""
+    from trainer.data import _decode_video, list_clips
+    from trainer.evaluate import clip_table
+
+    clips = [c for s in splits for c in list_clips(data, s) if c.factors is not None]
+    if not clips or max_frames <= 0:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8), np.zeros((0, N_OUT), np.float32), []
+    per_clip = max(1, int(math.ceil(max_frames / len(clips))))
+    frames, truth, ids = [], [], []
+    from tqdm import tqdm
+
+    for clip in tqdm(clips, desc=desc, leave=False, disable=None):
+        tab = clip_table(clip)[0]
+        video = _decode_video(clip.video, size)[0]  # (T, size, size, 3) uint8
+        sel = _spread(min(len(tab), len(video)), per_clip)
+        frames.append(torch.from_numpy(np.ascontiguousarray(video[sel])).permute(0, 3, 1, 2).contiguous())
+        truth.append(tab[sel])
+        ids += [clip.identity] * len(sel)
+    f = torch.cat(frames)
+    t = np.concatenate(truth)
+    if len(f) > max_frames:
+        keep = _spread(len(f), max_frames)
+        f, t, ids = f[torch.from_numpy(keep)], t[keep], [ids[i] for i in keep]
+    return f, t.astype(np.float32), ids
+
+
+@torch.no_grad()
+def rendered_frames(n: int, size: int, render_size: int, device, seed: int,
+                    batch: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+    """n frames rendered from `sample_factors` and fresh identities (seeded) at `render_size`, resized to
+    `size`: (frames (n, 3, size, size) on `device`, truth (n, N_OUT))."""
+    from tqdm import tqdm
+
+    from trainer.corpus.face import FaceRenderer, sample_identity
+
+    rng = np.random.default_rng([seed, 8])
+    renderer = FaceRenderer(render_size, device=device)
+    frames, truth = [], []
+    for i in tqdm(range(0, n, batch), desc="rendering", leave=False, disable=None):
+        k = min(batch, n - i)
+        fac = sample_factors(rng, k)
+        ident = np.stack([sample_identity(rng) for _ in range(k)])
+        frames.append(resize_frames(renderer.render(ident, fac["pose"], fac["eyes"], fac["mouth"],
+                                                    fac["expression"]), size))
+        truth.append(flat_factors(fac))
+    if not frames:
+        return torch.zeros(0, 3, size, size, device=device), np.zeros((0, N_OUT), np.float32)
+    return torch.cat(frames), np.concatenate(truth)
+
+
+def _heldout_split(data: Path | None) -> str | None:
+    if data is None:
+        return None
+    from trainer.data import list_clips
+
+    for s in ("val", "test"):
+        if any(c.factors is not None for c in list_clips(data, s)):
+            return s
+    return None
+
+
+def train_oracle(cfg: OracleConfig) -> Path:
+    """Train the factor oracle; writes `cfg.out` (oracle.safetensors + oracle.json with the config, the
+    training settings and the held-out accuracy in meta). Deterministic for a seed on one device."""
+    from tqdm import tqdm
+
+    from trainer.corpus.face import FaceRenderer, sample_identity
+
+    device = torch.device(cfg.device)
+    net_cfg = OracleNetConfig(size=cfg.size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        oracle = FactorOracle(net_cfg).to(device)
+    rng = np.random.default_rng([cfg.seed, 7])
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    real_f, real_t = torch.zeros(0), np.zeros((0, N_OUT), np.float32)
+    if cfg.data is not None and cfg.render_fraction < 1.0:
+        real_f, real_t, _ = corpus_frames(Path(cfg.data), ["train"], cfg.max_real_frames, cfg.size,
+                                          desc="oracle: decoding train frames")
+        log.info("oracle: %d decoded train frames", len(real_f))
+    n_real = 0 if len(real_f) == 0 else int(round(cfg.batch_size * (1.0 - cfg.render_fraction)))
+    n_render = cfg.batch_size - n_real
+    renderer = FaceRenderer(cfg.render_size or cfg.size, device=device) if n_render > 0 else None
+    pool = cfg.render_pool if cfg.render_pool is not None else (0 if device.type == "cuda" else 4096)
+    pool_f, pool_y = None, None
+    if n_render and pool > 0:
+        pool_f, t = rendered_frames(pool, cfg.size, cfg.render_size or cfg.size, device, seed=cfg.seed)
+        pool_f = pool_f.mul(255.0).round_().to(torch.uint8)  # a quarter of the memory
+        pool_y = torch.from_numpy((t - LOW) / RANGE).to(device)
+        log.info("oracle: rendered a pool of %d frames", len(pool_f))
+    real_f = real_f.to(device) if n_real else real_f
+    real_y = torch.from_numpy((real_t - LOW) / RANGE).to(device) if n_real else None
+
+    opt = torch.optim.AdamW(oracle.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    warm = min(100, max(1, cfg.steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        t = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    oracle.train()
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc="oracle", disable=None)
+    for step in bar:
+        xs, ys = [], []
+        if n_render and pool_f is not None:
+            idx = torch.from_numpy(rng.integers(0, len(pool_f), size=n_render)).to(device)
+            xs.append(pool_f[idx].float().div_(255.0))
+            ys.append(pool_y[idx])
+        elif n_render:
+            fac = sample_factors(rng, n_render)
+            ident = np.stack([sample_identity(rng) for _ in range(n_render)])
+            img = renderer.render(ident, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"])
+            xs.append(resize_frames(img, cfg.size))
+            ys.append(torch.from_numpy((flat_factors(fac) - LOW) / RANGE).to(device))
+        if n_real:
+            idx = torch.from_numpy(rng.integers(0, len(real_f), size=n_real)).to(device)
+            xs.append(real_f[idx].float().div_(255.0))
+            ys.append(real_y[idx])
+        x = augment(torch.cat(xs), gen)
+        y = torch.cat(ys).float()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = F.smooth_l1_loss(oracle.normalised(x), y, beta=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            recent = float(np.mean(losses[-cfg.log_every:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            log.info("oracle step %d/%d loss %.4f", step + 1, cfg.steps, recent)
+    oracle.eval()
+
+    meta: dict[str, Any] = {
+        "trained": {"steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed, "lr": cfg.lr,
+                    "render_fraction": cfg.render_fraction if n_real else 1.0, "render_pool": pool,
+                    "render_size": cfg.render_size or cfg.size,
+                    "real_frames": int(len(real_f)), "data": None if cfg.data is None else str(cfg.data),
+                    "final_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None},
+    }
+    f, t = rendered_frames(cfg.eval_frames, cfg.size, cfg.render_size or cfg.size, device, seed=cfg.seed + 10_000)
+    meta["accuracy_rendered"] = accuracy(read_factors(oracle, f), t)
+    log.info("oracle on %d frames rendered for unseen identities, MAE %% of range: %s", len(t),
+             ", ".join(f"{g} {v['mae_pct']:.1f}" for g, v in meta["accuracy_rendered"]["groups"].items()))
+    split = _heldout_split(None if cfg.data is None else Path(cfg.data))
+    if split is not None:
+        f, t, _ = corpus_frames(Path(cfg.data), [split], cfg.eval_frames, cfg.size, desc="oracle: held-out frames")
+        pred = read_factors(oracle, f.to(device).float().div_(255.0))
+        acc = accuracy(pred, t, baseline=real_t.mean(0) if len(real_t) else None)
+        acc["split"] = split
+        meta["accuracy"] = acc
+        log.info("oracle held-out (%s, %d frames) MAE %% of range: %s", split, len(t),
+                 ", ".join(f"{g} {v['mae_pct']:.1f}" for g, v in acc["groups"].items()))
+    return save_oracle(oracle.cpu(), Path(cfg.out), meta)

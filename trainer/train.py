@@ -1,0 +1,285 @@
+"""`marionette train`: run one progressive stage, or all of them in order, into a run directory.
+
+    RUN/checkpoint/            the model (engine.checkpoint format: `marionette render --checkpoint RUN/checkpoint`),
+                               + idle_model.safetensors after the idle stage; meta: "train" (stage, step),
+                               "expression_presets" (after the expression stage), "idle_model"
+    RUN/state/<stage>.*        trainer state for --resume (safetensors + JSON)
+    RUN/state/progress.json    completed stages
+    RUN/metrics.jsonl          one record per logged step (stage, step, losses, lr, steps_per_s)
+    RUN/train_config.json      the TrainConfig of the latest invocation
+    RUN/cache/                 decoded clips at the model's size (.npy)
+
+A stage other than `motion` starts from `init` if given, else from RUN/checkpoint (the previous stage's
+result); `--stage all` runs motion -> factors -> expression -> idle, `steps` (if given) applying to each.
+Under torchrun every process runs `train`; rank 0 writes files; `batch_size` is per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import WEIGHTS, load_checkpoint, read_checkpoint_config, save_checkpoint
+from engine.config import ModelConfig
+from engine.errors import InputError
+from engine.model import Marionette
+from trainer import config as C
+from trainer.loop import Dist, LoopConfig, barrier, broadcast_module, init_distributed, load_state, run_loop, save_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+STATE = "state"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `marionette train` passes (field names = the CLI's long options)."""
+
+    stage: str = "all"  # motion | factors | expression | idle | all
+    data: Path = Path("corpus")  # DIR/<split>/<identity>/<clip>.{mp4,wav[,npz,json]}
+    config: str = "lite"  # tiny | lite | base
+    out: Path = Path("runs/lite")  # run directory
+    steps: int | None = None  # per stage; default: the preset's
+    batch_size: int | None = None  # per process; default: the preset's
+    lr: float | None = None  # generator-side lr (D's scales with it); default: the preset's
+    resume: bool = False  # continue from RUN/state (skips completed stages of --stage all)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    seed: int = 0
+    ckpt_every: int = 1000  # steps between checkpoints (always one at the end of a stage)
+    vgg_weights: Path | None = None  # torchvision VGG19 weights (.safetensors): enables the perceptual loss
+    workers: int = 2  # data-loader worker processes (0: load in the training process)
+    log_every: int = 50  # steps between metrics records
+    oracle: Path | None = None  # trained factor oracle directory: features for the motion-reconstruction loss
+    init: Path | None = None  # start (non-motion stages) from this checkpoint instead of RUN/checkpoint
+    progress: bool = True  # tqdm bar on stderr (rank 0)
+
+    def stages(self) -> tuple[str, ...]:
+        if self.stage == "all":
+            return C.STAGES
+        if self.stage not in C.STAGES:
+            raise InputError(f"unknown stage {self.stage!r}; valid: {', '.join(C.STAGES)}, all")
+        return (self.stage,)
+
+
+def _device(cfg: TrainConfig, d: Dist) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {cfg.device}: CUDA is not available on this machine")
+        dev = torch.device(f"cuda:{d.local_rank}") if (d.enabled or want == "cuda") else torch.device(want)
+        torch.cuda.set_device(dev)
+        return dev
+    if want != "cpu":
+        raise InputError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device("cpu")
+
+
+def _check(cfg: TrainConfig) -> None:
+    cfg.stages()
+    C.preset(cfg.config)
+    if not Path(cfg.data).is_dir():
+        raise InputError(f"--data {cfg.data}: not a directory")
+    for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or v <= 0):
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if cfg.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise InputError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.vgg_weights is not None and not Path(cfg.vgg_weights).is_file():
+        raise InputError(f"--vgg {cfg.vgg_weights}: file not found")
+
+
+class _Run:
+    """Files of a run directory."""
+
+    def __init__(self, out: Path):
+        self.dir = Path(out)
+        self.ckpt = self.dir / CHECKPOINT
+        self.state = self.dir / STATE
+
+    def state_path(self, stage: str) -> Path:
+        return self.state / f"{stage}.state"
+
+    def progress(self) -> dict:
+        p = self.state / "progress.json"
+        return json.loads(p.read_text()) if p.is_file() else {"completed": []}
+
+    def mark_done(self, stage: str) -> None:
+        prog = self.progress()
+        if stage not in prog["completed"]:
+            prog["completed"].append(stage)
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "progress.json").write_text(json.dumps(prog, indent=1) + "\n")
+
+    def reset_progress(self, stages: tuple[str, ...]) -> None:
+        prog = self.progress()
+        prog["completed"] = [s for s in prog["completed"] if s not in stages]
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "progress.json").write_text(json.dumps(prog, indent=1) + "\n")
+
+
+def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -> tuple[Marionette, dict]:
+    src = None
+    if cfg.init is not None:
+        src = Path(cfg.init)
+    elif stage != "motion" and (run.ckpt / WEIGHTS).is_file():
+        src = run.ckpt
+    if src is not None:
+        ck_cfg, _ = read_checkpoint_config(src)
+        if ck_cfg.name != mcfg.name or ck_cfg.image_size != mcfg.image_size:
+            raise InputError(f"checkpoint {src} is a {ck_cfg.name!r} model at {ck_cfg.image_size}px; "
+                             f"--config {cfg.config} trains {mcfg.name!r} at {mcfg.image_size}px")
+        model, meta = load_checkpoint(src)
+        meta.pop("random_weights", None)
+        log.info("stage %s starts from %s", stage, src)
+        return model, meta
+    if stage != "motion":
+        log.warning("stage %s: no checkpoint in %s and no --init: starting from random weights", stage, run.ckpt)
+    from trainer.nets import init_weights
+
+    torch.manual_seed(cfg.seed)
+    return init_weights(Marionette(mcfg)), {}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train `cfg.stage` (or all stages) into `cfg.out`; returns the checkpoint directory RUN/checkpoint."""
+    from trainer.data import ClipStore, StageDataset, list_clips, make_loader
+    from trainer.nets import Discriminator, VGG19Perceptual
+    from trainer.stages import TRAINS, USES_DISC, build_stage, expression_presets
+
+    _check(cfg)
+    d = init_distributed("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+                         else "cpu")
+    dev = _device(cfg, d)
+    preset = C.preset(cfg.config)
+    mcfg = ModelConfig.preset(preset.model)
+    run = _Run(cfg.out)
+    stages = cfg.stages()
+    if d.main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "train_config.json").write_text(
+            json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+                       indent=1, sort_keys=True) + "\n")
+        if not cfg.resume:  # a fresh run of these stages: forget their progress and stale trainer states
+            run.reset_progress(stages)
+            for st in stages:
+                for ext in (".json", ".safetensors"):
+                    run.state_path(st).with_suffix(ext).unlink(missing_ok=True)
+    barrier(d)
+
+    clips = list_clips(cfg.data, "train")
+    if not clips:
+        raise InputError(f"no training clips under {cfg.data} (expected {cfg.data}/train/<identity>/<clip>.mp4)")
+    store = ClipStore(mcfg, cache_dir=run.dir / "cache", lru=preset.clip_cache)
+    oracle = None
+    if cfg.oracle is not None:
+        from trainer.oracle import load_oracle
+
+        oracle, _ = load_oracle(cfg.oracle, device=dev)
+        oracle.requires_grad_(False)
+    vgg = VGG19Perceptual(cfg.vgg_weights).to(dev) if cfg.vgg_weights is not None else None
+
+    model: Marionette | None = None
+    meta: dict = {}
+    for stage in stages:
+        if cfg.resume and stage in run.progress()["completed"]:
+            log.info("stage %s already completed in %s: skipping", stage, run.dir)
+            model = None  # the next stage reloads RUN/checkpoint
+            continue
+        scfg = C.override(preset.stage(stage), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr)
+        state = load_state(run.state_path(stage)) if cfg.resume else None
+        if state is not None and state[1].get("stage") != stage:
+            raise InputError(f"trainer state {run.state_path(stage)} belongs to stage {state[1].get('stage')!r}")
+        if state is not None and int(state[1]["step"]) >= scfg.steps:
+            log.info("stage %s: saved state is at step %s >= %d steps: nothing to do", stage, state[1]["step"],
+                     scfg.steps)
+        if state is not None:
+            model = Marionette(mcfg)
+            model.load_state_dict({k[6:]: v for k, v in state[0].items() if k.startswith("model.")})
+            meta = dict(state[1].get("meta", {}))
+        elif model is None:
+            model, meta = _initial_model(cfg, run, stage, mcfg)
+        model.to(dev)
+        model.requires_grad_(False)
+        for name in TRAINS[stage]:
+            getattr(model, name).requires_grad_(True)
+        broadcast_module(model, d)
+
+        idle = None
+        if stage == "idle":
+            from engine.idle_model import IdleModelConfig, IdleMotionModel
+
+            torch.manual_seed(cfg.seed + 4)
+            idle = IdleMotionModel(IdleModelConfig(n_mels=mcfg.audio.n_mels, fps=mcfg.fps,
+                                                   mel_per_frame=mcfg.mel_per_frame)).to(dev)
+            if state is not None:
+                idle.load_state_dict({k[5:]: v for k, v in state[0].items() if k.startswith("idle.")})
+        disc = None
+        if USES_DISC[stage] and scfg.lr_d > 0:
+            torch.manual_seed(cfg.seed + 1)
+            disc = Discriminator.for_model(mcfg.name, mcfg.image_size).to(dev)
+            if state is not None:
+                disc.load_state_dict({k[5:]: v for k, v in state[0].items() if k.startswith("disc.")})
+        stage_mod = build_stage(stage, model, scfg, oracle=oracle, vgg=vgg, idle=idle).to(dev)
+        if state is not None:
+            stage_mod.load_extra_state({k[6:]: v for k, v in state[0].items() if k.startswith("extra.")})
+
+        ds = StageDataset(clips, mcfg, stage, scfg, preset.augment, cfg.seed, store)
+        if stage == "idle" and state is None:
+            stage_mod.prepare(ds, dev)
+        trained = ({"idle": idle} if stage == "idle" else {n: getattr(model, n) for n in TRAINS[stage]})
+
+        def data(start: int, ds=ds, scfg=scfg):
+            return make_loader(ds, scfg.batch_size, start, d.rank, d.world, cfg.workers, pin=dev.type == "cuda")
+
+        def save(step: int, tensors: dict, doc: dict, stage=stage, model=model, idle=idle, meta=meta,
+                 scfg=scfg) -> None:
+            meta["train"] = {"stage": stage, "step": step, "steps": scfg.steps, "config": cfg.config}
+            if idle is not None:
+                from engine.idle_model import save_idle_model
+
+                meta["idle_model"] = save_idle_model(idle, run.ckpt)
+            save_checkpoint(model, run.ckpt, meta=meta)
+            tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+            if idle is not None:
+                tensors.update({f"idle.{k}": v for k, v in idle.state_dict().items()})
+            doc["meta"] = meta
+            save_state(run.state_path(stage), tensors, doc)
+
+        lc = LoopConfig(stage=stage, scfg=scfg, run_dir=run.dir, device=dev, seed=cfg.seed,
+                        ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, dist=d, progress=cfg.progress)
+        run_loop(lc, stage_mod, trained, disc, data, save, state)
+
+        # ---- end of stage: what the engine reads from the checkpoint
+        if stage == "expression" and d.main:
+            presets = expression_presets(model, store, clips, scfg.window, dev)
+            if presets:
+                meta["expression_presets"] = presets
+                save_checkpoint(model, run.ckpt, meta=meta)
+        if stage == "idle":
+            stage_mod.finalize(ds, dev)
+            if d.main:
+                from engine.idle_model import save_idle_model
+
+                meta["idle_model"] = save_idle_model(idle, run.ckpt)
+                save_checkpoint(model, run.ckpt, meta=meta)
+        if d.main:
+            run.mark_done(stage)
+        barrier(d)
+        model.requires_grad_(False)
+    if d.enabled:
+        import torch.distributed as dist
+
+        barrier(d)
+        dist.destroy_process_group()
+    return run.ckpt
