@@ -7,7 +7,8 @@ every session runs the audio encoder every tick, the worst case. The peers count
 they receive without decoding them (decoding N streams would steal the server's CPU on a small
 machine). After each addition the run settles, then measures for a window: the server's frame rate
 per session (its stats), frames the peers received, the scheduler's round time, and the server RSS.
-It stops after the first step at which a session falls below --min-fps.
+It stops after the first step at which a session falls below --min-fps (but adds at least
+--memory-sessions sessions, so the memory slope is measured even on a machine that holds fewer).
 
     .venv/bin/python benchmarks/capacity.py [--config lite] [--max-sessions 8] [--threads N]
 """
@@ -34,9 +35,10 @@ from streaming.client import AvatarClient, PcmSource  # noqa: E402
 from streaming.fixtures import WORDS, default_checkpoint, espeak  # noqa: E402
 
 _SERVER = r"""
-import json, sys
+import json, logging, sys
 from pathlib import Path
 from streaming.server import ServeConfig, serve
+logging.basicConfig(level=logging.WARNING)
 d = json.loads(sys.argv[1])
 d["checkpoint"] = Path(d["checkpoint"]) if d.get("checkpoint") else None
 d["ice_hosts"] = tuple(d["ice_hosts"])
@@ -55,6 +57,23 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_healthy(url: str, proc, timeout: float = 180.0) -> None:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode})")
+        try:
+            with opener.open(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("the server did not become healthy")
 
 
 def free_port() -> int:
@@ -98,7 +117,8 @@ class Talker:
         await self.client.close()
 
 
-async def run(url: str, pid: int, max_sessions: int, settle: float, window: float, min_fps: float) -> dict:
+async def run(url: str, pid: int, max_sessions: int, settle: float, window: float, min_fps: float,
+              memory_sessions: int) -> dict:
     speech = np.concatenate([espeak(w) for w in WORDS[:6]])
     await asyncio.sleep(1.0)
     steps = [{"sessions": 0, "rss_mb": rss_mb(pid)}]
@@ -132,12 +152,16 @@ async def run(url: str, pid: int, max_sessions: int, settle: float, window: floa
                   f"received min {step['received_fps_min']:.1f}, round {step['round_ms']:.1f} ms, "
                   f"server CPU {step['server_cpu_cores']:.2f} cores, RSS {step['rss_mb']:.0f} MB, "
                   f"load {step['load_avg_1m']:.1f}", flush=True)
-            if min(fps) < min_fps:
+            if min(fps) < min_fps and n >= memory_sessions:
                 break
     finally:
         for t in talkers:
             await t.stop()
-    held = [s["sessions"] for s in steps[1:] if s.get("server_fps_min", 0) >= min_fps and s.get("received_fps_min", 0) >= min_fps]
+    held = []
+    for s in steps[1:]:  # the largest count at which it held, every smaller count included
+        if s.get("server_fps_min", 0) < min_fps or s.get("received_fps_min", 0) < min_fps:
+            break
+        held.append(s["sessions"])
     rss = [(s["sessions"], s["rss_mb"]) for s in steps if "rss_mb" in s]
     per_session = None
     if len(rss) >= 3:
@@ -158,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--window", type=float, default=6.0)
     ap.add_argument("--min-fps", type=float, default=24.0)
+    ap.add_argument("--memory-sessions", type=int, default=4,
+                    help="add at least this many sessions (for the memory slope) even past capacity")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "capacity.json")
     a = ap.parse_args(argv)
     from streaming.ice import restrict_host_candidates
@@ -169,14 +195,13 @@ def main(argv=None) -> int:
         cfg = {"host": "127.0.0.1", "port": port, "checkpoint": str(ck), "config": a.config,
                "ice_hosts": ["127.0.0.1"], "max_sessions": a.max_sessions + 1, "threads": a.threads}
         proc = subprocess.Popen([sys.executable, "-c", _SERVER, json.dumps(cfg)], cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         try:
-            line = proc.stdout.readline()
-            if "marionette serve" not in line:
-                raise SystemExit(f"server did not start: {line!r}")
-            print(line.strip())
-            res = asyncio.run(run(f"http://127.0.0.1:{port}", proc.pid, a.max_sessions, a.settle, a.window, a.min_fps))
+            wait_healthy(f"http://127.0.0.1:{port}", proc)
+            print(f"server on port {port} ({a.config}, threads {a.threads or 'default'})")
+            res = asyncio.run(run(f"http://127.0.0.1:{port}", proc.pid, a.max_sessions, a.settle, a.window, a.min_fps,
+                                  min(a.memory_sessions, a.max_sessions)))
         finally:
             proc.send_signal(signal.SIGINT)
             try:

@@ -6,6 +6,11 @@ makes wall time noisy). Eager always; `--compile` adds torch.compile (its compil
 
     python benchmarks/render_speed.py                      # 256x256, batches 1, 8, 32, eager
     python benchmarks/render_speed.py --compile            # also the compiled renderer
+    python benchmarks/render_speed.py --threads 2,1        # per thread count
+
+On a machine shared with other jobs the wall-clock numbers are noisy (the load average is recorded);
+cpu_s_per_frame (process CPU time) is steadier, though OpenMP threads spinning while the other core is
+taken inflate it with more than one thread.
 
 Writes benchmarks/results/render_speed.json.
 """
@@ -43,19 +48,20 @@ def _measure(renderer: FaceRenderer, batches, repeats: int) -> dict:
     t0 = time.perf_counter()
     renderer.render(*batches[0])  # warm-up (compiles when compiled)
     first = time.perf_counter() - t0
-    walls, cpus = [], []
+    walls, cpus, paths = [], [], set()
     for i in range(repeats):
         args = batches[i % len(batches)]
         w, c = time.perf_counter(), time.process_time()
         renderer.render(*args)
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
+        paths.add(renderer.last_path)
     n = batches[0][0].shape[0]
     wall = float(np.median(walls))
     cpu = float(np.median(cpus))
     return {"batch": n, "first_call_s": round(first, 3), "median_wall_s": round(wall, 5),
             "fps": round(n / wall, 2), "median_cpu_s": round(cpu, 5),
-            "fps_if_cpu_time_were_wall_per_thread": round(n * torch.get_num_threads() / cpu, 2),
+            "cpu_s_per_frame": round(cpu / n, 5), "paths": sorted(paths),
             "walls_s": [round(x, 5) for x in walls]}
 
 
@@ -65,31 +71,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compile", action="store_true", help="also measure the torch.compile'd renderer")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", default="0",
+                    help="comma-separated torch thread counts to measure (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "render_speed.json")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     sizes = [int(x) for x in a.batches.split(",") if x]
-    print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
-          f"os.cpu_count() = {os.cpu_count()}, device {a.device}, size {a.size}", flush=True)
-    rng = np.random.default_rng(0)
-    load_before = os.getloadavg()
+    default_threads = torch.get_num_threads()
     results: dict = {"size": a.size, "device": a.device, "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                     "machine": platform.processor() or platform.machine(), "load_avg_before": load_before,
-                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "eager": [], "compiled": []}
-    modes = [("eager", False)] + ([("compiled", True)] if a.compile else [])
-    for mode, comp in modes:
-        renderer = FaceRenderer(a.size, device=a.device, compile=comp)
-        for n in sizes:
-            batches = [_batch(rng, n) for _ in range(3)]
-            r = _measure(renderer, batches, a.repeats)
-            r["compiled_active"] = renderer.compiled
-            results[mode].append(r)
-            print(f"{mode:8s} batch {n:3d}: {r['fps']:8.1f} frames/s (median of {a.repeats}, "
-                  f"first call {r['first_call_s']:.1f} s, cpu-time {r['median_cpu_s']:.3f} s)", flush=True)
+                     "default_threads": default_threads, "cpu_count": os.cpu_count(),
+                     "machine": platform.processor() or platform.machine(),
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_before": os.getloadavg(), "runs": []}
+    for threads in [int(x) for x in a.threads.split(",") if x]:
+        torch.set_num_threads(threads or default_threads)
+        print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
+              f"os.cpu_count() = {os.cpu_count()}, device {a.device}, size {a.size}, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        modes = [("eager", False)] + ([("compiled", True)] if a.compile else [])
+        for mode, comp in modes:
+            renderer = FaceRenderer(a.size, device=a.device, compile=comp)
+            rng = np.random.default_rng(0)
+            for n in sizes:
+                batches = [_batch(rng, n) for _ in range(3)]
+                r = _measure(renderer, batches, a.repeats)
+                r.update(mode=mode, threads=torch.get_num_threads(), load_avg=os.getloadavg()[0])
+                results["runs"].append(r)
+                print(f"{mode:8s} threads {r['threads']} batch {n:3d}: {r['fps']:8.1f} frames/s (median of "
+                      f"{a.repeats}; first call {r['first_call_s']:.1f} s; cpu {1000 * r['cpu_s_per_frame']:.1f} "
+                      f"ms/frame; rendered {'/'.join(r['paths'])})", flush=True)
     results["load_avg_after"] = os.getloadavg()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")

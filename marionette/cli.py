@@ -116,7 +116,7 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--avatar", type=Path, help="portrait image; default: the built-in avatar")
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory; default: the built-in one")
     p.add_argument("--config", default="lite", help="model config when no checkpoint exists")
-    p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt")
     p.add_argument("--fps", type=_positive_int, default=25)
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict ICE host candidates to this address (repeatable), e.g. 127.0.0.1")
@@ -124,12 +124,20 @@ def _cmd_serve(argv: list[str]) -> int:
                    help="STUN/TURN server URL (repeatable); none by default")
     p.add_argument("--max-sessions", type=_positive_int, default=8)
     p.add_argument("--max-upload-mb", type=_positive_float, default=8.0, help="largest avatar upload")
+    p.add_argument("--exported", type=Path, help="a `marionette export` directory (onnxruntime / tensorrt)")
+    p.add_argument("--precision", default="fp32", help="fp32 | int8 (onnxruntime) | fp16 (torch CUDA, tensorrt)")
+    p.add_argument("--threads", type=_positive_int, help="inference threads (default: all cores but one)")
+    p.add_argument("--lead-ms", type=_positive_float,
+                   help="how early the scheduler starts a frame before its tick (default: from the warmup)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     a = p.parse_args(argv)
     from streaming.server import ServeConfig, serve
 
     cfg = ServeConfig(host=a.host, port=a.port, avatar=a.avatar, checkpoint=a.checkpoint, config=a.config,
                       backend=a.backend, fps=a.fps, ice_hosts=tuple(a.ice_host), ice_servers=tuple(a.ice_server),
-                      max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024))
+                      max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
+                      exported=a.exported, precision=a.precision, threads=a.threads, lead_ms=a.lead_ms,
+                      seed=a.seed)
     serve(cfg)
     return 0
 

@@ -16,8 +16,10 @@ from typing import Callable
 
 import av
 import numpy as np
-from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from streaming.rtc import iter_frames, peer_connection, receiver_of, shorten_audio_jitter_buffer
 
 RATE = 48000
 PTIME_SAMPLES = 960
@@ -131,9 +133,7 @@ class AvatarClient:
                  on_audio: Callable | None = None, keep_audio: bool = False, audio_prefetch: int | None = 1,
                  decode_video: bool = True):
         self.base_url = base_url.rstrip("/")
-        # max-bundle: aiortc's default ("balanced") leaves a second video m-line (a webcam) on a
-        # transport that BUNDLE orphans
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+        self.pc = peer_connection()  # no STUN/TURN, max-bundle
         self.session: str | None = None
         self.channel = None
         self.received = Received()
@@ -185,7 +185,7 @@ class AvatarClient:
         @pc.on("track")
         def _track(track):
             if track.kind == "audio" and self.audio_prefetch is not None:
-                _shorten_jitter_buffer(pc, track, self.audio_prefetch)
+                shorten_audio_jitter_buffer(pc, track, self.audio_prefetch)
             self._hook_receiver(track)
             if track.kind == "video":
                 self._tasks.append(asyncio.ensure_future(self._pull_video(track)))
@@ -216,39 +216,38 @@ class AvatarClient:
         from aiortc.rtp import RtcpSrPacket
 
         kind = track.kind
-        for tr in self.pc.getTransceivers():
-            rx = tr.receiver
-            if rx.track is not track:
-                continue
-            first = self.rtp_arrival[kind]
-            srs = self.sender_reports[kind]
-            orig_rtp, orig_rtcp = rx._handle_rtp_packet, rx._handle_rtcp_packet
+        rx = receiver_of(self.pc, track)
+        if rx is None:
+            return
+        first = self.rtp_arrival[kind]
+        srs = self.sender_reports[kind]
+        orig_rtp, orig_rtcp = rx._handle_rtp_packet, rx._handle_rtcp_packet
 
-            async def on_rtp(packet, arrival_time_ms, _orig=orig_rtp, _first=first, _kind=kind):
-                if _kind not in self.rtp_origin:
-                    self.rtp_origin[_kind] = packet.timestamp
-                if packet.timestamp not in _first:
-                    _first[packet.timestamp] = time.monotonic()
-                    if len(_first) > 4096:
-                        for k in list(_first)[:2048]:
-                            del _first[k]
-                    if _kind == "video":
-                        self.video_frames_seen += 1
-                if _kind == "video" and not self.decode_video:
-                    return
-                await _orig(packet, arrival_time_ms)
+        async def on_rtp(packet, arrival_time_ms):
+            if kind not in self.rtp_origin:
+                self.rtp_origin[kind] = packet.timestamp
+            if packet.timestamp not in first:
+                first[packet.timestamp] = time.monotonic()
+                if len(first) > 4096:
+                    for k in list(first)[:2048]:
+                        del first[k]
+                if kind == "video":
+                    self.video_frames_seen += 1
+            if kind == "video" and not self.decode_video:
+                return
+            await orig_rtp(packet, arrival_time_ms)
 
-            async def on_rtcp(packet, _orig=orig_rtcp, _srs=srs):
-                if isinstance(packet, RtcpSrPacket):
-                    ntp = packet.sender_info.ntp_timestamp
-                    wall = (ntp >> 32) - NTP_EPOCH_OFFSET + (ntp & 0xFFFFFFFF) / 2 ** 32
-                    _srs.append((time.monotonic(), wall, packet.sender_info.rtp_timestamp))
-                    if len(_srs) > 2000:
-                        del _srs[:1000]
-                await _orig(packet)
+        async def on_rtcp(packet):
+            if isinstance(packet, RtcpSrPacket):
+                ntp = packet.sender_info.ntp_timestamp
+                wall = (ntp >> 32) - NTP_EPOCH_OFFSET + (ntp & 0xFFFFFFFF) / 2 ** 32
+                srs.append((time.monotonic(), wall, packet.sender_info.rtp_timestamp))
+                if len(srs) > 2000:
+                    del srs[:1000]
+            await orig_rtcp(packet)
 
-            rx._handle_rtp_packet = on_rtp
-            rx._handle_rtcp_packet = on_rtcp
+        rx._handle_rtp_packet = on_rtp
+        rx._handle_rtcp_packet = on_rtcp
 
     def rtp_of(self, kind: str, pts: int) -> int | None:
         """The RTP timestamp of a decoded frame (aiortc's decoded pts start at 0)."""
@@ -286,11 +285,7 @@ class AvatarClient:
         await asyncio.wait_for(self._first_video.wait(), timeout)
 
     async def _pull_video(self, track) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in iter_frames(track):
             t = time.monotonic()
             arr = frame.to_ndarray(format="rgb24") if (self.keep_frames or self.on_video) else None
             if self.on_video is not None:
@@ -299,11 +294,7 @@ class AvatarClient:
             self._first_video.set()
 
     async def _pull_audio(self, track) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in iter_frames(track):
             t = time.monotonic()
             x = frame.to_ndarray()
             if frame.format.name.startswith("s16"):
@@ -347,15 +338,3 @@ class AvatarClient:
         self._tasks.clear()
 
 
-
-def _shorten_jitter_buffer(pc, track, prefetch: int) -> None:
-    try:
-        from aiortc.jitterbuffer import JitterBuffer
-
-        for tr in pc.getTransceivers():
-            rx = tr.receiver
-            if rx.track is track and hasattr(rx, "_RTCRtpReceiver__jitter_buffer"):
-                old = rx._RTCRtpReceiver__jitter_buffer
-                rx._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=old.capacity, prefetch=prefetch)
-    except Exception:  # noqa: BLE001 - aiortc internals changed: keep its default
-        pass

@@ -23,12 +23,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
+from engine.controls import INTENSITY_RANGE, parse_expression
+from engine.errors import InputError
+
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_BATCH = 64
 
 # physical ranges accepted (about twice the corpus' pose range, which maps to latents in [-1, 1])
 POSE_RANGE = {"yaw": 60.0, "pitch": 40.0, "roll": 30.0}
-INTENSITY_RANGE = (0.0, 2.0)
 VECTOR_LIMIT = 5.0  # |raw latent value|
 TRANSITION_MS_MAX = 5000.0
 
@@ -43,7 +45,7 @@ SOURCES = {
 }
 
 
-class ControlError(ValueError):
+class ControlError(InputError):
     """A malformed or unknown control message; the message says what was wrong."""
 
 
@@ -170,7 +172,10 @@ def parse_control(msg: Any, ctx: ControlContext) -> Control:
         intensity = _number(msg, "intensity", 1.0, *INTENSITY_RANGE)
         if has_p:
             spec = _string(msg, "preset")
-            _validate_spec(spec, ctx.presets)
+            try:  # the engine's parser: names, blends and intensities exactly as `render --expression`
+                parse_expression(spec, ctx.presets)
+            except InputError as e:
+                raise ControlError(f"expression: {e}") from None
             return Expression(preset=spec, intensity=intensity, transition_ms=_transition(msg))
         vec = msg["vector"]
         if not isinstance(vec, list) or len(vec) != ctx.exp_dim:
@@ -201,26 +206,6 @@ def parse_control(msg: Any, ctx: ControlContext) -> Control:
         _check_fields(msg, ())
         return StatsRequest()
     raise ControlError(f"unknown control type {t!r}; valid: pose, gaze, blink, expression, source, interrupt, stats")
-
-
-def _validate_spec(spec: str, presets: Mapping[str, Sequence[float]]) -> None:
-    lookup = {k.lower() for k in presets}
-    for term in spec.split("+"):
-        name, sep, inten = term.partition(":")
-        name = name.strip().lower()
-        if not name:
-            raise ControlError(f"expression: empty term in {spec!r}")
-        if name not in lookup:
-            valid = ", ".join(sorted(presets)) or "(none)"
-            raise ControlError(f"expression: unknown preset {name!r}; presets: {valid}")
-        if sep:
-            try:
-                a = float(inten)
-            except ValueError:
-                raise ControlError(f"expression: intensity {inten.strip()!r} in {spec!r} is not a number") from None
-            if not (math.isfinite(a) and INTENSITY_RANGE[0] <= a <= INTENSITY_RANGE[1]):
-                raise ControlError(f"expression: intensity {a:g} in {spec!r} is outside "
-                                   f"{INTENSITY_RANGE[0]:g}..{INTENSITY_RANGE[1]:g}")
 
 
 def decode_message(data: str | bytes) -> Any:

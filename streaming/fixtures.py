@@ -1,5 +1,7 @@
-"""Test and benchmark fixtures made of real parts: speech from espeak-ng with known silences, and a
-"responsive" random checkpoint.
+"""Test and benchmark fixtures made of real parts: speech from espeak-ng with known silences, a
+"responsive" random checkpoint, the server on a background thread (`ServerThread`), one recorded
+client session (`run_session`) and the analysis helpers the tests and benchmarks share (mouth
+region deviation, speech labels on the sender's clock).
 
 Why a responsive checkpoint: the engine zero-initialises the generator's flow and RGB heads, so a
 freshly initialised (random-weights) model ignores z entirely and every frame is the portrait: lips,
@@ -204,3 +206,74 @@ def percentiles(values, ps=(50, 95)) -> dict:
     for p in ps:
         out[f"p{p}"] = float(np.percentile(a, p))
     return out
+
+
+# ---------------------------------------------------------------------------- one recorded session
+STATIC_HEAD = ({"type": "source", "factor": "pose", "from": "controls"},
+               {"type": "source", "factor": "eye", "from": "controls"})  # only the lips move
+
+
+async def run_session(url: str, audio, seconds: float, controls=None, actions=(), mic=None, webcam=None) -> dict:
+    """Connect a recording `AvatarClient` speaking `audio`, run `actions` ((at_s, async fn(client, mic)),
+    at their times), keep it `seconds` in all, close it. Returns the received video (arrival time,
+    frames, sender-clock media time), audio (arrival, RMS, media time), the last stats, the actions'
+    results."""
+    import asyncio
+    import time
+
+    from streaming.client import AvatarClient, PcmSource
+
+    mic = mic or PcmSource(audio)
+    c = AvatarClient(url)
+    await c.connect(mic=mic, controls=list(controls) if controls else None, webcam=webcam)
+    await c.wait_first_frame(30)
+    t0 = time.monotonic()
+    results = {}
+    for at, fn in sorted(actions, key=lambda a: a[0]):
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+        results[at] = await fn(c, mic)
+    await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
+    stats = await c.request({"type": "stats"}, timeout=10)
+    await c.close()
+    v, a = c.received.video, c.received.audio
+
+    def media(kind, pts, rate):  # the sender's clock through the RTCP sender reports, as a browser lines up A/V
+        m = c.media_time(kind, c.rtp_of(kind, pts), rate)
+        return np.nan if m is None else m
+
+    return {"t": np.array([x[0] for x in v]), "frames": np.stack([x[2] for x in v]),
+            "mv": np.array([media("video", x[1], 90000) for x in v]),
+            "ta": np.array([x[0] for x in a]), "ra": np.array([x[2] for x in a]),
+            "ma": np.array([media("audio", x[1], 48000) for x in a]),
+            "stats": stats, "client": c, "mic": mic, "results": results, "t0": t0}
+
+
+def mouth_deviation(frames: np.ndarray, rest_frames: int = 8) -> np.ndarray:
+    """Per frame: mean |mouth region - the mouth region at rest (median of the first frames)|."""
+    m = np.stack([mouth_region(f) for f in frames])
+    rest = np.median(m[:rest_frames], axis=0)
+    return np.abs(m - rest).mean(axis=(1, 2, 3))
+
+
+def speech_labels(rec: dict, loud: float = 0.01, quiet: float = 1e-3) -> np.ndarray:
+    """Per received video frame of `run_session`: 1 speech, 0 silence, -1 in between, from the
+    returned audio playing at the frame's instant on the sender's clock (a frame shows the frame
+    period of audio centred on its tick; an audio frame covers 20 ms from its timestamp)."""
+    ma, ra = rec["ma"], rec["ra"]
+    out = []
+    for x in rec["mv"]:
+        near = ra[(ma > x - 0.04) & (ma < x + 0.02)]
+        wide = ra[(ma > x - 0.30) & (ma < x + 0.20)]
+        if len(near) and near.max() > loud:
+            out.append(1)
+        elif len(wide) and wide.max() < quiet:
+            out.append(0)
+        else:
+            out.append(-1)
+    return np.array(out)
+
+
+def speech_ends(rec: dict, loud: float = 0.01, pause_s: float = 0.8) -> list[float]:
+    """Sender-clock times at which the returned audio's utterances end (followed by >= pause_s quiet)."""
+    ends = rec["ma"][rec["ra"] > loud] + 0.02
+    return [float(x) for x, nxt in zip(ends, np.r_[ends[1:], np.inf]) if nxt - x > pause_s]

@@ -44,44 +44,49 @@ class HostRestriction:
     when no restriction is left). Several servers in one process each hold one; the host addresses
     gathered are the union of the live ones."""
 
-    def __init__(self, addresses: tuple[str, ...]):
+    def __init__(self, addresses: tuple[str, ...], hook: "_RestrictedHosts"):
         self.addresses = addresses
-        self.active = True
+        self._hook = hook
+
+    @property
+    def active(self) -> bool:
+        return self._hook is not None
 
     @property
     def loopback_only(self) -> bool:
         return all(ipaddress.ip_address(a).is_loopback for a in self.addresses)
 
     def restore(self) -> None:
-        global _original
         import aioice.ice
 
-        if not self.active:
+        hook, self._hook = self._hook, None
+        if hook is None:
             return
-        self.active = False
-        _handles.remove(self)
-        if not _handles and _original is not None:
-            aioice.ice.get_host_addresses = _original
-            _original = None
+        hook.handles.remove(self)
+        if not hook.handles and aioice.ice.get_host_addresses is hook:
+            aioice.ice.get_host_addresses = hook.original
 
 
-_handles: list[HostRestriction] = []
-_original = None
+class _RestrictedHosts:
+    """What replaces `aioice.ice.get_host_addresses` while restrictions are live. It carries the
+    state (the live handles and aioice's original function), so this module keeps none."""
 
+    def __init__(self, original):
+        self.original = original
+        self.handles: list[HostRestriction] = []
 
-def _restricted_get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-    out: list[str] = []
-    for h in _handles:
-        for a in h.addresses:
-            v6 = ipaddress.ip_address(a).version == 6
-            if ((v6 and use_ipv6) or (not v6 and use_ipv4)) and a not in out:
-                out.append(a)
-    return out
+    def __call__(self, use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        out: list[str] = []
+        for h in self.handles:
+            for a in h.addresses:
+                v6 = ipaddress.ip_address(a).version == 6
+                if ((v6 and use_ipv6) or (not v6 and use_ipv4)) and a not in out:
+                    out.append(a)
+        return out
 
 
 def restrict_host_candidates(addresses: Iterable[str], check_local: bool = True) -> HostRestriction:
     """Make aioice gather host candidates only on `addresses` (process-wide, until restored)."""
-    global _original
     import aioice.ice
 
     addrs = tuple(dict.fromkeys(_norm(a) for a in addresses))
@@ -91,17 +96,14 @@ def restrict_host_candidates(addresses: Iterable[str], check_local: bool = True)
         missing = [a for a in addrs if a not in local_addresses()]
         if missing:
             raise ValueError(f"--ice-host {', '.join(missing)}: not an address of this machine")
-    h = HostRestriction(addrs)
-    if not _handles:
-        _original = aioice.ice.get_host_addresses
-        aioice.ice.get_host_addresses = _restricted_get_host_addresses
-    _handles.append(h)
+    hook = aioice.ice.get_host_addresses
+    if not isinstance(hook, _RestrictedHosts):
+        hook = _RestrictedHosts(aioice.ice.get_host_addresses)
+        aioice.ice.get_host_addresses = hook
+    h = HostRestriction(addrs, hook)
+    hook.handles.append(h)
     log.info("ICE host candidates restricted to %s", ", ".join(addrs))
     return h
-
-
-def active_restriction() -> HostRestriction | None:
-    return _handles[-1] if _handles else None
 
 
 _CAND = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ \S+", re.IGNORECASE)

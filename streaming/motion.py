@@ -7,7 +7,7 @@ Factor sources (`{"type": "source", ...}` switches them):
     exactly the commanded pose; "webcam" = E_pose of the driving webcam (idle until its first frame).
   * eye: "idle" (default) = idle saccades around the commanded gaze, idle blinks; "controls" =
     exactly the commanded gaze, lids open; "webcam" = E_eye. A `blink` control closes both lids
-    (80 ms close, 120 ms open) over whatever the source gives.
+    (the idle blink's shape: 80 ms close, 120 ms open) over whatever the source gives.
   * exp: "controls" (default, neutral until told) = the preset / vector (blended over 300 ms);
     "idle" = neutral (an `expression` control switches it back to "controls"); "webcam" = E_exp.
   * lip: "audio" (default) = E_aud on the frame's mel window, gated to zeros in silence;
@@ -28,8 +28,6 @@ from streaming import controls as C
 class SessionMotion:
     POSE_TRANSITION_S = 0.2
     GAZE_TRANSITION_S = 0.08
-    BLINK_CLOSE_S = 0.08
-    BLINK_OPEN_S = 0.12
 
     def __init__(self, cfg, presets, fps: int, seed: int = 0, mel_ring: int = 2048):
         from engine.audio import MelStream
@@ -40,6 +38,7 @@ class SessionMotion:
         self.lat = cfg.latents
         self.presets = {k: np.asarray(v, np.float32) for k, v in presets.items()}
         self.idle = IdleSource(seed=seed, fps=fps)
+        self.blink_close_s, self.blink_open_s = IdleSource.BLINK_CLOSE_S, IdleSource.BLINK_OPEN_S  # the idle blink
         self.idle_pushed = 0  # frames whose energy the idle source has
         self.pose_cmd = FixedSource(np.zeros(self.lat.pose, np.float32),
                                     transition_frames=max(0, round(self.POSE_TRANSITION_S * fps)))
@@ -176,7 +175,7 @@ class SessionMotion:
             dt = (i - b) / self.fps
             if dt < 0:
                 continue
-            c, o = self.BLINK_CLOSE_S, self.BLINK_OPEN_S
+            c, o = self.blink_close_s, self.blink_open_s
             v = dt / c if dt < c else (1 - (dt - c) / o if dt < c + o else 0.0)
             lid = max(lid, min(1.0, max(0.0, v)))
         return lid

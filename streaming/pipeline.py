@@ -30,9 +30,10 @@ class Pipeline:
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, config: str = "lite", backend: str = "torch", seed: int = 0,
-             threads: int | None = None) -> "Pipeline":
+             threads: int | None = None, exported: Path | None = None, precision: str = "fp32") -> "Pipeline":
         import torch
 
+        from engine.backend import open_backend
         from engine.checkpoint import load_model
 
         if not threads:
@@ -41,16 +42,9 @@ class Pipeline:
             threads = max(1, (os.cpu_count() or 2) - 1)
         torch.set_num_threads(int(threads))
         model, meta = load_model(checkpoint, config=config, seed=seed)
-        if backend == "torch":
-            from engine.runtime import TorchRuntime
-
-            rt = TorchRuntime(model, device="cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            try:
-                from engine.backend import open_backend
-            except ImportError:  # pragma: no cover - engine without the backend registry
-                raise InputError(f"unknown backend {backend!r}; available: torch") from None
-            rt = open_backend(backend, checkpoint=checkpoint, config=config, seed=seed, threads=threads)
+        device = "cuda" if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()) else "cpu"
+        rt = open_backend(backend, checkpoint=checkpoint, config=config, seed=seed, threads=threads,
+                          exported=exported, precision=precision, device=device, model=(model, meta))
         return cls(rt, meta, threads)
 
     # ---------------------------------------------------------------------------------- avatars

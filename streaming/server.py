@@ -19,7 +19,8 @@ a(n) + L, with
       + an arrival margin (jitter) + the scheduler lead (time reserved to compute a round),
   rounded up to 10 ms by the stream offset.
 The lead defaults to 1.5 x the measured 90th-percentile round time for one session (+5 ms),
-between 15 ms and one frame period.
+between 15 ms and two frame periods: a machine that computes slowly or unevenly (a busy one) buys
+smooth video with up to one extra frame period of latency; rounds then run up to a tick ahead.
 """
 
 from __future__ import annotations
@@ -59,14 +60,16 @@ class ServeConfig:
     ice_servers: tuple[str, ...] = ()
     max_sessions: int = 8
     max_upload_bytes: int = 8 * 1024 * 1024
-    # not on the command line
+    exported: Path | None = None  # a `marionette export` directory (onnxruntime / tensorrt)
+    precision: str = "fp32"
     seed: int = 0
     lead_ms: float | None = None  # scheduler lead; None: from the warmup measurement
+    threads: int | None = None  # inference threads; None: all cores but one
+    # not on the command line
     audio_margin_ms: float = 30.0
     peer_timeout_s: float = 5.0
     connect_timeout_s: float = 20.0
     stats_interval_s: float = 1.0
-    threads: int | None = None  # torch intra-op threads; None: torch's default
     max_avatars: int = 32
     max_offer_bytes: int = 128 * 1024
     audio_prefetch: int | None = 1  # inbound audio packets aiortc's jitter buffer holds (its default: 4)
@@ -114,7 +117,7 @@ class AvatarServer:
                 raise InputError(str(e)) from None
         if self.pipeline is None:
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg.checkpoint, cfg.config, cfg.backend,
-                                                    cfg.seed, cfg.threads)
+                                                    cfg.seed, cfg.threads, cfg.exported, cfg.precision)
         p = self.pipeline
         if p.random_weights:
             log.warning("serving a RANDOMLY initialised model: the avatar will not look like a talking head")
@@ -132,7 +135,7 @@ class AvatarServer:
         if cfg.lead_ms is not None:
             lead = cfg.lead_ms / 1000
         else:
-            lead = min(period, max(0.015, 1.5 * self.warmup_times.get(1, period) + 0.005))
+            lead = min(2 * period, max(0.015, 1.5 * self.warmup_times.get(1, period) + 0.005))
         self.lead_s = lead
         self.scheduler.lead_s = lead
         mc = p.cfg
@@ -250,7 +253,9 @@ class AvatarServer:
         return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def offer(self, request):
-        from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCSessionDescription
+
+        from streaming.rtc import peer_connection
 
         from streaming.session import Session
 
@@ -296,10 +301,7 @@ class AvatarServer:
         self._reserved += 1
         session = None
         try:
-            # max-bundle: with aiortc's default ("balanced") a second video m-line (the webcam) stays on a
-            # transport that BUNDLE orphans and never connects
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers,
-                                                    bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+            pc = peer_connection(self._ice_servers)
             sid = secrets.token_urlsafe(9)
             session = Session(
                 sid, pc, clock=self.clock, scheduler=self.scheduler, pipeline=self.pipeline,
@@ -454,8 +456,8 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
             pass
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else cfg.port
-    print(f"marionette serve: http://{host}:{port}/ (model {server.pipeline.cfg.name}, "
-          f"{cfg.fps} fps, latency {server.latency_s * 1000:.0f} ms)", flush=True)
+    log.info("serving on http://%s:%d/ (model %s, %d fps, pipeline latency %.0f ms)", host, port,
+             server.pipeline.cfg.name, cfg.fps, server.latency_s * 1000)
     if ready is not None:
         ready(server, port)
     try:

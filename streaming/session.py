@@ -17,12 +17,12 @@ import time
 from collections import deque
 
 import numpy as np
-from aiortc.mediastreams import MediaStreamError
 
 from streaming import controls as C
 from streaming.audio_in import HOP16, RATE16, RATE48, InboundAudio
 from streaming.clock import AUDIO_SAMPLES
 from streaming.motion import SessionMotion
+from streaming.rtc import iter_frames, shorten_audio_jitter_buffer
 from streaming.scheduler import FrameJob
 from streaming.tracks import AvatarVideoTrack, DelayedAudioTrack
 
@@ -75,6 +75,7 @@ class Session:
         self.interrupt_latencies: deque = deque(maxlen=100)  # interrupt -> first flushed-state frame sent (s)
         self.epoch = 0
         self.k_start: int | None = None
+        self._last_built = -1  # the latest tick a frame request was built for (rounds may run ahead)
         self._last_flush = -math.inf
         self._webcam_frame = None
         self._webcam_seq = 0
@@ -119,28 +120,11 @@ class Session:
 
     def _on_track(self, track) -> None:
         if track.kind == "audio":
-            self._shorten_jitter_buffer(track)
+            if self.audio_prefetch is not None:
+                shorten_audio_jitter_buffer(self.pc, track, self.audio_prefetch)
             self._spawn(self._consume_audio(track), "audio-in")
         elif track.kind == "video":
             self._spawn(self._consume_webcam(track), "webcam-in")
-
-    def _shorten_jitter_buffer(self, track) -> None:
-        """aiortc holds inbound audio until 4 later packets exist (80 ms); `InboundAudio` already
-        absorbs jitter and gaps, so keep `audio_prefetch` packets instead (aiortc internals; skipped
-        quietly if they change)."""
-        if self.audio_prefetch is None:
-            return
-        try:
-            from aiortc.jitterbuffer import JitterBuffer
-
-            for tr in self.pc.getTransceivers():
-                rx = tr.receiver
-                if rx.track is track and hasattr(rx, "_RTCRtpReceiver__jitter_buffer"):
-                    old = rx._RTCRtpReceiver__jitter_buffer
-                    rx._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=old.capacity,
-                                                                      prefetch=self.audio_prefetch)
-        except Exception:  # noqa: BLE001
-            log.debug("could not shorten the audio jitter buffer", exc_info=True)
 
     def _on_datachannel(self, channel) -> None:
         if channel.label != "control":
@@ -175,10 +159,8 @@ class Session:
 
     # =============================================================================== inbound
     async def _consume_audio(self, track) -> None:
-        while not self.closed:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
+        async for frame in iter_frames(track):
+            if self.closed:
                 return
             try:
                 self.audio.push(frame, self.clock.now())
@@ -187,10 +169,8 @@ class Session:
 
     async def _consume_webcam(self, track) -> None:
         """Keep only the latest webcam frame (converted on the scheduler thread when a factor uses it)."""
-        while not self.closed:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
+        async for frame in iter_frames(track):
+            if self.closed:
                 return
             self.webcam_frames_in += 1
             if self.motion.wants_webcam():
@@ -241,8 +221,10 @@ class Session:
             self._last_flush = self.clock.now()
             self._interrupt_at, self._interrupt_tick = time.monotonic(), None
         self.interrupts += 1
-        if self.k_start is not None:  # remake the next tick's frame now rather than lose the tick
-            self.scheduler.request_redo(self, self.clock.video_tick_at(self.clock.now()) + 1)
+        if self.k_start is not None:  # remake the flushed ticks' frames now rather than lose them
+            nxt = self.clock.video_tick_at(self.clock.now()) + 1
+            for k in range(nxt, max(nxt, self._last_built) + 1):
+                self.scheduler.request_redo(self, k)
         log.debug("session %s: interrupt (%d pending frames flushed)", self.id, n)
 
     def send(self, obj: dict, **extra) -> bool:
@@ -286,6 +268,7 @@ class Session:
         return h0, max(1, end - h0), end
 
     def build_job(self, k: int) -> FrameJob | None:
+        self._last_built = max(self._last_built, k)
         m = self.motion
         while self._controls:
             m.apply(self._controls.popleft())

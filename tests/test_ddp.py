@@ -30,6 +30,7 @@ WORKER = textwrap.dedent('''
         step = real_loop(lc, stage_mod, trained, *args, **kwargs)
         flat = torch.cat([p.detach().flatten().cpu() for m in trained.values() for p in m.parameters()])
         np.save(out_dir / f"{lc.stage}.rank{rank}.npy", flat.numpy())
+        (out_dir / f"{lc.stage}.rank{rank}.world").write_text(f"{lc.dist.rank} {lc.dist.world}")
         return step
 
     T.run_loop = observed_loop
@@ -63,6 +64,8 @@ def test_torchrun_two_cpu_processes_gloo(small_corpus, tmp_path):
         "motion", "factors", "expression", "idle"}
     # identical parameters on both ranks after every stage (gradients averaged, same updates)
     for stage in ("motion", "factors", "expression", "idle"):
+        for r in (0, 1):  # each process trained as its own rank of a 2-process group (different data)
+            assert (tmp_path / f"{stage}.rank{r}.world").read_text() == f"{r} 2"
         a = np.load(tmp_path / f"{stage}.rank0.npy")
         b = np.load(tmp_path / f"{stage}.rank1.npy")
         assert a.shape == b.shape and np.array_equal(a, b), f"{stage}: ranks diverged (max |diff| {np.abs(a - b).max()})"

@@ -19,6 +19,15 @@ from trainer.corpus.face_identity import IDENTITY_HIGH, IDENTITY_LOW
 TOL = 1.0 / 255.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small renders: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def r64():
     return FaceRenderer(64)
@@ -293,5 +302,6 @@ def test_compiled_matches_eager():
             _random("expression", 2, rng))
     comp = FaceRenderer(64, compile=True)
     a = comp.render(*args)
+    assert comp.last_path == "compiled"
     b = FaceRenderer(64).render(*args)
     assert torch.allclose(a, b, atol=5e-3)

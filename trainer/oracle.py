@@ -299,6 +299,31 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (out + noise).clamp(0.0, 1.0)
 
 
+def _mirror_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """For a horizontally mirrored frame: the column permutation and which columns change sign (in units;
+    every such column has a symmetric range). Mirroring negates yaw, roll, tx and gaze_x and swaps the
+    lids (the renderer's camera is centred and the face's features are symmetric)."""
+    names = [f"{g}.{c}" for g, c in COLUMNS]
+    perm = list(range(N_OUT))
+    a, b = names.index("eyes.lid_left"), names.index("eyes.lid_right")
+    perm[a], perm[b] = b, a
+    neg = torch.zeros(N_OUT, dtype=torch.bool)
+    for n in ("pose.yaw", "pose.roll", "pose.tx", "eyes.gaze_x"):
+        j = names.index(n)
+        assert LOW[j] == -HIGH[j]
+        neg[j] = True
+    return torch.tensor(perm), neg
+
+
+def mirror(x: torch.Tensor, y_norm: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror the rows `flip` (B,) bool of frames x (B, 3, S, S) and their normalised factors y (B, N_OUT)."""
+    perm, neg = _mirror_tables()
+    ym = y_norm[:, perm.to(y_norm.device)]
+    ym = torch.where(neg.to(y_norm.device), 1.0 - ym, ym)
+    f = flip.view(-1, 1, 1, 1)
+    return torch.where(f, x.flip(-1), x), torch.where(flip.view(-1, 1), ym, y_norm)
+
+
 def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 3, size, size), antialiased bilinear (a no-op at the same size)."""
     if tuple(frames.shape[-2:]) == (size, size):
@@ -349,7 +374,7 @@ class OracleConfig:
     oracle.json). render_fraction: share of each batch rendered fresh by FaceRenderer (at `render_size`,
     default `size`); the rest are corpus train frames (all rendered when there is no train split).
     render_pool: rendered frames are drawn from a pool of this many frames rendered once up front (0: fresh
-    frames every step); None = fresh on CUDA, a pool of 4096 elsewhere (the CPU renderer takes tens of ms
+    frames every step); None = fresh on CUDA, a pool of 16384 elsewhere (the CPU renderer takes tens of ms
     per 128 px frame, several times a training step's share).
     max_real_frames: cap on the decoded train frames kept in memory (evenly spread over the clips).
     eval_frames: frames of each accuracy check written to meta: "accuracy_rendered" (fresh renders of
@@ -476,7 +501,7 @@ def train_oracle(cfg: OracleConfig) -> Path:
     n_real = 0 if len(real_f) == 0 else int(round(cfg.batch_size * (1.0 - cfg.render_fraction)))
     n_render = cfg.batch_size - n_real
     renderer = FaceRenderer(cfg.render_size or cfg.size, device=device) if n_render > 0 else None
-    pool = cfg.render_pool if cfg.render_pool is not None else (0 if device.type == "cuda" else 4096)
+    pool = cfg.render_pool if cfg.render_pool is not None else (0 if device.type == "cuda" else 16384)
     pool_f, pool_y = None, None
     if n_render and pool > 0:
         pool_f, t = rendered_frames(pool, cfg.size, cfg.render_size or cfg.size, device, seed=cfg.seed)
@@ -514,8 +539,9 @@ def train_oracle(cfg: OracleConfig) -> Path:
             idx = torch.from_numpy(rng.integers(0, len(real_f), size=n_real)).to(device)
             xs.append(real_f[idx].float().div_(255.0))
             ys.append(real_y[idx])
-        x = augment(torch.cat(xs), gen)
         y = torch.cat(ys).float()
+        x, y = mirror(torch.cat(xs), y, torch.rand(len(y), generator=gen, device=device) < 0.5)
+        x = augment(x, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss = F.smooth_l1_loss(oracle.normalised(x), y, beta=0.05)

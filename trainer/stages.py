@@ -55,9 +55,9 @@ TRAINS: dict[str, tuple[str, ...]] = {
     "idle": (),
 }
 USES_DISC = {"motion": True, "factors": False, "expression": True, "idle": False}
-# the losses whose fall the short runs check (the adversarial terms need not fall)
-MAIN_LOSSES = {"motion": ("l1", "ssim"), "factors": ("lip_nce", "pose", "eye_reg"), "expression": ("l1", "ssim"),
-               "idle": ("nll",)}
+# the supervised losses whose sum the short runs check for a fall (the adversarial terms need not fall)
+MAIN_LOSSES = {"motion": ("l1", "ssim", "motion"), "factors": ("lip_nce", "eye_nce", "pose", "eye_reg"),
+               "expression": ("l1", "ssim", "decor"), "idle": ("nll",)}
 
 
 class StageModule(nn.Module):
@@ -280,15 +280,8 @@ class IdleStage(StageModule):
         super().__init__(model, scfg, oracle, vgg)
         self.idle = idle
 
-    @torch.no_grad()
-    def pseudo_targets(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B,T,3,S,S) frames -> (B,T,10) E_pose + E_eye[:4] (for clips without factor tables)."""
-        B, T = frames.shape[:2]
-        out = self.model.encode_motion(frames.flatten(0, 1))
-        return torch.cat([out["pose"], out["eye"][:, :4]], dim=1).view(B, T, -1)
-
     def _motion(self, batch) -> torch.Tensor:
-        return self.pseudo_targets(batch["frames"]) if "frames" in batch else batch["motion"]
+        return batch["motion"]
 
     def prepare(self, dataset, device: torch.device) -> None:
         """delta_std / motion_std from 256 items the run draws from a reserved index range (all ranks alike)."""
@@ -334,6 +327,24 @@ class IdleStage(StageModule):
             mo = self._motion(batch)
             styles.append(self.idle.encode_reference(mo[:, :R], batch["audio"][:, :R]).float().cpu())
         self.idle.default_style.copy_(torch.cat(styles).mean(0))
+
+
+@torch.no_grad()
+def pseudo_motion_table(model: Marionette, store, clips, device: torch.device, batch: int = 64) -> dict[str, np.ndarray]:
+    """Idle-stage targets for clips without factor tables: {clip key: (T, 10) E_pose + E_eye[:4] of every
+    frame} (the heads regress physical units, so these are in the units of the factor tables)."""
+    from trainer.data import to_float
+
+    model.eval()
+    out = {}
+    for ref in clips:
+        clip = store.get(ref)
+        rows = []
+        for s in range(0, clip.n, batch):
+            z = model.encode_motion(to_float(clip.frames[s:s + batch]).to(device))
+            rows.append(torch.cat([z["pose"], z["eye"][:, :4]], dim=1).float().cpu())
+        out[ref.key] = torch.cat(rows).numpy()
+    return out
 
 
 def build_stage(name: str, model: Marionette, scfg: StageConfig, oracle=None, vgg=None, idle=None) -> StageModule:

@@ -24,11 +24,19 @@ size); scale multiplies the head size. Eyes: gaze_x > 0 looks to the subject's l
 lid_left closes the eye on the subject's left (+x). All factor columns as in `factors.FACTOR_GROUPS`.
 
 Disentanglement by construction: the eyes group only changes texture inside two head-space boxes around
-the eyes, the mouth group only the lips/mouth texture and the lower half-ellipsoid (below the lip line),
-expression only face texture; `region_mask` casts the same rays against those boxes, so a pixel whose
-ray misses a group's box cannot change when that group changes.
+the eyes (opening, lids, crease, lashes), the mouth group only the lips/mouth texture and the jaw (the
+lower half-ellipsoid, within the volume it sweeps), expression only face texture (brows, lid squint,
+mouth corners, cheeks, folds, forehead lines); every painter's weight is exactly zero outside its box.
+`region_mask` casts the same rays against those boxes (and the jaw's volume), so a pixel whose ray misses
+them cannot change when that group changes.
 
-No randomness inside `render`: equal inputs give bit-identical frames on the same device.
+Speed: the expensive parts (face texture, eyes, mouth, nose, ears, hair, body) are evaluated only inside
+per-sample pixel windows around their exact projected bounds (gather -> compute -> scatter), which
+changes no pixel. `FaceRenderer(compile=True)` runs the core through `torch.compile` with fixed window
+sizes (one compilation per batch size; batches whose windows do not fit run eagerly).
+
+No randomness inside `render`: equal inputs give bit-identical frames on the same device; a batch of N
+equals N single renders (to float rounding).
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ from trainer.corpus.face_identity import (
     sample_identity,
 )
 
-__all__ = ["IDENTITY_FIELDS", "IDENTITY_DIM", "sample_identity", "neutral_identity", "FaceRenderer",
-           "CLAMP_RANGES"]
+__all__ = ["IDENTITY_FIELDS", "IDENTITY_DIM", "FIELD_INDEX", "sample_identity", "neutral_identity",
+           "FaceRenderer", "CLAMP_RANGES"]
 
 # ---------------------------------------------------------------------------------------- camera
 CAM_Z = 6.0          # camera distance from the head centre (head half-height ~1)
@@ -257,7 +265,7 @@ def _derive(ident: torch.Tensor, pose: torch.Tensor) -> dict[str, Any]:
     p["back_c"] = (torch.zeros_like(vol), -0.35 - 0.45 * hl, -0.38 - 0.1 * vol)
     p["back_ax"] = (a1 + 0.08 + 0.8 * vol, 0.95 + 0.55 * hl, 0.42 + 0.2 * vol)
     # --- body (body space: translated/scaled with the head, never rotated)
-    p["neck_r"] = (0.34 * a1 / 0.74, torch.full_like(a1, 0.31))
+    p["neck_r"] = (0.37 * a1 / 0.74, torch.full_like(a1, 0.33))
     p["torso_c"] = (torch.zeros_like(a1), torch.full_like(a1, -1.78), torch.full_like(a1, -0.3))
     p["torso_ax"] = (1.6 * a1 / 0.74 + 0.1, torch.full_like(a1, 0.64), torch.full_like(a1, 0.62))
     # colours
@@ -281,8 +289,9 @@ def _eye(alb, x, y, fw, p, sx: float, gx, gy, lid, squint, lx):
     lo1 = lo0 + squint * 0.36 * span
     up1 = up0 - squint * 0.2 * span
     meet = lo1 + 0.22 * (up1 - lo1)
-    up = up1 + (meet - up1) * lid
-    lo = lo1 + (meet - lo1) * lid
+    opened = 1.0 - lid  # written so that a closed lid (lid = 1) gives up == lo == meet exactly
+    up = meet + (up1 - meet) * opened
+    lo = meet - (meet - lo1) * opened
     a_open = _band(Y, lo, up, fw)
     # eyeball
     sclera = torch.tensor([0.93, 0.90, 0.87], device=x.device).view(1, 3, 1, 1)
@@ -337,6 +346,7 @@ def _brow(alb, x, y, fw, p, sx: float, raise_, furrow):
 # mouth shape constants (shared by the painter and the boxes that bound it)
 _OPEN_JAW, _OPEN_ROUND, _OPEN_UP = 0.14, 0.018, 0.14
 _CHIN_CREASE = 0.05
+_SMILE_LIFT, _FROWN_DROP = 0.065, 0.05  # mouth-corner displacement at smile = 1 / frown = 1
 
 
 def _mouth_width(p, wd, rd, smile, frown):
@@ -354,7 +364,7 @@ def _mouth(alb, x, y, fw, p, jaw, wd, rd, smile, frown):
     X = x / mw
     X2 = X * X
     ym = f("mouth_y")
-    ys = ym + (0.05 * smile - 0.04 * frown) * X2
+    ys = ym + (_SMILE_LIFT * smile - _FROWN_DROP * frown) * X2
     op = _OPEN_JAW * jaw + _OPEN_ROUND * rd
     op_u = _OPEN_UP * op
     op_l = op - op_u
@@ -464,12 +474,14 @@ def _hair_mask_back(px, py, pz, fw, p):
     return ((py - yb) / (fw + 0.012) + 0.5).clamp(0.0, 1.0)
 
 
-def _hair_color(px, py, pz):
+def _hair_color(px, py, pz, fw):
+    """Strand shading (multiplier) on the hair; the fine strands fade out where a pixel spans them."""
     # "diamond angle": monotone in the azimuth around the head (like atan2, far cheaper), ~radians
     d = px / (px.abs() + pz.abs() + 1e-6)
     ang = torch.where(pz >= 0.0, d, torch.where(px >= 0.0, 2.0 - d, -2.0 - d)) * (0.5 * math.pi)
     w = ang * 3.0 + 1.5 * torch.sin(py * 3.0 + ang)
-    return 0.9 + 0.07 * torch.sin(w * 9.0) + 0.04 * torch.sin(w * 19.0 + py * 7.0)
+    fine = (1.6 - fw * 60.0).clamp(0.0, 1.0)  # strand period ~0.1 head units: fade below ~3 px per period
+    return 0.9 + 0.07 * torch.sin(w * 9.0) + 0.04 * fine * torch.sin(w * 19.0 + py * 7.0)
 
 
 # ---------------------------------------------------------------------------------------- boxes
@@ -494,6 +506,21 @@ def _surface_z(p, x_far, y0, y1):
     return z - 0.04
 
 
+def _surface_zmax(p, x0, x1, y0, y1):
+    """An upper bound of the face surface's z over x0 <= x <= x1, y0 <= y <= y1, plus a margin."""
+    xn = torch.where((x0 < 0.0) & (x1 > 0.0), torch.zeros_like(x0), torch.minimum(x0.abs(), x1.abs()))
+    yn = torch.where((y0 < 0.0) & (y1 > 0.0), torch.zeros_like(y0), torch.minimum(y0.abs(), y1.abs()))
+    z = p["c1"] * (1.0 - (xn / p["a1"]) ** 2 - (yn / p["b1"]) ** 2).clamp(min=0.0).sqrt()
+    ym = p["ym"]
+    kmax = 1.0 + JAW_DROP / p["f"]("chin_length")
+    yj = torch.minimum(y1, ym)
+    for k in (1.0, kmax):
+        yc = ym + (p["y2"] - ym) * k
+        q = 1.0 - (xn / p["a2"]) ** 2 - ((torch.minimum(yj, yc) - yc) / (p["b2"] * k)) ** 2
+        z = torch.where(y0 < ym, torch.maximum(z, p["c2"] * q.clamp(min=0.0).sqrt()), z)
+    return z + 0.03
+
+
 def _eye_box(p, sx: float):
     """Everything the eyes group paints for the eye at x ~ sx: opening, lids, crease, lashes."""
     f = p["f"]
@@ -503,7 +530,7 @@ def _eye_box(p, sx: float):
     y0 = ey - 0.8 * eo - tilt - 0.012
     y1 = ey + 1.75 * eo + tilt + 0.035
     zf = _surface_z(p, torch.maximum(x0.abs(), x1.abs()), y0, y1)
-    return (x0, y0, zf), (x1, y1, p["c1"] + 0.02)
+    return (x0, y0, zf), (x1, y1, _surface_zmax(p, x0, x1, y0, y1))
 
 
 def _eye_window_box(p, sx: float):
@@ -517,7 +544,7 @@ def _eye_window_box(p, sx: float):
     y1 = torch.maximum(y1, f("eye_y") + f("brow_height") + f("brow_arch") + 0.065 * 1.25 + 0.02
                        + 0.6 * f("brow_thickness") * 1.15 + 0.01)
     zf = _surface_z(p, torch.maximum(x0.abs(), x1.abs()), y0, y1)
-    return (x0, y0, zf), (x1, y1, z1)
+    return (x0, y0, zf), (x1, y1, torch.maximum(z1, _surface_zmax(p, x0, x1, y0, y1)))
 
 
 def _mouth_box(p):
@@ -527,10 +554,10 @@ def _mouth_box(p):
     mw = f("mouth_width") * (1.0 + 0.2 * 1.1 + 0.12)
     full = 1.0 + 0.45 + 0.25 * 1.1
     op = _OPEN_JAW + _OPEN_ROUND
-    top = ym + 0.05 + _OPEN_UP * op + f("lip_upper") * full + 0.01
-    bottom = ym - op - f("lip_lower") * full - _CHIN_CREASE - 0.03 - 0.01
+    top = ym + _SMILE_LIFT + _OPEN_UP * op + f("lip_upper") * full + 0.01
+    bottom = ym - _FROWN_DROP - op - f("lip_lower") * full - _CHIN_CREASE - 0.028 - 0.012
     half = mw + 0.03
-    return (-half, bottom, _surface_z(p, half, bottom, top)), (half, top, torch.maximum(p["c1"], p["c2"]) + 0.02)
+    return (-half, bottom, _surface_z(p, half, bottom, top)), (half, top, _surface_zmax(p, -half, half, bottom, top))
 
 
 def _face_box(p):
@@ -643,25 +670,20 @@ def _win_head(p, size):
     return _screen_union(*bbs)
 
 
-def _win_body(p, size):
-    """Neck and shoulders live in body space (world = centre + scale * body, no rotation)."""
-    zero = torch.zeros_like(p["a1"])
+def _win_neck(p, size):
+    """The neck's box in body space (world = centre + scale * body, no rotation)."""
     nrx, nrz = p["neck_r"]
-    tc = p["torso_c"]
-    neck_box = (-nrx, tc[1], -0.1 - nrz), (nrx, torch.full_like(nrx, -0.25), -0.1 + nrz)
-    B = p["R"].shape[0]
-    eye = torch.eye(3, device=nrx.device).expand(B, 3, 3)
-    pb = dict(p, R=eye)
-    torso = _screen_ellipsoid(p, p["torso_c"], p["torso_ax"], size, body=True)
-    del zero
-    return _screen_union(torso, _screen_head_box(pb, neck_box, size))
+    box = (-nrx, p["torso_c"][1], -0.1 - nrz), (nrx, torch.full_like(nrx, -0.25), -0.1 + nrz)
+    eye = torch.eye(3, device=nrx.device).expand(p["R"].shape[0], 3, 3)
+    return _screen_head_box(dict(p, R=eye), box, size)
 
 
 _WINDOWS = {  # name: (pixel bounds, parent window)
     "head": (_win_head, None),
     "hair": (lambda p, s: _screen_ellipsoid(p, p["hair_c"], p["hair_ax"], s), None),
     "back": (lambda p, s: _screen_ellipsoid(p, p["back_c"], p["back_ax"], s), None),
-    "body": (_win_body, None),
+    "body": (lambda p, s: _screen_ellipsoid(p, p["torso_c"], p["torso_ax"], s, body=True), None),
+    "neck": (_win_neck, None),
     "face": (lambda p, s: _screen_head_box(p, _face_box(p), s), "head"),
     "mouth": (lambda p, s: _screen_head_box(p, _mouth_box(p), s), "head"),
     "eye_r": (lambda p, s: _screen_head_box(p, _eye_window_box(p, -1.0), s), "head"),
@@ -736,19 +758,19 @@ _WINDOW_CACHE: dict[int, dict[str, tuple[int, int]]] = {}
 
 def static_window_sizes(size: int) -> dict[str, tuple[int, int]]:
     """Fixed window sizes for the compiled renderer (whose shapes are fixed): large enough for the corpus'
-    identities (`sample_identity`) at the corners of the factor table's pose ranges, plus a margin. A batch
-    that needs more (unusual identities, poses beyond the table) is rendered eagerly instead."""
+    identities (`sample_identity`, 384 draws) at the corners of the factor table's pose ranges, plus a
+    margin. A batch that needs more (unusual identities or poses) is rendered eagerly instead."""
     if size in _WINDOW_CACHE:
         return _WINDOW_CACHE[size]
     rng = np.random.default_rng(0)
-    ids = [sample_identity(rng) for _ in range(96)]
+    ids = np.stack([sample_identity(rng) for _ in range(384)])
     lo, hi = _factors.ranges("pose")
-    poses = [(yw, pt, rl, tx, ty, hi[5]) for yw in (lo[0], 0.0, hi[0]) for pt in (lo[1], 0.0, hi[1])
-             for rl in (lo[2], 0.0, hi[2]) for tx in (lo[3], hi[3]) for ty in (lo[4], hi[4])]
-    ident = torch.as_tensor(np.repeat(np.stack(ids), len(poses), 0), dtype=torch.float32)
-    pose = torch.as_tensor(np.tile(np.array(poses, np.float32), (len(ids), 1)))
+    poses = np.array([(yw, pt, rl, tx, ty, hi[5]) for yw in (lo[0], hi[0]) for pt in (lo[1], 0.0, hi[1])
+                      for rl in (lo[2], hi[2]) for tx in (lo[3], hi[3]) for ty in (lo[4], hi[4])], np.float32)
+    ident = torch.as_tensor(np.repeat(ids, len(poses), 0), dtype=torch.float32)
+    pose = torch.as_tensor(np.tile(poses, (len(ids), 1)))
     with torch.no_grad():
-        out = _needed_windows(_derive(ident, pose), size, margin_px=6.0 + size / 32.0)
+        out = _needed_windows(_derive(ident, pose), size, margin_px=6.0 + size / 16.0)
     _WINDOW_CACHE[size] = out
     return out
 
@@ -777,6 +799,33 @@ def _shade(n, l, hv=None, amb=0.36, kd=0.74, ks=0.0):
     return s
 
 
+def _neck(p, u, v):
+    """The neck: a vertical elliptic cylinder in body space (x = 0, z = -0.1), cut above by the head.
+    Premultiplied layer and depth (ray parameter) at pixels u (B,1,w), v (B,h,1). The anti-aliasing
+    width is analytic so any window gives the same pixels."""
+    B = p["R"].shape[0]
+    ob = p["o_body"]
+    isc = p["inv_s"]
+    h, w = v.shape[1], u.shape[2]
+    dx, dy, dz = (u * (TAN * isc)).expand(B, h, w), (v * (TAN * isc)).expand(B, h, w), (-isc).expand(B, h, w)
+    nrx, nrz = p["neck_r"]
+    lw = p["light_world"]
+    ox, oz = ob[0] / nrx, (ob[2] + 0.1) / nrz
+    ndx, ndz = dx / nrx, dz / nrz
+    aa = ndx * ndx + ndz * ndz
+    bb = ox * ndx + oz * ndz
+    tc = -bb / aa
+    rn2 = (ox * ox + oz * oz + bb * tc).clamp(min=0.0)
+    tn = tc - ((1.0 - rn2).clamp(min=0.0) / aa).sqrt()
+    px, py, pz = ob[0] + tn * dx, ob[1] + tn * dy, ob[2] + tn * dz
+    nnx, nnz = px / (nrx * nrx), (pz + 0.1) / (nrz * nrz)
+    ndl = (nnx * lw[0] + nnz * lw[2]) * (nnx * nnx + nnz * nnz).clamp(min=1e-12).rsqrt()
+    shade = (0.3 + 0.62 * ((ndl + 0.3) / 1.3).clamp(min=0.0)) * (0.62 + 0.38 * _ss(-0.7, -1.1, py))
+    fw = (2.0 / p["size"]) * TAN * isc * tn / nrx
+    a = _cov(rn2.sqrt() - 1.0, fw) * _cov(py + 0.3, 0.05)
+    return _layer(p["skin"] * 0.97, shade, a), tn
+
+
 _TAU = 0.04  # soft depth-merge width (ray parameter) where nose and ears meet the face
 
 
@@ -789,6 +838,7 @@ def _render_core(u: torch.Tensor, v: torch.Tensor, pix: float, ident: torch.Tens
     p = _derive(ident, pose)
     B = ident.shape[0]
     S = u.shape[2]
+    p["size"] = S
     dev = ident.device
     f = p["f"]
     lh = p["light_head"]
@@ -818,7 +868,7 @@ def _render_core(u: torch.Tensor, v: torch.Tensor, pix: float, ident: torch.Tens
         a_back = (_cov(rbk - 1.0, _fwidth(rbk)) * _cov(bottom - Pb[1], foot * tbk + 0.02)
                   * _ss(0.25, 0.5, p["hair_len"]))
         out = w.over(out, _layer(p["hair"] * 0.8, _shade(nbk, lh, amb=0.35, kd=0.5)
-                                 * _hair_color(Pb[0], Pb[1], -Pb[2]), a_back))
+                                 * _hair_color(Pb[0], Pb[1], -Pb[2], foot * tbk), a_back))
 
     # ------------------------------------------------ body space: neck and shoulders (not rotated)
     wb = win("body")
@@ -834,28 +884,13 @@ def _render_core(u: torch.Tensor, v: torch.Tensor, pix: float, ident: torch.Tens
     tcol = p["cloth"] + (skin * 0.9 - p["cloth"]) * neckline.unsqueeze(1)
     out = wb.over(out, _layer(tcol, 0.32 + 0.7 * ((_dot(ns, lw) + 0.3) / 1.3).clamp(min=0.0),
                               _cov(rs - 1.0, _fwidth(rs))))
-    nrx, nrz = p["neck_r"]
-    ox_, oz_ = ob_[0] / nrx, (ob_[2] + 0.1) / nrz
-    dx_, dz_ = db_[0] / nrx, db_[2] / nrz
-    aa = dx_ * dx_ + dz_ * dz_
-    bb = ox_ * dx_ + oz_ * dz_
-    tcn = -bb / aa
-    rn2 = (ox_ * ox_ + oz_ * oz_ + bb * tcn).clamp(min=0.0)
-    rn = rn2.sqrt()
-    tn = tcn - ((1.0 - rn2).clamp(min=0.0) / aa).sqrt()
-    Pn = _point(ob_, db_, tn)
-    nnx, nnz = Pn[0] / (nrx * nrx), (Pn[2] + 0.1) / (nrz * nrz)
-    ndl = (nnx * lw[0] + nnz * lw[2]) * (nnx * nnx + nnz * nnz).clamp(min=1e-12).rsqrt()
-    neck_shade = (0.3 + 0.62 * ((ndl + 0.3) / 1.3).clamp(min=0.0)) * (0.62 + 0.38 * _ss(-0.7, -1.1, Pn[1]))
-    neck = _layer(skin * 0.97, neck_shade, _cov(rn - 1.0, _fwidth(rn)) * _cov(Pn[1] + 0.3, 0.05))
     # the neck meets the head by depth inside the head's window (the jaw hides the neck, the neck hides
     # the underside of the skull); outside it, it is simply composited
     wh = win("head")
-    in_head = (((wb.cols >= wh.x0.view(B, 1)) & (wb.cols < (wh.x0 + wh.w).view(B, 1))).view(B, 1, -1)
-               & ((wb.rows >= wh.y0.view(B, 1)) & (wb.rows < (wh.y0 + wh.h).view(B, 1))).view(B, -1, 1))
-    neck_full = (wb.put(torch.zeros(B, 3, S, S, device=dev), neck[0]), wb.put(torch.zeros(B, 1, S, S, device=dev),
-                                                                               neck[1]))
-    neck_t = wb.put(torch.full((B, S, S), 1e4, device=dev), tn)
+    wn = win("neck")
+    neck, _ = _neck(p, wn.u, wn.v)
+    in_head = (((wn.cols >= wh.x0.view(B, 1)) & (wn.cols < (wh.x0 + wh.w).view(B, 1))).view(B, 1, -1)
+               & ((wn.rows >= wh.y0.view(B, 1)) & (wn.rows < (wh.y0 + wh.h).view(B, 1))).view(B, -1, 1))
     neck = (neck[0] * (~in_head).unsqueeze(1), neck[1] * (~in_head).unsqueeze(1))
 
     # ------------------------------------------------ hair shell: inner (exit) hits now, front hits last
@@ -871,13 +906,14 @@ def _render_core(u: torch.Tensor, v: torch.Tensor, pix: float, ident: torch.Tens
     nf = _normal(Pf, hc, ha)
     sheen = 1.0 + 0.25 * _bump(((Pf[1] - hc[1] - 0.55 * ha[1]) / (0.18 * ha[1])) ** 2) * nf[2].clamp(0.0, 1.0)
     a_front = a_shell * _hair_mask(Pf[0], Pf[1], Pf[2], hair_fw, p)
-    hair_col = p["hair"] * (_shade(nf, lh, amb=0.4, kd=0.7) * _hair_color(Pf[0], Pf[1], Pf[2]) * sheen).unsqueeze(1)
+    hair_shade = _shade(nf, lh, amb=0.4, kd=0.7) * _hair_color(Pf[0], Pf[1], Pf[2], hair_fw) * sheen
+    hair_col = p["hair"] * hair_shade.unsqueeze(1)
     # first hits low on the back half of the shell (long hair seen from below / beside the neck) hang
     # behind the neck and the head
     front_side = 1.0 - _ss(0.05, -0.1, Pf[2]) * _ss(p["ym"] + 0.15, p["ym"] - 0.05, Pf[1])
     out = whr.over(out, _layer(hair_col, None, a_front * (1.0 - front_side)))
     hair_front = _layer(hair_col, None, a_front * front_side)
-    out = wb.over(out, neck)
+    out = wn.over(out, neck)
 
     # ------------------------------------------------ head: E1 above the lip line, E2 (jaw) below
     dh, view, hv = _head_rays(p, wh.u, wh.v)
@@ -969,8 +1005,8 @@ def _render_core(u: torch.Tensor, v: torch.Tensor, pix: float, ident: torch.Tens
 
     # ------------------------------------------------ composition of the head and the hair in front of it
     under = wh.get(out)
-    nk = (wh.get(neck_full[0]), wh.get(neck_full[1]))
-    w_neck = ((th - wh.get(neck_t)) / _TAU * 0.5 + 0.5).clamp(0.0, 1.0).unsqueeze(1)  # 1: the neck is in front
+    nk, neck_t = _neck(p, wh.u, wh.v)
+    w_neck = ((th - neck_t) / _TAU * 0.5 + 0.5).clamp(0.0, 1.0).unsqueeze(1)  # 1: the neck is in front
     head_first = _over(face, _over(nk, (under, torch.ones_like(nk[1]))))[0]
     neck_first = _over(nk, _over(face, (under, torch.ones_like(nk[1]))))[0]
     out = wh.put(out, head_first + (neck_first - head_first) * w_neck)
@@ -1007,28 +1043,44 @@ def _jaw_hit(p, o, d, m) -> torch.Tensor:
     return below & (r < 1.0)
 
 
-def _region(p, group: str, o, d, m) -> torch.Tensor:
-    def boxes_hit(boxes):
-        hit = None
-        for lo, hi in boxes:
-            h = _box_hit(o, d, tuple(x - m for x in lo), tuple(x + m for x in hi))
-            hit = h if hit is None else hit | h
-        return hit
+def _region(p, group: str, o, d, pix: float) -> torch.Tensor:
+    """Pixels whose colour may depend on `group`. Texture: the renderer paints a feature at the cranium's
+    hit point (x, y) of a ray (or its closest approach near the silhouette), so a ray counts when that
+    point lies in the feature's box (grown by a few pixel footprints). Rays that the renderer shades with
+    the jaw (below the lip line) count for the mouth group when they pass near the jaw's fully open
+    ellipsoid, and for expression too (its texture reaches below the lip line)."""
+    zero = torch.zeros_like(p["a1"])
+    e1 = (p["a1"], p["b1"], p["c1"])
+    t1, _, _, r1 = _ellipsoid(o, d, (zero, zero, zero), e1)
+    x, y = o[0] + t1 * d[0], o[1] + t1 * d[1]
+    foot = pix * TAN * p["inv_s"] * t1  # head units per pixel at the hit
+    m = 3.5 * foot + 0.01  # the texture's anti-aliasing reaches ~1 footprint / sqrt(n.v) beyond its shapes
+    upper = (y >= p["ym"] - m) & (r1 < 1.0 + 3.0 * foot / torch.minimum(p["a1"], p["c1"]))
 
+    def in_boxes(boxes):
+        hit = torch.zeros_like(upper)
+        for lo, hi in boxes:
+            hit = hit | ((x > lo[0] - m) & (x < hi[0] + m) & (y > lo[1] - m) & (y < hi[1] + m))
+        return hit & upper
+
+    m3 = 3.0 * pix * TAN * CAM_Z * p["inv_s"] + 0.005
     if group == "eyes":
-        return boxes_hit([_eye_box(p, -1.0), _eye_box(p, 1.0)])
+        return in_boxes([_eye_box(p, -1.0), _eye_box(p, 1.0)])
     if group == "mouth":
-        return boxes_hit([_mouth_box(p)]) | _jaw_hit(p, o, d, m)
+        return in_boxes([_mouth_box(p)]) | _jaw_hit(p, o, d, m3)
     # expression: face texture, brows + eyes (squint), mouth corners
-    return boxes_hit([_face_box(p), _eye_window_box(p, -1.0), _eye_window_box(p, 1.0), _mouth_box(p)])
+    return (in_boxes([_face_box(p), _eye_window_box(p, -1.0), _eye_window_box(p, 1.0), _mouth_box(p)])
+            | _jaw_hit(p, o, d, m3))
 
 
 # ---------------------------------------------------------------------------------------- API
 class FaceRenderer:
     """Batched procedural face renderer. See the module docstring for geometry and conventions.
 
-    `compile=True` wraps the per-pixel core in `torch.compile` (the first call per batch size compiles,
-    tens of seconds); eager is the default and the fallback if compilation fails.
+    `compile=True` wraps the core in `torch.compile` with fixed window sizes (`static_window_sizes`): the
+    first call per batch size compiles (1.5-3 minutes on the 2-core CPU machine), batches whose windows do
+    not fit those sizes and any compilation failure fall back to eager (`last_path` says which ran).
+    Eager is the default. Small renders on a busy machine run faster with `torch.set_num_threads(1)`.
     """
 
     def __init__(self, size: int = 256, device: str | torch.device = "cpu", compile: bool = False):
@@ -1045,6 +1097,7 @@ class FaceRenderer:
         self._high = torch.as_tensor(IDENTITY_HIGH, device=self.device)
         self._core = _render_core
         self.compiled = False
+        self.last_path = ""  # "eager" or "compiled": how the last batch was rendered
         if compile:
             try:
                 self._wins = static_window_sizes(s)
@@ -1074,7 +1127,8 @@ class FaceRenderer:
             raise InputError(f"{group}: expected shape (B, {D}), got {tuple(t.shape)}")
         t = torch.where(torch.isnan(t), neutral, t)
         lo, hi = CLAMP_RANGES[group]
-        return torch.minimum(torch.maximum(t, torch.tensor(lo, device=self.device)), torch.tensor(hi, device=self.device))
+        lo_t, hi_t = torch.tensor(lo, device=self.device), torch.tensor(hi, device=self.device)
+        return torch.minimum(torch.maximum(t, lo_t), hi_t)
 
     def _identity(self, x) -> torch.Tensor:
         t = self._tensor(x, "identity")
@@ -1114,10 +1168,13 @@ class FaceRenderer:
         wins = _needed_windows(_derive(args[0], args[1]), self.size)
         if self.compiled and all(wins[k][0] <= self._wins[k][0] and wins[k][1] <= self._wins[k][1] for k in wins):
             try:
-                return self._core(self._u, self._v, self._pix, *args, self._wins, True)
+                out = self._core(self._u, self._v, self._pix, *args, self._wins, True)
+                self.last_path = "compiled"
+                return out
             except Exception:  # pragma: no cover - depends on the toolchain
                 self._core, self.compiled = _render_core, False  # the compiled path failed: eager from now on
         with_back = bool((args[0][:, FIELD_INDEX["hair_length"]] > 0.25).any())
+        self.last_path = "eager"
         return _render_core(self._u, self._v, self._pix, *args, wins, with_back)
 
     @torch.no_grad()
@@ -1134,8 +1191,6 @@ class FaceRenderer:
             return torch.ones(B, 1, S, S, dtype=torch.bool, device=self.device)
         p = _derive(ident, pose_t)
         dh = tuple(cu * self._u + (cv * self._v + c0) for (cu, cv, c0) in p["d_head_coef"])
-        # margin: a few pixel footprints at the face's depth (edges are anti-aliased over ~1-2 of them)
-        m = 3.0 * self._pix * TAN * CAM_Z * p["inv_s"] + 0.005
-        hit = _region(p, group, p["o_head"], dh, m)
+        hit = _region(p, group, p["o_head"], dh, self._pix)
         # one more pixel of dilation for screen-space anti-aliasing of silhouettes
         return torch.nn.functional.max_pool2d(hit.float().unsqueeze(1), 3, 1, 1) > 0.5
