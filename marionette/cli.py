@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def _corpus_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive_int, default=256, help="frame size in pixels (multiple of 8)")
     p.add_argument("--fps", type=_positive_int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel clip workers (processes)")
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                   help="parallel clip worker processes, one render thread each (default: one per core)")
     p.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     return p

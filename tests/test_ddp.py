@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 WORKER = textwrap.dedent('''
     import os, sys
@@ -68,7 +67,8 @@ def test_torchrun_two_cpu_processes_gloo(small_corpus, tmp_path):
             assert (tmp_path / f"{stage}.rank{r}.world").read_text() == f"{r} 2"
         a = np.load(tmp_path / f"{stage}.rank0.npy")
         b = np.load(tmp_path / f"{stage}.rank1.npy")
-        assert a.shape == b.shape and np.array_equal(a, b), f"{stage}: ranks diverged (max |diff| {np.abs(a - b).max()})"
+        assert a.shape == b.shape and np.array_equal(a, b), \
+            f"{stage}: ranks diverged (max |diff| {np.abs(a - b).max()})"
     # metrics are logged once (rank 0), averaged over ranks, for every step of every stage
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in recs] == [(s, i) for s in ("motion", "factors", "expression", "idle")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig
 from engine.errors import InputError
 from trainer import config as C
 from trainer import losses as L
@@ -201,12 +200,12 @@ def test_tiny_trains_every_stage_end_to_end(small_corpus, tmp_path, one_thread):
                              ckpt_every=25, seed=0, progress=False, device="cpu"))
     assert ckpt == run / "checkpoint"
     recs = _records(run)
-    k = 5
+    k = 10  # mean of the first vs the last 10 steps (per-step losses vary +-30% with the pairs drawn)
     for stage, keys in MAIN_LOSSES.items():
         vals = _stage_sums(recs, stage, keys)
         assert len(vals) == C.preset("tiny").stage(stage).steps
         first, last = sum(vals[:k]) / k, sum(vals[-k:]) / k
-        assert last < 0.97 * first, f"{stage}: {'+'.join(keys)} did not fall ({first:.4f} -> {last:.4f})"
+        assert last < 0.9 * first, f"{stage}: {'+'.join(keys)} did not fall ({first:.4f} -> {last:.4f})"
         assert all(math.isfinite(r["loss"]) for r in recs if r["stage"] == stage)
         assert all(r["steps_per_s"] > 0 for r in recs if r["stage"] == stage)
 
@@ -226,6 +225,10 @@ def test_tiny_trains_every_stage_end_to_end(small_corpus, tmp_path, one_thread):
     src = LearnedIdleSource(idle, seed=0)
     pose = src.latents(0, 40, "pose")
     assert pose.shape == (40, 6) and np.isfinite(pose).all() and pose.std(0).max() > 0
+    from engine.composer import MotionComposer
+
+    z = MotionComposer(model.cfg.latents, {"pose": src, "eye": src}).compose_batch(0, 40)
+    assert z.shape == (40, model.cfg.latents.total) and np.array_equal(z[:, model.cfg.latents.slices()["pose"]], pose)
     # trainer state for every stage, without pickle
     for stage in C.STAGES:
         assert (run / "state" / f"{stage}.safetensors").is_file()

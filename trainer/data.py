@@ -245,7 +245,8 @@ class ClipStore:
 
     def __init__(self, cfg: ModelConfig, cache_dir: Path | None = None, lru: int = 16):
         self.cfg = cfg
-        self.cache_dir = None if cache_dir is None else Path(cache_dir) / f"v{CACHE_VERSION}_{cfg.image_size}px_{cfg.mel_window}w"
+        sub = f"v{CACHE_VERSION}_{cfg.image_size}px_{cfg.mel_window}w"
+        self.cache_dir = None if cache_dir is None else Path(cache_dir) / sub
         self.lru = max(1, int(lru))
         self._mem: OrderedDict[str, Clip] = OrderedDict()
 
@@ -292,8 +293,8 @@ class ClipStore:
         fps_arg = None if abs(fps - self.cfg.fps) < 1e-6 else fps
         windows = mel_windows(torch.from_numpy(np.asarray(mel)), self.cfg, n, fps=fps_arg).numpy()
         ident = _identity_params(ref) if factors is not None else None
-        return Clip(ref=ref, frames=frames[:n], mel=np.asarray(mel), windows=windows, active=np.asarray(active[:n], bool),
-                    fps=fps, factors=factors, identity_params=ident)
+        return Clip(ref=ref, frames=frames[:n], mel=np.asarray(mel), windows=windows,
+                    active=np.asarray(active[:n], bool), fps=fps, factors=factors, identity_params=ident)
 
 
 # ===================================================================================== augmentation

@@ -44,6 +44,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owned: bool = False  # this module created the process group (and destroys it at the end of `train`)
 
     @property
     def main(self) -> bool:
@@ -62,10 +63,11 @@ def init_distributed(device: str) -> Dist:
         return Dist()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return Dist(rank=rank, world=world, local_rank=local)
+    return Dist(rank=rank, world=world, local_rank=local, owned=owned)
 
 
 def barrier(d: Dist) -> None:

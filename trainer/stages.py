@@ -10,7 +10,8 @@ which forces these deviations from the paper:
    + D feature matching (+ VGG19 if the user gives weights) + the motion-reconstruction loss of Eq. 1 with
    the factor oracle's embedding standing in for the 3D face / emotion networks; without an oracle, the
    features of E_mot itself with its weights detached (gradients reach only the image) -- a weaker,
-   self-referential stand-in.
+   self-referential stand-in. Either way the term is an L1 relative to the batch spread of the target's
+   features (scale-free; blind to the constant part of the features).
 2. factors (PD-FGC 3.2): E_mot (and E_app) frozen as in the paper; E_lip / E_aud by InfoNCE whose negatives
    are unsynced windows (and their frames, for the audio->video direction) of the same clip; E_eye by the
    eye-region-swap InfoNCE (anchor = frame b with the eye region of frame c; positive c, negative b); E_pose
@@ -330,7 +331,8 @@ class IdleStage(StageModule):
 
 
 @torch.no_grad()
-def pseudo_motion_table(model: Marionette, store, clips, device: torch.device, batch: int = 64) -> dict[str, np.ndarray]:
+def pseudo_motion_table(model: Marionette, store, clips, device: torch.device,
+                        batch: int = 64) -> dict[str, np.ndarray]:
     """Idle-stage targets for clips without factor tables: {clip key: (T, 10) E_pose + E_eye[:4] of every
     frame} (the heads regress physical units, so these are in the units of the factor tables)."""
     from trainer.data import to_float

@@ -212,6 +212,8 @@ def train(cfg: TrainConfig) -> Path:
             meta = dict(state[1].get("meta", {}))
         elif model is None:
             model, meta = _initial_model(cfg, run, stage, mcfg)
+        if state is None and stage in ("motion", "factors", "expression"):
+            meta.pop("expression_presets", None)  # they depend on E_mot / E_exp: recomputed after `expression`
         model.to(dev)
         model.requires_grad_(False)
         for name in TRAINS[stage]:
@@ -285,7 +287,7 @@ def train(cfg: TrainConfig) -> Path:
             run.mark_done(stage)
         barrier(d)
         model.requires_grad_(False)
-    if d.enabled:
+    if d.owned:
         import torch.distributed as dist
 
         barrier(d)
