@@ -5,13 +5,14 @@
 Runs every stage in order into a temporary run directory (each stage starts from the previous one's
 checkpoint), N steps each, and takes the median step time over steps 2..N (the first step pays for
 start-up). Without --data it generates a small corpus (2 identities x 1 clip of 6 s at 64 px; clips are
-resized to each config's image size). Prints a table and writes benchmarks/results/train_speed.json.
+resized to each config's image size). Prints a table and writes benchmarks/results/train_speed[_TAG].json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -63,17 +64,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tag", default="", help="suffix of the result file (train_speed_<tag>.json)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as td:
         data = a.data or _corpus(Path(td))
         res = {c: bench(c, data, a.steps or STEPS.get(c, 3), a.batch, a.workers, a.device) for c in a.configs}
-    doc = {"machine": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
+    doc = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "load_avg_1min": os.getloadavg()[0],
            "torch": torch.__version__, "device": a.device, "batch_override": a.batch, "results": res,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "train_speed.json"
+    path = RESULTS / (f"train_speed_{a.tag}.json" if a.tag else "train_speed.json")
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}")
 
