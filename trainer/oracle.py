@@ -80,16 +80,20 @@ def flat_factors(groups: Mapping[str, Any]) -> np.ndarray:
 @dataclass(frozen=True)
 class OracleNetConfig:
     """size: the frame size the oracle works at (inputs of any square size are resized to it);
-    channels: widths of the stride-2 stages after a full-resolution stem; embed_dim: `features` size."""
+    channels: widths of the stride-2 stages after the stem; embed_dim: `features` size; stem_stride: the
+    stem's stride (1 at 128 px; 2 at 256 px reads the native corpus frames for about the same compute)."""
 
     size: int = 128
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)
     embed_dim: int = 256
+    stem_stride: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.size, int) or self.size < 32 or self.size % (2 ** len(self.channels)):
-            raise InputError(f"oracle size must be an integer >= 32 divisible by {2 ** len(self.channels)}, "
-                             f"got {self.size!r}")
+        k = self.stem_stride * 2 ** len(self.channels)
+        if not isinstance(self.size, int) or self.size < 32 or self.size % k:
+            raise InputError(f"oracle size must be an integer >= 32 divisible by {k}, got {self.size!r}")
+        if self.stem_stride not in (1, 2, 4):
+            raise InputError(f"oracle stem_stride must be 1, 2 or 4, got {self.stem_stride!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OracleNetConfig":
@@ -122,13 +126,13 @@ class FactorOracle(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch = cfg.channels
-        layers = [_conv(3, ch[0], 1)]
+        layers = [_conv(3, ch[0], cfg.stem_stride)]
         cin = ch[0]
         for c in ch:
             layers += [_conv(cin, c, 2), _conv(c, c, 1)]
             cin = c
         self.body = nn.Sequential(*layers)
-        side = cfg.size // 2 ** len(ch)
+        side = cfg.size // (cfg.stem_stride * 2 ** len(ch))
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.embed_dim), nn.SiLU())
         self.head = nn.Linear(cfg.embed_dim, N_OUT)
         self.register_buffer("low", torch.from_numpy(LOW.copy()), persistent=False)
@@ -274,7 +278,7 @@ def sample_factors(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per-sample appearance augmentation of (B, 3, S, S) frames in [0, 1] that keeps every factor:
-    down/up-sampling blur (to x0.4 .. x0.85, 60 %), Gaussian noise (sd <= 0.03), brightness/contrast (+-12 %)."""
+    down/up-sampling blur (to x0.6 .. x0.9, 35 %; stronger blur hides the iris at 128 px), Gaussian noise (sd <= 0.03), brightness/contrast (+-12 %)."""
     B, _, S, _ = x.shape
     dev = x.device
 
@@ -282,9 +286,9 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return torch.rand(*shape, generator=gen, device=dev)
 
     out = x.clone()
-    levels = (0.4, 0.55, 0.7, 0.85)
+    levels = (0.6, 0.7, 0.8, 0.9)
     level = (u(B) * len(levels)).long().clamp(max=len(levels) - 1)
-    blur = u(B) < 0.6
+    blur = u(B) < 0.35
     for j, sc in enumerate(levels):
         idx = torch.nonzero(blur & (level == j)).flatten()
         if len(idx):
@@ -369,7 +373,8 @@ def accuracy(pred: np.ndarray, truth: np.ndarray, baseline: np.ndarray | None = 
 class OracleConfig:
     """Training of the factor oracle (`train_oracle`).
 
-    data: corpus directory (its train split supplies decoded frames, its val split, else test, the
+    size: the oracle's input size (128: CPU-friendly; 256: the corpus' native detail, for a GPU, with a
+    stride-2 stem). data: corpus directory (its train split supplies decoded frames, its val split, else test, the
     held-out accuracy); None trains on rendered frames only. out: directory written (oracle.safetensors +
     oracle.json). render_fraction: share of each batch rendered fresh by FaceRenderer (at `render_size`,
     default `size`); the rest are corpus train frames (all rendered when there is no train split).
@@ -444,10 +449,10 @@ def corpus_frames(data: Path, splits: Iterable[str], max_frames: int, size: int,
 
 
 @torch.no_grad()
-def rendered_frames(n: int, size: int, render_size: int, device, seed: int,
-                    batch: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+def rendered_frames(n: int, size: int, render_size: int, device, seed: int, batch: int = 64,
+                    uint8: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """n frames rendered from `sample_factors` and fresh identities (seeded) at `render_size`, resized to
-    `size`: (frames (n, 3, size, size) on `device`, truth (n, N_OUT))."""
+    `size`: (frames (n, 3, size, size) on `device`, float in [0, 1] or uint8, truth (n, N_OUT))."""
     from tqdm import tqdm
 
     from trainer.corpus.face import FaceRenderer, sample_identity
@@ -459,11 +464,12 @@ def rendered_frames(n: int, size: int, render_size: int, device, seed: int,
         k = min(batch, n - i)
         fac = sample_factors(rng, k)
         ident = np.stack([sample_identity(rng) for _ in range(k)])
-        frames.append(resize_frames(renderer.render(ident, fac["pose"], fac["eyes"], fac["mouth"],
-                                                    fac["expression"]), size))
+        x = resize_frames(renderer.render(ident, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"]), size)
+        frames.append(x.mul(255.0).round_().to(torch.uint8) if uint8 else x)
         truth.append(flat_factors(fac))
     if not frames:
-        return torch.zeros(0, 3, size, size, device=device), np.zeros((0, N_OUT), np.float32)
+        return (torch.zeros(0, 3, size, size, device=device, dtype=torch.uint8 if uint8 else torch.float32),
+                np.zeros((0, N_OUT), np.float32))
     return torch.cat(frames), np.concatenate(truth)
 
 
@@ -486,7 +492,7 @@ def train_oracle(cfg: OracleConfig) -> Path:
     from trainer.corpus.face import FaceRenderer, sample_identity
 
     device = torch.device(cfg.device)
-    net_cfg = OracleNetConfig(size=cfg.size)
+    net_cfg = OracleNetConfig(size=cfg.size, stem_stride=2 if cfg.size >= 256 else 1)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         oracle = FactorOracle(net_cfg).to(device)
@@ -504,8 +510,8 @@ def train_oracle(cfg: OracleConfig) -> Path:
     pool = cfg.render_pool if cfg.render_pool is not None else (0 if device.type == "cuda" else 16384)
     pool_f, pool_y = None, None
     if n_render and pool > 0:
-        pool_f, t = rendered_frames(pool, cfg.size, cfg.render_size or cfg.size, device, seed=cfg.seed)
-        pool_f = pool_f.mul(255.0).round_().to(torch.uint8)  # a quarter of the memory
+        pool_f, t = rendered_frames(pool, cfg.size, cfg.render_size or cfg.size, device, seed=cfg.seed,
+                                    uint8=True)  # a quarter of the memory of float frames
         pool_y = torch.from_numpy((t - LOW) / RANGE).to(device)
         log.info("oracle: rendered a pool of %d frames", len(pool_f))
     real_f = real_f.to(device) if n_real else real_f
