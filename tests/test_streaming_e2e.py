@@ -58,11 +58,16 @@ def test_speech_moves_the_mouth_and_silence_rests_it(server):
     ends = speech_ends(r)
     assert len(ends) == 2
     # The mouth state only changes at frame ticks (40 ms apart at 25 fps), so the first closed frame
-    # can fall up to one frame period after the 100 ms mark.
+    # can fall up to one frame period after the 100 ms mark. "Shut" is judged against the open mouth:
+    # the received video is VP8, which after a large change refines the picture over a few frames
+    # (a shut mouth reads ~3 grey levels from rest at first, then ~1.7), while an open mouth reads
+    # ~10x that; a mouth still half open would stay far above a fifth of it.
+    shut = 0.2 * dev[sp].mean()
     for e in ends:
         after = (mv > e + 0.10 + 0.02 + 0.04) & (mv < e + 0.6)
         assert after.sum() >= 2
-        assert dev[after].max() < 3, f"mouth still open {mv[after][dev[after] >= 3][-1] - e:.3f} s after speech"
+        assert dev[after].max() < shut, f"mouth still open {mv[after][dev[after] >= shut][-1] - e:.3f} s after speech"
+        assert dev[after][-3:].max() < 3  # and settles at rest
     st = r["stats"]
     assert st["onset_latency_ms"]["n"] >= 2 and st["speaking"] is False
 
