@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,24 +195,26 @@ def load_idle_model(checkpoint_dir: Path | None, meta: dict | None = None,
 class LearnedIdleSource(Source):
     """Pose and eye latents from an `IdleMotionModel`, a composer `Source` like `IdleSource`.
 
-    Feed audio as log-mel frames (`push_mel`, any number of rows at a time: offline the whole `log_mel`,
-    live what `MelStream` emits); frame i uses the mean of mel frames [i*k, (i+1)*k) (k = mel per frame).
-    Frames are generated in order, once, and cached, with a generator seeded by `seed`; a frame asked for
-    before its audio arrived is generated with silence (like `IdleSource`, which treats missing energy as
-    silence). `reference`: optional (motion (T,10) in latent units, mel (T, n_mels)) that sets the style;
-    else the model's mean training style.
+    Feed audio either as log-mel rows (`push_mel`, any number at a time: offline the whole `log_mel`, live
+    what `MelStream` emits; frame i uses the mean of mel rows [i*k, (i+1)*k), k = mel per frame) or, when
+    the caller knows which rows belong to which video frame (the live server), as one mean row per frame
+    (`push_frame_mel`). Frames are generated in order, once, with a generator seeded by `seed`; a frame
+    asked for before its audio arrived is generated with silence (like `IdleSource`, which treats missing
+    energy as silence). Memory is bounded: consumed audio is dropped and only the last `history` frames
+    of motion are kept (asking for older frames is an error). `reference`: optional (motion (T,10) in
+    latent units, mel (T, n_mels)) that sets the style; else the model's mean training style.
     """
 
     factors = ("pose", "eye")
 
     def __init__(self, model: IdleMotionModel, seed: int = 0, reference=None, temperature: float = 1.0,
-                 log_floor: float = 1e-5):
+                 log_floor: float = 1e-5, history: int = 4096):
         self.model = model.eval()
         self.cfg = model.cfg
         self.temperature = float(temperature)
+        self.history = max(1, int(history))
         self._gen = torch.Generator().manual_seed(int(seed))
         self._silence = math.log(log_floor)
-        self._mel = np.zeros((0, self.cfg.n_mels), np.float32)
         p = next(model.parameters())
         self._dev = p.device
         with torch.no_grad():
@@ -223,21 +226,46 @@ class LearnedIdleSource(Source):
                 self._style = model.default_style.unsqueeze(0).to(self._dev)
             self._h = model.initial_state(self._style)
         self._prev = torch.zeros(1, MOTION_DIM, device=self._dev)
-        self._out = np.zeros((0, MOTION_DIM), np.float32)
+        n = self.cfg.n_mels
+        self._rows = np.zeros((0, n), np.float32)  # raw mel rows not yet grouped into a frame
+        self._feat: deque[np.ndarray] = deque()  # per-frame mean mel of frames _feat_base, _feat_base + 1, ...
+        self._feat_base = 0
+        self._out = np.zeros((0, MOTION_DIM), np.float32)  # motion of frames _out_base .. _out_base + len - 1
+        self._out_base = 0
+
+    @property
+    def _n_done(self) -> int:
+        return self._out_base + len(self._out)
 
     def push_mel(self, mel) -> None:
+        """Log-mel rows (n, n_mels) continuing the stream; every k rows make one frame's audio."""
         m = np.asarray(mel, np.float32).reshape(-1, self.cfg.n_mels)
-        self._mel = np.concatenate([self._mel, m]) if len(self._mel) else m.copy()
+        rows = np.concatenate([self._rows, m]) if len(self._rows) else m
+        k = self.cfg.mel_per_frame
+        n = len(rows) // k
+        if n:
+            self.push_frame_mel(rows[:n * k].reshape(n, k, -1).mean(1))
+        self._rows = rows[n * k:].copy()
+
+    def push_frame_mel(self, frame_mel) -> None:
+        """One mean log-mel row per video frame (n, n_mels), continuing from the last frame pushed."""
+        for r in np.asarray(frame_mel, np.float32).reshape(-1, self.cfg.n_mels):
+            if self._feat_base + len(self._feat) < self._n_done:  # that frame was already generated silent
+                self._feat_base += 1
+                continue
+            self._feat.append(r)
 
     def _frame_mel(self, i: int) -> np.ndarray:
-        k = self.cfg.mel_per_frame
-        seg = self._mel[i * k:(i + 1) * k]
-        if len(seg) == 0:
-            return np.full(self.cfg.n_mels, self._silence, np.float32)
-        return seg.mean(0)
+        while self._feat and self._feat_base < i:  # drop audio of frames already generated
+            self._feat.popleft()
+            self._feat_base += 1
+        if self._feat and self._feat_base == i:
+            self._feat_base += 1
+            return self._feat.popleft()
+        return np.full(self.cfg.n_mels, self._silence, np.float32)
 
     def _ensure(self, last: int) -> None:
-        n0 = len(self._out)
+        n0 = self._n_done
         if last < n0:
             return
         rows = []
@@ -249,7 +277,9 @@ class LearnedIdleSource(Source):
                 self._prev[:, 6:10].clamp_(-1.0, 1.0)
                 self._prev[:, 8:10].clamp_(0.0, 1.0)
                 rows.append(self._prev[0].cpu().numpy())
-        self._out = np.concatenate([self._out, np.stack(rows)]) if n0 else np.stack(rows)
+        out = np.concatenate([self._out, np.stack(rows)])
+        drop = max(0, len(out) - self.history)
+        self._out, self._out_base = out[drop:], self._out_base + drop
 
     def motion(self, start: int, n: int) -> np.ndarray:
         """(n, 10) motion values of frames start .. start + n - 1 (negative frames: canonical)."""
@@ -257,9 +287,11 @@ class LearnedIdleSource(Source):
             return np.zeros((0, MOTION_DIM), np.float32)
         self._ensure(start + n - 1)
         idx = np.arange(start, start + n)
-        out = np.zeros((n, MOTION_DIM), np.float32)
         ok = idx >= 0
-        out[ok] = self._out[idx[ok]]
+        if ok.any() and idx[ok].min() < self._out_base:
+            raise ValueError(f"frame {int(idx[ok].min())} is older than the {self.history} frames kept")
+        out = np.zeros((n, MOTION_DIM), np.float32)
+        out[ok] = self._out[idx[ok] - self._out_base]
         return out
 
     def latents(self, start: int, n: int, factor: str | None = None) -> np.ndarray:

@@ -213,6 +213,27 @@ class RenderJob:
     meta: dict
 
 
+def learned_idle_source(meta: dict, mcfg, fps: int, seed: int = 0, mel=None):
+    """The checkpoint's learned idle motion (`engine.idle_model.LearnedIdleSource`, fed `mel` when given)
+    when it has one that fits (same fps and mel bands), else None (the caller keeps the procedural
+    `IdleSource`). Logs which one runs."""
+    from engine.idle_model import LearnedIdleSource, load_idle_model
+
+    model = load_idle_model(meta.get("checkpoint"), meta)
+    if model is None:
+        log.info("idle motion: procedural (the checkpoint has no learned idle model)")
+        return None
+    if model.cfg.fps != int(fps) or model.cfg.n_mels != mcfg.audio.n_mels:
+        log.warning("idle motion: procedural (the checkpoint's idle model runs at %d fps on %d mel bands, "
+                    "not %d fps on %d)", model.cfg.fps, model.cfg.n_mels, int(fps), mcfg.audio.n_mels)
+        return None
+    src = LearnedIdleSource(model, seed=seed, log_floor=mcfg.audio.log_floor)
+    if mel is not None:
+        src.push_mel(np.asarray(mel, np.float32))
+    log.info("idle motion: the checkpoint's learned model")
+    return src
+
+
 def prepare_render(cfg: RenderConfig) -> RenderJob:
     """Validate the inputs, load the model, the avatar and the audio, run E_aud (and E_mot on driving
     videos) and build the per-frame `MotionComposer`."""
@@ -254,18 +275,20 @@ def prepare_render(cfg: RenderConfig) -> RenderJob:
     # lips: mel -> one window per video frame -> E_aud, gated closed where the audio is silent
     active = voice_activity(samples, fps, SAMPLE_RATE, n_frames=n_frames)
     energy = frame_energy(samples, fps, SAMPLE_RATE, n_frames=n_frames)
+    mel = log_mel(samples, mcfg.audio)
     if not active.any():
         log.info("the audio is silent: rendering the idle face for %.2f s", duration)
         lip = np.zeros((n_frames, lat_cfg.lip), np.float32)
     else:
-        mel = log_mel(samples, mcfg.audio)
         lip = np.concatenate([
             np.asarray(rt.encode_audio(mel_windows(mel, mcfg, min(AUDIO_BATCH, n_frames - s), fps=fps, start=s)),
                        np.float32)
             for s in range(0, n_frames, AUDIO_BATCH)])
 
     # the other factors: a driving video (each file encoded once), else idle motion / preset / canonical
-    idle = IdleSource(seed=cfg.seed, fps=fps, energy=energy)
+    idle = learned_idle_source(meta, mcfg, fps, seed=cfg.seed, mel=mel)
+    if idle is None:
+        idle = IdleSource(seed=cfg.seed, fps=fps, energy=energy)
     driving: dict[Path, dict[str, np.ndarray]] = {}
 
     def video_source(path: Path, factor: str):

@@ -29,7 +29,7 @@ class SessionMotion:
     POSE_TRANSITION_S = 0.2
     GAZE_TRANSITION_S = 0.08
 
-    def __init__(self, cfg, presets, fps: int, seed: int = 0, mel_ring: int = 2048):
+    def __init__(self, cfg, presets, fps: int, seed: int = 0, mel_ring: int = 2048, idle_model=None):
         from engine.audio import MelStream
         from engine.composer import FixedSource, IdleSource, PresetSource
 
@@ -37,7 +37,15 @@ class SessionMotion:
         self.fps = int(fps)
         self.lat = cfg.latents
         self.presets = {k: np.asarray(v, np.float32) for k, v in presets.items()}
-        self.idle = IdleSource(seed=seed, fps=fps)
+        # idle pose and eyes: the checkpoint's learned model when it has one (`Pipeline.idle_model_for`
+        # checked that it fits), else the procedural source
+        if idle_model is not None:
+            from engine.idle_model import LearnedIdleSource
+
+            self.idle = LearnedIdleSource(idle_model, seed=seed, log_floor=cfg.audio.log_floor)
+        else:
+            self.idle = IdleSource(seed=seed, fps=fps)
+        self.learned_idle = idle_model is not None
         self.blink_close_s, self.blink_open_s = IdleSource.BLINK_CLOSE_S, IdleSource.BLINK_OPEN_S  # the idle blink
         self.idle_pushed = 0  # frames whose energy the idle source has
         self.pose_cmd = FixedSource(np.zeros(self.lat.pose, np.float32),
@@ -109,22 +117,36 @@ class SessionMotion:
         """(n_mels, mel_window) for mel frames [start, start + W); frames not computed yet, before the
         stream or overwritten are silence. Returns (window, complete)."""
         w = self.cfg.mel_window
+        return self._mel_rows(start, w).T, start + w <= self.n_mel
+
+    def _mel_rows(self, start: int, n: int) -> np.ndarray:
+        """(n, n_mels) mel frames [start, start + n), silence where missing."""
         ring = self._mel_ring
-        out = np.full((w, ring.shape[1]), self._silence, np.float32)
+        out = np.full((n, ring.shape[1]), self._silence, np.float32)
         lo = max(start, self.n_mel - len(ring), 0)
-        hi = min(start + w, self.n_mel)
+        hi = min(start + n, self.n_mel)
         if hi > lo:
             idx = np.arange(lo, hi) % len(ring)
             out[lo - start:hi - start] = ring[idx]
-        return out.T, start + w <= self.n_mel
+        return out
 
     # ------------------------------------------------------------------------------------- compose
-    def push_energy_until(self, frame: int, rms_of_frame) -> None:
-        """Give the idle source the speech energy of every frame up to `frame` (in order)."""
+    def push_energy_until(self, frame: int, rms_of_frame, hops_of_frame=None) -> None:
+        """Give the idle source the audio of every frame up to `frame` (in order): the procedural source
+        its speech energy (`rms_of_frame(i)`), the learned one the mean log-mel of the frame's own 10 ms
+        hops (`hops_of_frame(i)` -> (first hop, hops); silence when not given)."""
         if frame < self.idle_pushed:
             return
-        vals = [rms_of_frame(i) for i in range(self.idle_pushed, frame + 1)]
-        self.idle.push_energy(np.asarray(vals, np.float64))
+        idx = range(self.idle_pushed, frame + 1)
+        if self.learned_idle:
+            silent = np.full(self.cfg.audio.n_mels, self._silence, np.float32)
+            rows = []
+            for i in idx:
+                h = hops_of_frame(i) if hops_of_frame is not None else None
+                rows.append(silent if h is None else self._mel_rows(h[0], max(1, h[1])).mean(0))
+            self.idle.push_frame_mel(np.stack(rows))
+        else:
+            self.idle.push_energy(np.asarray([rms_of_frame(i) for i in idx], np.float64))
         self.idle_pushed = frame + 1
 
     def compose_rest(self, i: int) -> dict[str, np.ndarray]:

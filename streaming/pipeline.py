@@ -27,6 +27,21 @@ class Pipeline:
         self.random_weights = bool(meta.get("random_weights", False))
         self.threads = threads
         self._torch = torch
+        from engine.idle_model import load_idle_model
+
+        # the learned idle motion model, when the checkpoint has one (small: one GRU step per frame, CPU)
+        self.idle_model = load_idle_model(self.meta.get("checkpoint"), self.meta)
+        log.info("idle motion: %s", "the checkpoint's learned model" if self.idle_model is not None
+                 else "procedural (the checkpoint has no learned idle model)")
+
+    def idle_model_for(self, fps: int):
+        """The learned idle model if it runs at `fps` on this model's mel bands, else None (procedural)."""
+        m = self.idle_model
+        if m is None or (m.cfg.fps == int(fps) and m.cfg.n_mels == self.cfg.audio.n_mels):
+            return m
+        log.warning("idle motion: procedural (the checkpoint's idle model runs at %d fps on %d mel bands, "
+                    "not %d fps on %d)", m.cfg.fps, m.cfg.n_mels, int(fps), self.cfg.audio.n_mels)
+        return None
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, config: str = "lite", backend: str = "torch", seed: int = 0,

@@ -58,7 +58,8 @@ class Session:
         self._closed_event = asyncio.Event()
 
         self.audio = InboundAudio(latency_s)
-        self.motion = SessionMotion(pipeline.cfg, pipeline.presets, clock.fps, seed=seed)
+        self.motion = SessionMotion(pipeline.cfg, pipeline.presets, clock.fps, seed=seed,
+                                    idle_model=pipeline.idle_model_for(clock.fps))
         self.video_track = AvatarVideoTrack(self)
         self.audio_track = DelayedAudioTrack(self)
         self.channel = None
@@ -299,7 +300,11 @@ class Session:
                 a, n, _ = self.frame_hops(self.k_start + idx, off)
                 return self.audio.rms(a, n)
 
-            m.push_energy_until(i, rms_of)
+            def hops_of(idx: int) -> tuple[int, int]:
+                a, n, _ = self.frame_hops(self.k_start + idx, off)
+                return a, n
+
+            m.push_energy_until(i, rms_of, hops_of)
         else:
             m.push_energy_until(i, lambda idx: 0.0)
         self.speaking = job.gate > 0

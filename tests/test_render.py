@@ -264,3 +264,42 @@ def test_render_onnxruntime_matches_torch(tmp_path, portrait, speech, monkeypatc
     assert len(a) == len(b) > 0
     diff = np.abs(np.stack(a).astype(np.int16) - np.stack(b).astype(np.int16))
     assert diff.mean() < 1.0 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
+def _checkpoint_with_idle_model(path: Path, fps: int = 25) -> Path:
+    from engine.checkpoint import save_checkpoint
+    from engine.config import ModelConfig
+    from engine.idle_model import IdleModelConfig, IdleMotionModel, save_idle_model
+    from engine.model import Marionette
+
+    torch.manual_seed(0)
+    idle = IdleMotionModel(IdleModelConfig(hidden=16, audio_dim=8, style_dim=8, fps=fps))
+    path.mkdir(parents=True)
+    entry = save_idle_model(idle, path)
+    return save_checkpoint(Marionette(ModelConfig.preset("tiny")), path, meta={"idle_model": entry})
+
+
+def test_render_uses_the_checkpoints_learned_idle_model(tmp_path, portrait):
+    """A checkpoint with an idle model drives the idle head and eyes with it (seeded, fed the clip's
+    log-mel); one whose idle model runs at another frame rate falls back to the procedural source."""
+    from engine.audio import load_audio, log_mel
+    from engine.composer import IdleSource
+    from engine.idle_model import LearnedIdleSource, load_idle_model
+
+    ckpt = _checkpoint_with_idle_model(tmp_path / "ckpt")
+    wav = _write_wav(tmp_path / "a.wav", _speechlike(1.2))
+    job = prepare_render(RenderConfig(avatar=portrait, audio=wav, out=tmp_path / "c.mp4", checkpoint=ckpt, seed=2))
+    assert job.composer.sources["pose"] is job.composer.sources["eye"]
+    assert isinstance(job.composer.sources["pose"], LearnedIdleSource)
+    ref = LearnedIdleSource(load_idle_model(ckpt), seed=2)
+    ref.push_mel(log_mel(load_audio(wav), job.runtime.cfg.audio).numpy())
+    sl = job.runtime.cfg.latents.slices()
+    z = job.composer.compose_batch(0, job.n_frames)
+    np.testing.assert_array_equal(z[:, sl["pose"]], ref.latents(0, job.n_frames, "pose"))
+    np.testing.assert_array_equal(z[:, sl["eye"]], ref.latents(0, job.n_frames, "eye"))
+    assert z[:, sl["pose"]].std(0).max() > 0
+    assert len(_probe(write_render(job, tmp_path / "c.mp4"))["frames"]) == job.n_frames
+
+    other = _checkpoint_with_idle_model(tmp_path / "ckpt30", fps=30)
+    job = prepare_render(RenderConfig(avatar=portrait, audio=wav, out=tmp_path / "d.mp4", checkpoint=other))
+    assert isinstance(job.composer.sources["pose"], IdleSource)

@@ -312,6 +312,43 @@ def test_session_motion_controls(tiny_pipeline):
     assert not m.compose_rest(18)["exp"].any()
 
 
+def test_session_motion_uses_the_checkpoints_learned_idle_model(tmp_path):
+    """A checkpoint with an idle model: the session's idle head and eyes come from it, fed each frame's
+    own audio (the mean log-mel of its hops), and commands still add to the idle pose."""
+    import torch
+
+    from engine.audio import log_mel
+    from engine.checkpoint import save_checkpoint
+    from engine.config import ModelConfig
+    from engine.idle_model import IdleModelConfig, IdleMotionModel, LearnedIdleSource, save_idle_model
+    from engine.model import Marionette
+    from streaming.motion import SessionMotion
+    from streaming.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    idle = IdleMotionModel(IdleModelConfig(hidden=16, audio_dim=8, style_dim=8))
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_checkpoint(Marionette(ModelConfig.preset("tiny")), d, meta={"idle_model": save_idle_model(idle, d)})
+    p = Pipeline.load(d, threads=1)
+    assert p.idle_model is not None and p.idle_model_for(30) is None
+    m = SessionMotion(p.cfg, p.presets, 25, seed=5, idle_model=p.idle_model_for(25))
+    x = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    for i in range(0, len(x), 320):
+        m.push_audio(x[i:i + 320])
+    m.push_energy_until(20, lambda i: 0.0, lambda i: (4 * i, 4))
+    ref = LearnedIdleSource(p.idle_model, seed=5)
+    ref.push_frame_mel(log_mel(x, p.cfg.audio).numpy()[:84].reshape(21, 4, -1).mean(1))
+    want = ref.latents(0, 21, "pose")
+    got = np.stack([m.compose_rest(i)["pose"] for i in range(21)])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert got.std(0).max() > 0
+    eye = ref.latents(0, 22, "eye")[21]
+    assert np.allclose(m.compose_rest(21)["eye"][:2], eye[:2], atol=1e-4)  # frame 21: generated silent
+    m.apply(C.Pose(yaw=15.0, transition_ms=0))
+    assert m.compose_rest(22)["pose"][0] == pytest.approx(ref.latents(22, 1, "pose")[0, 0] + 0.5, abs=1e-4)
+
+
 def test_mel_windows_match_the_offline_front_end(tiny_pipeline):
     import torch
 

@@ -164,6 +164,26 @@ def test_idle_model_source_is_seeded_and_moves():
     c = LearnedIdleSource(model, seed=4)
     c.push_mel(mel)
     assert not np.array_equal(c.latents(0, 50, "pose"), pa)
+    # the audio may come in any pieces (live: what MelStream emits), or as one mean row per frame
+    d = LearnedIdleSource(model, seed=3)
+    for lo, hi in ((0, 7), (7, 9), (9, 130), (130, 400)):
+        d.push_mel(mel[lo:hi])
+    assert np.array_equal(d.latents(0, 50, "pose"), pa)
+    e = LearnedIdleSource(model, seed=3)
+    e.push_frame_mel(mel[:200].reshape(50, 4, 80).mean(1))
+    assert np.allclose(e.latents(0, 50, "pose"), pa, atol=1e-6)
+    # memory stays bounded in a long stream: consumed audio is dropped, old motion forgotten
+    f = LearnedIdleSource(model, seed=3, history=30)
+    f.push_mel(mel)
+    assert np.array_equal(f.latents(20, 30, "pose"), pa[20:50])
+    assert len(f._out) == 30 and len(f._feat) == 100 - 50
+    with pytest.raises(ValueError, match="older than"):
+        f.latents(0, 5, "pose")
+    # a frame generated before its audio arrived stays as generated (silent), later audio lines up
+    g = LearnedIdleSource(model, seed=3)
+    g.latents(0, 10, "pose")
+    g.push_frame_mel(mel[:200].reshape(50, 4, 80).mean(1))
+    assert len(g._feat) == 40 and g._feat_base == 10
 
 
 # ====================================================================================== end to end
