@@ -88,12 +88,16 @@ def save_checkpoint(model: Marionette, path: Path, *, meta: dict | None = None,
         doc = json.dumps({"format": FORMAT, "model": model.cfg.to_dict(), "meta": meta}, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint meta must be JSON-serialisable: {e}") from None
-    _atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG, lambda p: Path(p).write_text(doc + "\n"))
+    atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(path / CONFIG, lambda p: Path(p).write_text(doc + "\n"))
     return path
 
 
-def _atomic_write(dest: Path, write) -> None:
+def atomic_write(dest: Path, write) -> None:
+    """Write `dest` through `write(tmp_path)` into a temporary file beside it, then rename: readers see the
+    old file or the new one, never half of one; a failed write leaves the old file as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:

@@ -155,12 +155,10 @@ def save_idle_model(model: IdleMotionModel, checkpoint_dir: Path) -> dict:
     under meta["idle_model"] of the checkpoint's config.json (the caller saves the checkpoint meta)."""
     from safetensors.torch import save_file
 
-    d = Path(checkpoint_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    from engine.checkpoint import atomic_write
+
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = d / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(d / WEIGHTS)
+    atomic_write(Path(checkpoint_dir) / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     return {"config": model.cfg.to_dict(), "weights": WEIGHTS}
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from kernels.warp import warp_cat
 
 # ---- constants that are not (yet) NetworkConfig fields ------------------------------------------
 LEAK = 0.2  # LeakyReLU slope everywhere
@@ -258,6 +259,8 @@ class Generator(nn.Module):
             self.head.bias.zero_()
             self.head.bias[12:16].fill_(ALPHA_INIT)  # pixel_shuffle: out channel c <- in channels 4c .. 4c+3
         self.rc = rc
+        # route warp + concatenations through kernels.warp (set by TorchRuntime; off for training and export)
+        self.use_kernels = False
         for k, n_ in (("grid_lo", s // 4), ("grid_hi", s // 2), ("grid_full", s)):
             self.register_buffer(k, _base_grid(n_), persistent=False)  # (1, n, n, 2)
 
@@ -290,11 +293,20 @@ class Generator(nn.Module):
 
     def refine(self, m: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, w_src: torch.Tensor
                ) -> torch.Tensor:
-        r = self.r64(self.r64_in(torch.cat([w_lo, m], dim=1)))  # (B,2rc,S/4,S/4)
+        r = self._refine_lo(torch.cat([w_lo, m], dim=1))  # (B,2rc,S/4,S/4)
+        x_hi = torch.cat([F.interpolate(r, scale_factor=2.0, mode="nearest"), w_hi], dim=1)  # (B,2rc+C1,S/2,S/2)
+        return self._refine_hi(r, x_hi, w_src)
+
+    def _refine_lo(self, x_lo: torch.Tensor) -> torch.Tensor:
+        """[warped feat_lo, m] (B,C2+fc/2,S/4,S/4) -> r (B,2rc,S/4,S/4)."""
+        return self.r64(self.r64_in(x_lo))
+
+    def _refine_hi(self, r: torch.Tensor, x_hi: torch.Tensor, w_src: torch.Tensor) -> torch.Tensor:
+        """r, [up(r), warped feat_hi] (B,2rc+C1,S/2,S/2), warped source -> frame (B,3,S,S)."""
         mo = self.mouth64(r)  # (B,mc,S/4,S/4)
         mo = self.mouth_out(self.mouth128(F.interpolate(mo, scale_factor=2.0, mode="nearest")))  # (B,rc+1,S/2,S/2)
         mouth, mmask = mo[:, : self.rc], torch.sigmoid(mo[:, self.rc:])
-        h = self.r128_in(torch.cat([F.interpolate(r, scale_factor=2.0, mode="nearest"), w_hi], dim=1))
+        h = self.r128_in(x_hi)
         h = h + mmask * (mouth - h)  # (B,rc,S/2,S/2): mouth region painted by the branch
         h = F.pixel_shuffle(self.head(self.r128(h)), 2)  # (B,4,S,S)
         rgb, alpha = torch.tanh(h[:, :3]), torch.sigmoid(h[:, 3:4])
@@ -303,8 +315,20 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor, feat_lo: torch.Tensor,
                 app: torch.Tensor) -> torch.Tensor:
         flow, occ, m = self.flow(z, feat_lo, app)
+        if self.use_kernels:
+            return self._forward_fused(flow, occ, m, source, feat_hi, feat_lo)
         w_lo, w_hi, w_src = self.warp(flow, occ, source, feat_hi, feat_lo)
         return self.refine(m, w_lo, w_hi, w_src)
+
+    def _forward_fused(self, flow: torch.Tensor, occ: torch.Tensor, m: torch.Tensor, source: torch.Tensor,
+                       feat_hi: torch.Tensor, feat_lo: torch.Tensor) -> torch.Tensor:
+        """warp() + refine() with each warp, its occlusion product and the concatenation after it in one
+        kernels.warp.warp_cat call (a Triton kernel on CUDA, the identical PyTorch reference elsewhere)."""
+        x_lo = warp_cat(feat_lo, flow, occ, m)  # (B,C2+fc/2,S/4,S/4) = cat([w_lo, m])
+        r = self._refine_lo(x_lo)  # (B,2rc,S/4,S/4)
+        x_hi = warp_cat(feat_hi, flow, occ, r, extra_first=True)  # (B,2rc+C1,S/2,S/2) = cat([up(r), w_hi])
+        w_src = warp_cat(source, flow)  # (B,3,S,S)
+        return self._refine_hi(r, x_hi, w_src)
 
 
 # =================================================================================== cost accounting

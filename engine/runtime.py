@@ -7,6 +7,7 @@ work in [-1, 1]); everything returned is float32 on the CPU.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,16 +15,21 @@ import torch
 
 from engine.avatar import AvatarState
 from engine.config import ModelConfig
-from engine.errors import InputError
+from engine.errors import InputError, MissingDependency
 from engine.image import load_portrait
 from engine.model import Marionette
+
+log = logging.getLogger(__name__)
 
 
 class TorchRuntime:
     """Runs a `Marionette` with torch. Takes ownership of the model: moves it to `device`/`dtype` and puts
     it in eval mode (pass a copy if you keep training it)."""
 
-    def __init__(self, model: Marionette, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: Marionette, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 kernels: bool | None = None):
+        """kernels: route G's warps through the fused Triton kernels (kernels.warp); None = on for CUDA when
+        triton is installed, off on CPU. True without triton raises MissingDependency."""
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point type, got {dtype}")
         self.device = torch.device(device)
@@ -31,6 +37,20 @@ class TorchRuntime:
         self.model = model.to(device=self.device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.kernels = self._want_kernels(kernels)
+        self.model.generator.use_kernels = self.kernels
+
+    def _want_kernels(self, kernels: bool | None) -> bool:
+        from kernels import _triton  # noqa: PLC0415 (does not import triton itself)
+
+        if kernels is None:
+            kernels = self.device.type == "cuda" and _triton.available()
+            log.info("TorchRuntime: Triton kernels %s (%s)", "on" if kernels else "off",
+                     "auto: CUDA + triton" if kernels else f"auto: {self.device.type}"
+                     + ("" if self.device.type != "cuda" else ", triton not installed"))
+        elif kernels and not _triton.available():
+            raise MissingDependency(f"TorchRuntime(kernels=True) needs Triton; {_triton.INSTALL_HINT}")
+        return bool(kernels)
 
     @property
     def cfg(self) -> ModelConfig:

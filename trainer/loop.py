@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.checkpoint import atomic_write
 from trainer.config import StageConfig, lr_at
 from trainer.losses import d_hinge
 
@@ -85,18 +85,6 @@ def broadcast_module(module: nn.Module, d: Dist) -> None:
 
 
 # ============================================================================================ state
-def _atomic(dest: Path, write: Callable[[str], None]) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimiser state -> (tensors for safetensors, JSON-able structure referencing them)."""
     sd = opt.state_dict()
@@ -133,9 +121,9 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], doc: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(path.with_suffix(".safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(path.with_suffix(".safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps({"format": STATE_FORMAT, **doc}, indent=1, sort_keys=True, default=_json_default)
-    _atomic(path.with_suffix(".json"), lambda p: Path(p).write_text(text + "\n"))
+    atomic_write(path.with_suffix(".json"), lambda p: Path(p).write_text(text + "\n"))
 
 
 def _json_default(o):

@@ -189,7 +189,7 @@ def save_oracle(oracle: FactorOracle, path: Path, meta: Mapping[str, Any] | None
     """Write the oracle to the directory `path` (safetensors + JSON, atomically). Returns the directory."""
     from safetensors.torch import save_file
 
-    from engine.checkpoint import _atomic_write
+    from engine.checkpoint import atomic_write
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -197,8 +197,8 @@ def save_oracle(oracle: FactorOracle, path: Path, meta: Mapping[str, Any] | None
     doc = {"format": FORMAT, "net": oracle.cfg.to_dict(), "columns": [f"{g}.{c}" for g, c in COLUMNS],
            "low": LOW.tolist(), "high": HIGH.tolist(), "meta": dict(meta or {})}
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(path / CONFIG, lambda p: Path(p).write_text(text))
     return path
 
 
