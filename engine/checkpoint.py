@@ -240,3 +240,70 @@ def load_model(checkpoint: Path | None = None, config: str = "lite", seed: int =
     else:
         meta["expression_presets"] = default_expression_presets(model.cfg)
     return model, meta
+
+
+# =================================================================================== ship
+BUILTIN_MAX_BYTES = 25_000_000  # the built-in checkpoint ships in the wheel: weights + idle model + oracle
+ORACLE_FILES = ("oracle.safetensors", "oracle.json")  # trainer.oracle's directory layout
+
+
+def install_checkpoint(src: Path, dest: Path = BUILTIN_DIR, *, oracle: Path | None = None,
+                       dtype: torch.dtype = torch.float16, max_bytes: int = BUILTIN_MAX_BYTES) -> Path:
+    """Package a trained checkpoint as the engine's default (`dest`, normally engine/assets/builtin):
+    the weights stored in `dtype` (fp16 halves them; loading gives float32 back), its idle model, and
+    the factor oracle that evaluates it in `dest/oracle` (so `marionette evaluate` needs no other file).
+
+    Refuses random-weights checkpoints and anything over `max_bytes` in all. Built in a temporary
+    directory beside `dest`, checked by loading it back, then swapped in: whatever `dest` held stays
+    intact until the new one is complete. Returns `dest`.
+    """
+    import shutil
+
+    from engine.idle_model import WEIGHTS as IDLE_WEIGHTS
+
+    src, dest = _resolve_dir(src), Path(dest)
+    model, meta = load_checkpoint(src)
+    if meta.get("random_weights"):
+        raise InputError(f"checkpoint {src} holds random weights: only a trained checkpoint can be installed")
+    if oracle is not None:
+        oracle = Path(oracle)
+        missing = [f for f in ORACLE_FILES if not (oracle / f).is_file()]
+        if missing:
+            raise InputError(f"oracle {oracle} lacks {', '.join(missing)} (train one with `marionette oracle`)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
+    try:
+        meta = dict(meta)
+        meta["weights_dtype"] = str(dtype).replace("torch.", "")
+        save_checkpoint(model, stage, meta=meta, dtype=dtype)
+        if meta.get("idle_model"):
+            if not (src / IDLE_WEIGHTS).is_file():
+                raise InputError(f"checkpoint {src}: its config names an idle model but {IDLE_WEIGHTS} is missing")
+            shutil.copy2(src / IDLE_WEIGHTS, stage / IDLE_WEIGHTS)
+        if oracle is not None:
+            (stage / "oracle").mkdir()
+            for f in ORACLE_FILES:
+                shutil.copy2(oracle / f, stage / "oracle" / f)
+        size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
+        if size > max_bytes:
+            raise InputError(f"the packaged checkpoint is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB "
+                             f"limit (weights in {meta['weights_dtype']}; a smaller config or dtype is needed)")
+        load_checkpoint(stage)  # it must load back
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        try:
+            os.replace(stage, dest)
+        except OSError:
+            if old is not None:  # put the previous one back
+                os.replace(old / dest.name, dest)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("installed %s as %s (%.1f MB, weights in %s%s)", src, dest, size / 1e6, meta["weights_dtype"],
+                 ", with its oracle" if oracle is not None else "")
+        return dest
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)

@@ -241,8 +241,23 @@ def _cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_install_builtin(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette install-builtin", description=(
+        "Package a trained checkpoint as the engine's default: weights in fp16, its idle model and the factor "
+        "oracle beside it, at most 25 MB; the previous built-in stays until the new one is complete."))
+    p.add_argument("--checkpoint", type=Path, required=True, help="trained checkpoint (RUN/checkpoint)")
+    p.add_argument("--oracle", type=Path, help="factor oracle directory (marionette oracle) to ship beside it")
+    p.add_argument("--dest", type=Path, help="default: engine/assets/builtin")
+    a = p.parse_args(argv)
+    from engine.checkpoint import BUILTIN_DIR, install_checkpoint
+
+    print(install_checkpoint(a.checkpoint, a.dest or BUILTIN_DIR, oracle=a.oracle))
+    return 0
+
+
 COMMANDS = {
     "train": (_cmd_train, "train the model (progressive stages)"),
+    "install-builtin": (_cmd_install_builtin, "package a trained checkpoint as the built-in default"),
     "oracle": (_cmd_oracle, "train the factor oracle used by evaluate"),
     "evaluate": (_cmd_evaluate, "evaluate a checkpoint against corpus ground truth"),
     "export": (_cmd_export, "compile a checkpoint to ONNX / TensorRT"),

@@ -192,3 +192,41 @@ def test_default_presets_small_exp_dim():
     p = default_expression_presets(cfg)
     assert all(len(v) == 4 for v in p.values())
     assert len({tuple(v) for v in p.values()}) == len(p)
+
+
+def test_install_checkpoint_packages_fp16_idle_and_oracle(tmp_path):
+    """install-builtin: fp16 weights that load back close to the trained ones, the idle model and the
+    oracle beside them; random weights, a missing oracle file and an oversize package are refused and leave
+    the installed one untouched."""
+    from engine.idle_model import IdleModelConfig, IdleMotionModel, load_idle_model, save_idle_model
+    from marionette.cli import main as cli_main
+    from trainer.oracle import FactorOracle, OracleNetConfig, load_oracle, save_oracle
+
+    torch.manual_seed(0)
+    model = Marionette(ModelConfig.preset("tiny"))
+    src = tmp_path / "run" / "checkpoint"
+    src.mkdir(parents=True)
+    entry = save_idle_model(IdleMotionModel(IdleModelConfig(hidden=16, audio_dim=8, style_dim=8)), src)
+    save_checkpoint(model, src, meta={"idle_model": entry, "train": {"stage": "idle"}})
+    oracle = save_oracle(FactorOracle(OracleNetConfig(size=32, channels=(8, 8), embed_dim=16)), tmp_path / "oracle")
+    dest = tmp_path / "assets" / "builtin"
+    assert cli_main(["install-builtin", "--checkpoint", str(src), "--oracle", str(oracle), "--dest", str(dest)]) == 0
+    got, meta = load_checkpoint(dest)
+    assert meta["weights_dtype"] == "float16" and meta["train"] == {"stage": "idle"}
+    for (k, a), b in zip(model.state_dict().items(), got.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, atol=2e-3, rtol=1e-3, msg=k)
+    assert load_idle_model(dest) is not None
+    load_oracle(dest / "oracle")
+    before = sorted(p.name for p in dest.rglob("*"))
+
+    save_checkpoint(model, tmp_path / "rnd", meta={"random_weights": True})
+    with pytest.raises(InputError, match="random weights"):
+        ckpt.install_checkpoint(tmp_path / "rnd", dest)
+    (tmp_path / "bad_oracle").mkdir()
+    with pytest.raises(InputError, match="oracle.json"):
+        ckpt.install_checkpoint(src, dest, oracle=tmp_path / "bad_oracle")
+    with pytest.raises(InputError, match="over the"):
+        ckpt.install_checkpoint(src, dest, oracle=oracle, max_bytes=10_000)
+    assert sorted(p.name for p in dest.rglob("*")) == before
+    assert [p.name for p in dest.parent.iterdir()] == ["builtin"]  # no temporary directories left behind

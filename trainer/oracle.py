@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoint import ORACLE_FILES
 from engine.errors import InputError
 from trainer.corpus import factors as _factors
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-WEIGHTS = "oracle.safetensors"
-CONFIG = "oracle.json"
+WEIGHTS, CONFIG = ORACLE_FILES  # oracle.safetensors, oracle.json (the engine ships them with the built-in)
 ORACLE_SUBDIR = "oracle"
 
 GROUPS: tuple[str, ...] = _factors.GROUP_NAMES  # ("pose", "eyes", "mouth", "expression")
