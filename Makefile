@@ -8,7 +8,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps test test-slow test-all demo serve bench clean
+.PHONY: setup system-deps test test-slow test-all demo serve bench builtin clean
 
 setup: $(STAMP) system-deps
 
@@ -44,6 +44,24 @@ serve: setup
 demo: setup
 	$(BIN)/marionette corpus --out demo_corpus --identities 4 --clips-per-identity 1 --seconds 3 --seed 0 --overwrite
 	$(BIN)/marionette corpus preview demo_corpus --out demo_corpus/preview.png
+
+# The built-in avatar, end to end (needs an NVIDIA GPU: the lite schedule is ~480k steps; about 33 days
+# on 2 CPU cores). Each step keeps its output: rerun after an interruption and finished steps are skipped
+# (training resumes from its saved state).
+BUILTIN_RUN ?= runs/builtin
+DEVICE ?= cuda
+BUILTIN_IDS ?= 400
+builtin: setup
+	test -f $(BUILTIN_RUN)/corpus/manifest.json || $(BIN)/marionette corpus --out $(BUILTIN_RUN)/corpus \
+		--identities $(BUILTIN_IDS) --clips-per-identity 4 --seconds 8 --seed 1 --device $(DEVICE)
+	test -f $(BUILTIN_RUN)/oracle/oracle.json || $(BIN)/marionette oracle --data $(BUILTIN_RUN)/corpus \
+		--out $(BUILTIN_RUN)/oracle --steps 20000 --batch 64 --device $(DEVICE)
+	$(BIN)/marionette train --stage all --data $(BUILTIN_RUN)/corpus --config lite --out $(BUILTIN_RUN)/lite \
+		--device $(DEVICE) --oracle $(BUILTIN_RUN)/oracle $$(test -d $(BUILTIN_RUN)/lite/state && echo --resume)
+	$(BIN)/marionette install-builtin --checkpoint $(BUILTIN_RUN)/lite/checkpoint --oracle $(BUILTIN_RUN)/oracle
+	$(BIN)/marionette evaluate --data $(BUILTIN_RUN)/corpus --split test --max-clips 40 --device $(DEVICE) \
+		--out benchmarks/results/quality.json
+	$(BIN)/python benchmarks/lookahead_curve.py --data $(BUILTIN_RUN)/corpus --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_corpus
