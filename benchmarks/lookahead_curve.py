@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="lite")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus-seed", type=int, default=4242)
     ap.add_argument("--threads", type=int, default=1)
