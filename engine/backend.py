@@ -98,7 +98,8 @@ class TorchBackend:
 # ---------------------------------------------------------------------------------------- opening
 def open_backend(name: str, *, checkpoint: Path | None = None, config: str = "lite", seed: int = 0,
                  exported: Path | None = None, device: str = "cpu", precision: str = "fp32",
-                 threads: int | None = None, model: tuple[Any, dict] | None = None) -> Backend:
+                 threads: int | None = None, model: tuple[Any, dict] | None = None,
+                 kernels: bool = False) -> Backend:
     """A ready backend by name.
 
     checkpoint/config/seed: the model (engine.checkpoint.load_model: a checkpoint directory, else the
@@ -109,7 +110,8 @@ def open_backend(name: str, *, checkpoint: Path | None = None, config: str = "li
     threads: CPU threads (onnxruntime: its sessions' intra-op pool, default physical cores; torch:
     torch.set_num_threads, which is process-wide). model: an already loaded (model, meta) from
     engine.checkpoint.load_model, used instead of loading checkpoint/config/seed again (torch takes
-    ownership of it: it is moved to the device and put in eval mode)."""
+    ownership of it: it is moved to the device and put in eval mode). kernels: the torch backend on CUDA
+    runs G's warps through the fused Triton kernels (`kernels.warp`; opt-in, needs triton)."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -117,9 +119,13 @@ def open_backend(name: str, *, checkpoint: Path | None = None, config: str = "li
     if threads is not None and threads < 1:
         raise InputError(f"threads must be a positive number, got {threads}")
     if name == "torch":
-        return _open_torch(checkpoint, config, seed, exported, device, precision, threads, model)
+        return _open_torch(checkpoint, config, seed, exported, device, precision, threads, model, kernels)
     if name == "onnxruntime":
+        if kernels:
+            raise InputError("kernels are a torch-backend option (CUDA); onnxruntime runs its own")
         return _open_ort(checkpoint, config, seed, exported, device, precision, threads, model)
+    if kernels:
+        raise InputError(f"kernels are a torch-backend option (CUDA); the {name} backend has its own")
     return _open_trt(checkpoint, exported, device, precision)
 
 
@@ -131,7 +137,7 @@ def _load(checkpoint, config, seed, model):
     return load_model(checkpoint, config=config, seed=seed)
 
 
-def _open_torch(checkpoint, config, seed, exported, device, precision, threads, model) -> Backend:
+def _open_torch(checkpoint, config, seed, exported, device, precision, threads, model, kernels=False) -> Backend:
     from engine.runtime import TorchRuntime  # noqa: PLC0415
 
     if exported is not None:
@@ -148,7 +154,9 @@ def _open_torch(checkpoint, config, seed, exported, device, precision, threads, 
         torch.set_num_threads(threads)
     net, _ = _load(checkpoint, config, seed, model)
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    return TorchBackend(TorchRuntime(net, device=dev, dtype=dtype), precision)
+    if kernels and dev.type != "cuda":
+        raise InputError("the fused kernels run on CUDA only; drop kernels or use device='cuda'")
+    return TorchBackend(TorchRuntime(net, device=dev, dtype=dtype, kernels=kernels or None), precision)
 
 
 def _torch_device(device: str) -> torch.device:

@@ -49,6 +49,7 @@ class RenderConfig:
     exported: Path | None = None  # a `marionette export` directory for the onnxruntime / tensorrt backends
     precision: str = "fp32"
     threads: int | None = None
+    kernels: bool = False  # torch on CUDA: the fused Triton warp kernels (opt-in)
 
 
 # ------------------------------------------------------------------------------------ driving video
@@ -256,7 +257,7 @@ def prepare_render(cfg: RenderConfig) -> RenderJob:
 
     device = "cpu" if cfg.backend == "onnxruntime" else ("cuda" if torch.cuda.is_available() else "cpu")
     rt = open_backend(cfg.backend, checkpoint=cfg.checkpoint, config=cfg.config, seed=cfg.seed,
-                      exported=cfg.exported, device=device, precision=cfg.precision, threads=cfg.threads,
+                      exported=cfg.exported, device=device, precision=cfg.precision, threads=cfg.threads, kernels=cfg.kernels,
                       model=(model, meta))
     mcfg = rt.cfg
     if mcfg.audio.sample_rate != SAMPLE_RATE:

@@ -28,8 +28,9 @@ class TorchRuntime:
 
     def __init__(self, model: Marionette, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  kernels: bool | None = None):
-        """kernels: route G's warps through the fused Triton kernels (kernels.warp); None = on for CUDA when
-        triton is installed, off on CPU. True without triton raises MissingDependency."""
+        """kernels: route G's warps through the fused Triton kernels (kernels.warp). None (default) = off:
+        the kernels are opt-in until `benchmarks/kernel_speed.py` has shown them faster end to end on a GPU
+        (status: kernels/__init__.py). True without triton raises MissingDependency."""
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point type, got {dtype}")
         self.device = torch.device(device)
@@ -44,10 +45,10 @@ class TorchRuntime:
         from kernels import _triton  # noqa: PLC0415 (does not import triton itself)
 
         if kernels is None:
-            kernels = self.device.type == "cuda" and _triton.available()
-            log.info("TorchRuntime: Triton kernels %s (%s)", "on" if kernels else "off",
-                     "auto: CUDA + triton" if kernels else f"auto: {self.device.type}"
-                     + ("" if self.device.type != "cuda" else ", triton not installed"))
+            kernels = False
+            if self.device.type == "cuda":
+                log.info("TorchRuntime: fused Triton kernels off (opt-in with kernels=True: not yet measured "
+                         "faster end to end on a GPU)")
         elif kernels and not _triton.available():
             raise MissingDependency(f"TorchRuntime(kernels=True) needs Triton; {_triton.INSTALL_HINT}")
         return bool(kernels)

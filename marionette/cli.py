@@ -97,6 +97,7 @@ def _cmd_render(argv: list[str]) -> int:
     p.add_argument("--exported", type=Path, help="a `marionette export` directory (onnxruntime / tensorrt)")
     p.add_argument("--precision", default="fp32", help="fp32 | int8 (onnxruntime) | fp16 (torch CUDA, tensorrt)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for inference")
+    p.add_argument("--kernels", action="store_true", help="torch on CUDA: fused Triton warp kernels (opt-in)")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     a = p.parse_args(argv)
     from engine.render import RenderConfig, render
@@ -104,7 +105,7 @@ def _cmd_render(argv: list[str]) -> int:
     cfg = RenderConfig(avatar=a.avatar, audio=a.audio, out=a.out, checkpoint=a.checkpoint, config=a.config,
                        pose_from=a.pose_from, eyes_from=a.eyes_from, expression_from=a.expression_from,
                        expression=a.expression, driving=a.driving, fps=a.fps, backend=a.backend, seed=a.seed,
-                       exported=a.exported, precision=a.precision, threads=a.threads)
+                       exported=a.exported, precision=a.precision, threads=a.threads, kernels=a.kernels)
     print(render(cfg))
     return 0
 
@@ -129,6 +130,7 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--exported", type=Path, help="a `marionette export` directory (onnxruntime / tensorrt)")
     p.add_argument("--precision", default="fp32", help="fp32 | int8 (onnxruntime) | fp16 (torch CUDA, tensorrt)")
     p.add_argument("--threads", type=_positive_int, help="inference threads (default: all cores but one)")
+    p.add_argument("--kernels", action="store_true", help="torch on CUDA: fused Triton warp kernels (opt-in)")
     p.add_argument("--lead-ms", type=_positive_float,
                    help="how early the scheduler starts a frame before its tick (default: from the warmup)")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
@@ -139,7 +141,7 @@ def _cmd_serve(argv: list[str]) -> int:
                       backend=a.backend, fps=a.fps, ice_hosts=tuple(a.ice_host), ice_servers=tuple(a.ice_server),
                       max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
                       exported=a.exported, precision=a.precision, threads=a.threads, lead_ms=a.lead_ms,
-                      seed=a.seed)
+                      seed=a.seed, kernels=a.kernels)
     serve(cfg)
     return 0
 

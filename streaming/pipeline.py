@@ -45,7 +45,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, config: str = "lite", backend: str = "torch", seed: int = 0,
-             threads: int | None = None, exported: Path | None = None, precision: str = "fp32") -> "Pipeline":
+             threads: int | None = None, exported: Path | None = None, precision: str = "fp32",
+             kernels: bool = False) -> "Pipeline":
         import torch
 
         from engine.backend import open_backend
@@ -59,7 +60,8 @@ class Pipeline:
         model, meta = load_model(checkpoint, config=config, seed=seed)
         device = "cuda" if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()) else "cpu"
         rt = open_backend(backend, checkpoint=checkpoint, config=config, seed=seed, threads=threads,
-                          exported=exported, precision=precision, device=device, model=(model, meta))
+                          exported=exported, precision=precision, device=device, model=(model, meta),
+                          kernels=kernels)
         return cls(rt, meta, threads)
 
     # ---------------------------------------------------------------------------------- avatars

@@ -62,6 +62,7 @@ class ServeConfig:
     max_upload_bytes: int = 8 * 1024 * 1024
     exported: Path | None = None  # a `marionette export` directory (onnxruntime / tensorrt)
     precision: str = "fp32"
+    kernels: bool = False  # torch on CUDA: the fused Triton warp kernels (opt-in)
     seed: int = 0
     lead_ms: float | None = None  # scheduler lead; None: from the warmup measurement
     threads: int | None = None  # inference threads; None: all cores but one
@@ -117,7 +118,8 @@ class AvatarServer:
                 raise InputError(str(e)) from None
         if self.pipeline is None:
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg.checkpoint, cfg.config, cfg.backend,
-                                                    cfg.seed, cfg.threads, cfg.exported, cfg.precision)
+                                                    cfg.seed, cfg.threads, cfg.exported, cfg.precision,
+                                                    cfg.kernels)
         p = self.pipeline
         if p.random_weights:
             log.warning("serving a RANDOMLY initialised model: the avatar will not look like a talking head")

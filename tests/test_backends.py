@@ -454,3 +454,14 @@ def test_avatar_state_from_ort_is_cpu_float32(tiny_export):
     assert a.image_size == 64
     with pytest.raises(InputError):
         rt.prepare_avatar(b"not an image")
+
+
+def test_kernels_are_a_cuda_torch_option():
+    """The fused kernels are opt-in on the torch backend on CUDA; asking elsewhere says why not."""
+    from engine.backend import open_backend
+
+    with pytest.raises(InputError, match="CUDA only"):
+        open_backend("torch", config="tiny", device="cpu", kernels=True)
+    with pytest.raises(InputError, match="torch-backend option"):
+        open_backend("onnxruntime", config="tiny", kernels=True)
+    assert open_backend("torch", config="tiny", device="cpu").runtime.kernels is False
