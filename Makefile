@@ -51,13 +51,15 @@ demo: setup
 BUILTIN_RUN ?= runs/builtin
 DEVICE ?= cuda
 BUILTIN_IDS ?= 400
+LOOKAHEAD_MS ?=
 builtin: setup
 	test -f $(BUILTIN_RUN)/corpus/manifest.json || $(BIN)/marionette corpus --out $(BUILTIN_RUN)/corpus \
 		--identities $(BUILTIN_IDS) --clips-per-identity 4 --seconds 8 --seed 1 --device $(DEVICE)
 	test -f $(BUILTIN_RUN)/oracle/oracle.json || $(BIN)/marionette oracle --data $(BUILTIN_RUN)/corpus \
 		--out $(BUILTIN_RUN)/oracle --steps 20000 --batch 64 --device $(DEVICE)
 	$(BIN)/marionette train --stage all --data $(BUILTIN_RUN)/corpus --config lite --out $(BUILTIN_RUN)/lite \
-		--device $(DEVICE) --oracle $(BUILTIN_RUN)/oracle $$(test -d $(BUILTIN_RUN)/lite/state && echo --resume)
+		--device $(DEVICE) --oracle $(BUILTIN_RUN)/oracle $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
+		$$(test -d $(BUILTIN_RUN)/lite/state && echo --resume)
 	$(BIN)/marionette install-builtin --checkpoint $(BUILTIN_RUN)/lite/checkpoint --oracle $(BUILTIN_RUN)/oracle
 	$(BIN)/marionette evaluate --data $(BUILTIN_RUN)/corpus --split test --max-clips 40 --device $(DEVICE) \
 		--out benchmarks/results/quality.json

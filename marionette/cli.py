@@ -189,13 +189,15 @@ def _cmd_train(argv: list[str]) -> int:
                    help="VGG19 weights (.safetensors) you supply: enables the perceptual loss")
     p.add_argument("--oracle", type=Path, help="trained factor oracle: features for the motion-reconstruction loss")
     p.add_argument("--init", type=Path, help="start later stages from this checkpoint")
+    p.add_argument("--lookahead-ms", type=int, help="audio the lip encoder sees after each frame (default: the "
+                   "config's, 120 for lite; benchmarks/lookahead_curve.py shows what less costs)")
     a = p.parse_args(argv)
     from trainer.train import TrainConfig, train
 
     cfg = TrainConfig(stage=a.stage, data=a.data, config=a.config, out=a.out, steps=a.steps,
                       batch_size=a.batch_size, lr=a.lr, resume=a.resume, device=a.device, seed=a.seed,
                       ckpt_every=a.ckpt_every, log_every=a.log_every, workers=a.workers,
-                      vgg_weights=a.vgg_weights, oracle=a.oracle, init=a.init)
+                      vgg_weights=a.vgg_weights, oracle=a.oracle, init=a.init, lookahead_ms=a.lookahead_ms)
     print(train(cfg))
     return 0
 

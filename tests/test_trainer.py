@@ -360,3 +360,22 @@ def test_tiny_longer_run_learns_each_factor(small_corpus, tmp_path, one_thread):
     assert e1 < e0, (e0, e1)
     n0, n1 = first_last("idle", "nll")
     assert n1 < n0 - 0.5, (n0, n1)
+
+
+def test_lookahead_is_a_training_option_kept_by_later_stages(small_corpus, tmp_path, one_thread):
+    """--lookahead-ms sets E_aud's window; a later stage continuing the checkpoint keeps it, and asking
+    for another lookahead on that checkpoint is refused (the encoder's window would not fit)."""
+    from engine.checkpoint import read_checkpoint_config
+    from trainer.train import TrainConfig, train
+
+    base = dict(data=small_corpus, config="tiny", out=tmp_path / "run", workers=0, steps=2, log_every=1,
+                seed=0, progress=False, device="cpu")
+    ck = train(TrainConfig(stage="factors", lookahead_ms=40, **base))
+    cfg, _ = read_checkpoint_config(ck)
+    assert cfg.lookahead_ms == 40 and cfg.mel_window == cfg.mel_past + 4
+    train(TrainConfig(stage="expression", **base))
+    assert read_checkpoint_config(ck)[0].lookahead_ms == 40
+    with pytest.raises(InputError, match="40 ms lookahead"):
+        train(TrainConfig(stage="expression", lookahead_ms=80, **base))
+    with pytest.raises(InputError, match="lookahead-ms"):
+        train(TrainConfig(stage="factors", lookahead_ms=-5, **base))

@@ -57,6 +57,7 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics records
     oracle: Path | None = None  # trained factor oracle directory: features for the motion-reconstruction loss
     init: Path | None = None  # start (non-motion stages) from this checkpoint instead of RUN/checkpoint
+    lookahead_ms: int | None = None  # E_aud's audio after the frame; default: the checkpoint continued, else the preset's
     progress: bool = True  # tqdm bar on stderr (rank 0)
 
     def stages(self) -> tuple[str, ...]:
@@ -93,6 +94,8 @@ def _check(cfg: TrainConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if cfg.workers < 0:
         raise InputError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.lookahead_ms is not None and (not isinstance(cfg.lookahead_ms, int) or not 0 <= cfg.lookahead_ms <= 1000):
+        raise InputError(f"--lookahead-ms must be a whole number of ms in 0..1000, got {cfg.lookahead_ms!r}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise InputError(f"--lr must be positive, got {cfg.lr}")
     if cfg.vgg_weights is not None and not Path(cfg.vgg_weights).is_file():
@@ -139,6 +142,9 @@ def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -
         if ck_cfg.name != mcfg.name or ck_cfg.image_size != mcfg.image_size:
             raise InputError(f"checkpoint {src} is a {ck_cfg.name!r} model at {ck_cfg.image_size}px; "
                              f"--config {cfg.config} trains {mcfg.name!r} at {mcfg.image_size}px")
+        if ck_cfg.lookahead_ms != mcfg.lookahead_ms:
+            raise InputError(f"checkpoint {src} has a {ck_cfg.lookahead_ms} ms lookahead; this run trains "
+                             f"{mcfg.lookahead_ms} ms (its audio encoder's window differs): start a new run")
         model, meta = load_checkpoint(src)
         meta.pop("random_weights", None)
         log.info("stage %s starts from %s", stage, src)
@@ -167,6 +173,15 @@ def train(cfg: TrainConfig) -> Path:
     preset = C.preset(cfg.config)
     mcfg = ModelConfig.preset(preset.model)
     run = _Run(cfg.out)
+    lookahead = cfg.lookahead_ms
+    if lookahead is None:  # continuing a model: keep its lookahead
+        src = cfg.init if cfg.init is not None else (run.ckpt if (run.ckpt / WEIGHTS).is_file() else None)
+        if src is not None and cfg.stages()[0] != "motion":
+            lookahead = read_checkpoint_config(src)[0].lookahead_ms
+    if lookahead is not None and lookahead != mcfg.lookahead_ms:
+        mcfg = dataclasses.replace(mcfg, lookahead_ms=int(lookahead))
+        log.info("lookahead %d ms (preset %s: %d ms)", lookahead, preset.model,
+                 ModelConfig.preset(preset.model).lookahead_ms)
     stages = cfg.stages()
     if d.main:
         run.dir.mkdir(parents=True, exist_ok=True)
