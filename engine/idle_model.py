@@ -189,6 +189,14 @@ def load_idle_model(checkpoint_dir: Path | None, meta: dict | None = None,
     return model.to(device).eval()
 
 
+def unfit_reason(model: IdleMotionModel, fps: int, n_mels: int) -> str | None:
+    """Why `model` cannot drive a stream at `fps` on `n_mels` mel bands (None: it can)."""
+    if model.cfg.fps != int(fps) or model.cfg.n_mels != int(n_mels):
+        return (f"the checkpoint's idle model runs at {model.cfg.fps} fps on {model.cfg.n_mels} mel bands, "
+                f"not {int(fps)} fps on {int(n_mels)}")
+    return None
+
+
 # ====================================================================================== run time
 class LearnedIdleSource(Source):
     """Pose and eye latents from an `IdleMotionModel`, a composer `Source` like `IdleSource`.
@@ -228,12 +236,8 @@ class LearnedIdleSource(Source):
         self._rows = np.zeros((0, n), np.float32)  # raw mel rows not yet grouped into a frame
         self._feat: deque[np.ndarray] = deque()  # per-frame mean mel of frames _feat_base, _feat_base + 1, ...
         self._feat_base = 0
-        self._out = np.zeros((0, MOTION_DIM), np.float32)  # motion of frames _out_base .. _out_base + len - 1
-        self._out_base = 0
-
-    @property
-    def _n_done(self) -> int:
-        return self._out_base + len(self._out)
+        self._ring = np.zeros((self.history, MOTION_DIM), np.float32)  # motion of frame i at row i % history
+        self._n_done = 0  # frames generated
 
     def push_mel(self, mel) -> None:
         """Log-mel rows (n, n_mels) continuing the stream; every k rows make one frame's audio."""
@@ -266,7 +270,6 @@ class LearnedIdleSource(Source):
         n0 = self._n_done
         if last < n0:
             return
-        rows = []
         with torch.no_grad():
             for i in range(n0, last + 1):
                 mel = torch.from_numpy(self._frame_mel(i)).to(self._dev)[None]
@@ -274,10 +277,8 @@ class LearnedIdleSource(Source):
                                                       self.temperature)
                 self._prev[:, 6:10].clamp_(-1.0, 1.0)
                 self._prev[:, 8:10].clamp_(0.0, 1.0)
-                rows.append(self._prev[0].cpu().numpy())
-        out = np.concatenate([self._out, np.stack(rows)])
-        drop = max(0, len(out) - self.history)
-        self._out, self._out_base = out[drop:], self._out_base + drop
+                self._ring[i % self.history] = self._prev[0].cpu().numpy()
+                self._n_done = i + 1
 
     def motion(self, start: int, n: int) -> np.ndarray:
         """(n, 10) motion values of frames start .. start + n - 1 (negative frames: canonical)."""
@@ -286,10 +287,10 @@ class LearnedIdleSource(Source):
         self._ensure(start + n - 1)
         idx = np.arange(start, start + n)
         ok = idx >= 0
-        if ok.any() and idx[ok].min() < self._out_base:
+        if ok.any() and idx[ok].min() < self._n_done - self.history:
             raise ValueError(f"frame {int(idx[ok].min())} is older than the {self.history} frames kept")
         out = np.zeros((n, MOTION_DIM), np.float32)
-        out[ok] = self._out[idx[ok] - self._out_base]
+        out[ok] = self._ring[idx[ok] % self.history]
         return out
 
     def latents(self, start: int, n: int, factor: str | None = None) -> np.ndarray:

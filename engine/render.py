@@ -218,15 +218,15 @@ def learned_idle_source(meta: dict, mcfg, fps: int, seed: int = 0, mel=None):
     """The checkpoint's learned idle motion (`engine.idle_model.LearnedIdleSource`, fed `mel` when given)
     when it has one that fits (same fps and mel bands), else None (the caller keeps the procedural
     `IdleSource`). Logs which one runs."""
-    from engine.idle_model import LearnedIdleSource, load_idle_model
+    from engine.idle_model import LearnedIdleSource, load_idle_model, unfit_reason
 
     model = load_idle_model(meta.get("checkpoint"), meta)
     if model is None:
         log.info("idle motion: procedural (the checkpoint has no learned idle model)")
         return None
-    if model.cfg.fps != int(fps) or model.cfg.n_mels != mcfg.audio.n_mels:
-        log.warning("idle motion: procedural (the checkpoint's idle model runs at %d fps on %d mel bands, "
-                    "not %d fps on %d)", model.cfg.fps, model.cfg.n_mels, int(fps), mcfg.audio.n_mels)
+    why = unfit_reason(model, fps, mcfg.audio.n_mels)
+    if why:
+        log.warning("idle motion: procedural (%s)", why)
         return None
     src = LearnedIdleSource(model, seed=seed, log_floor=mcfg.audio.log_floor)
     if mel is not None:

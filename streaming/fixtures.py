@@ -277,3 +277,51 @@ def speech_ends(rec: dict, loud: float = 0.01, pause_s: float = 0.8) -> list[flo
     """Sender-clock times at which the returned audio's utterances end (followed by >= pause_s quiet)."""
     ends = rec["ma"][rec["ra"] > loud] + 0.02
     return [float(x) for x, nxt in zip(ends, np.r_[ends[1:], np.inf]) if nxt - x > pause_s]
+
+
+_PEER_SCRIPT = r"""
+import asyncio, sys, numpy as np
+from streaming.ice import restrict_host_candidates
+from streaming.client import AvatarClient, PcmSource
+restrict_host_candidates(["127.0.0.1"])
+async def main():
+    c = AvatarClient(sys.argv[1], keep_frames=False, decode_video=False)
+    await c.connect(mic=PcmSource((np.sin(np.arange(48000 * 60) * 0.03) * 5000).astype(np.int16)))
+    await c.wait_first_frame(30)
+    print("CONNECTED", c.session, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+class PeerProcess:
+    """A real aiortc peer in its own process, connected to `url` and talking (a tone as its microphone),
+    so a test can SIGKILL it and watch the server notice. `with PeerProcess(url) as p:` waits until its
+    first frame arrived; `p.session` is its session id, `p.kill()` kills it without goodbye."""
+
+    def __init__(self, url: str):
+        import sys
+
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen([sys.executable, "-c", _PEER_SCRIPT, url], cwd=root, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(root)})
+        self.session: str | None = None
+
+    def __enter__(self) -> "PeerProcess":
+        line = self.proc.stdout.readline()
+        if not line.startswith("CONNECTED"):
+            self.__exit__()
+            raise RuntimeError(f"the peer process did not connect: {line!r}")
+        self.session = line.split()[1]
+        return self
+
+    def kill(self) -> None:
+        import signal
+
+        os.kill(self.proc.pid, signal.SIGKILL)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)

@@ -36,12 +36,14 @@ class Pipeline:
 
     def idle_model_for(self, fps: int):
         """The learned idle model if it runs at `fps` on this model's mel bands, else None (procedural)."""
+        from engine.idle_model import unfit_reason
+
         m = self.idle_model
-        if m is None or (m.cfg.fps == int(fps) and m.cfg.n_mels == self.cfg.audio.n_mels):
-            return m
-        log.warning("idle motion: procedural (the checkpoint's idle model runs at %d fps on %d mel bands, "
-                    "not %d fps on %d)", m.cfg.fps, m.cfg.n_mels, int(fps), self.cfg.audio.n_mels)
-        return None
+        why = None if m is None else unfit_reason(m, fps, self.cfg.audio.n_mels)
+        if why:
+            log.warning("idle motion: procedural (%s)", why)
+            return None
+        return m
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, config: str = "lite", backend: str = "torch", seed: int = 0,

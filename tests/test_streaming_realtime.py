@@ -13,11 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,11 +23,10 @@ pytest.importorskip("aiortc")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
-from streaming.fixtures import (STATIC_HEAD, ServerThread, default_checkpoint, espeak, run_session,  # noqa: E402
-                                speech_with_pauses)
+from streaming.fixtures import (STATIC_HEAD, PeerProcess, ServerThread, default_checkpoint, espeak,  # noqa: E402
+                                run_session, speech_with_pauses)
 from streaming.server import ServeConfig  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,37 +67,14 @@ def test_interrupt_within_one_tick(server):
     assert lat["n"] == 5 and lat["p95"] <= 1000 / 25 + 15, (lat, _load())
 
 
-_PEER = r"""
-import asyncio, sys, numpy as np
-from streaming.ice import restrict_host_candidates
-from streaming.client import AvatarClient, PcmSource
-restrict_host_candidates(["127.0.0.1"])
-async def main():
-    c = AvatarClient(sys.argv[1], keep_frames=False, decode_video=False)
-    await c.connect(mic=PcmSource((np.sin(np.arange(48000 * 60) * 0.03) * 5000).astype(np.int16)))
-    await c.wait_first_frame(30)
-    print("CONNECTED", c.session, flush=True)
-    await asyncio.sleep(3600)
-asyncio.run(main())
-"""
-
-
 def test_a_killed_peer_is_gone_within_seconds(server):
-    proc = subprocess.Popen([sys.executable, "-c", _PEER, server.url], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("CONNECTED"), line
-        victim = line.split()[1]
+    with PeerProcess(server.url) as peer:
+        victim = peer.session
         time.sleep(1.0)
         t0 = time.monotonic()
-        os.kill(proc.pid, signal.SIGKILL)
+        peer.kill()
         while victim in server.server.sessions and time.monotonic() - t0 < 30:
             time.sleep(0.05)
         gone = time.monotonic() - t0
         assert victim not in server.server.sessions
         assert gone < server.cfg.peer_timeout_s + 2.0, f"{gone:.1f} s ({_load()})"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)

@@ -7,10 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,10 +18,9 @@ pytest.importorskip("aiortc")
 aiohttp = pytest.importorskip("aiohttp")
 
 from streaming.client import AvatarClient, PcmSource  # noqa: E402
-from streaming.fixtures import ServerThread  # noqa: E402
+from streaming.fixtures import PeerProcess, ServerThread  # noqa: E402
 from streaming.server import ServeConfig  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -274,36 +269,16 @@ def test_connect_disconnect_cycles_leave_nothing_behind(server):
     assert rss1 - rss0 < 20, f"RSS grew {rss1 - rss0:.1f} MB over 30 sessions ({took:.1f} s)"
 
 
-_PEER = r"""
-import asyncio, sys, numpy as np
-from streaming.ice import restrict_host_candidates
-from streaming.client import AvatarClient, PcmSource
-restrict_host_candidates(["127.0.0.1"])
-async def main():
-    c = AvatarClient(sys.argv[1], keep_frames=False)
-    x = (np.sin(np.arange(48000 * 60) * 0.03) * 5000).astype(np.int16)
-    await c.connect(mic=PcmSource(x))
-    await c.wait_first_frame(20)
-    print("CONNECTED", c.session, flush=True)
-    await asyncio.sleep(3600)
-asyncio.run(main())
-"""
-
-
 def test_killed_peer_is_cleaned_up_and_does_not_disturb_another(server):
-    proc = subprocess.Popen([sys.executable, "-c", _PEER, server.url], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("CONNECTED"), line
-        victim = line.split()[1]
+    with PeerProcess(server.url) as peer:
+        victim = peer.session
         assert victim in server.server.sessions
 
         async def run():
             c = await _connect(server.url)
             try:
                 await asyncio.sleep(1.0)
-                os.kill(proc.pid, signal.SIGKILL)
+                peer.kill()
                 t_kill = time.monotonic()
                 n_kill = c.video_frames_seen
                 while victim in server.server.sessions and time.monotonic() - t_kill < 30:
@@ -320,7 +295,3 @@ def test_killed_peer_is_cleaned_up_and_does_not_disturb_another(server):
         assert gone, "the killed peer's session was never cleaned up"
         assert alive and state == "connected"
         assert n_gone > n_kill and n_end > n_gone + 5  # frames kept coming while and after it went
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)

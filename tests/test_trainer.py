@@ -176,7 +176,8 @@ def test_idle_model_source_is_seeded_and_moves():
     f = LearnedIdleSource(model, seed=3, history=30)
     f.push_mel(mel)
     assert np.array_equal(f.latents(20, 30, "pose"), pa[20:50])
-    assert len(f._out) == 30 and len(f._feat) == 100 - 50
+    assert f._ring.shape == (30, 10) and len(f._feat) == 100 - 50
+    assert np.array_equal(f.latents(49, 1, "pose"), pa[49:50])  # the ring wrapped around and still reads right
     with pytest.raises(ValueError, match="older than"):
         f.latents(0, 5, "pose")
     # a frame generated before its audio arrived stays as generated (silent), later audio lines up
