@@ -8,7 +8,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps test test-slow test-all demo serve bench builtin clean
+.PHONY: setup system-deps test test-slow test-all demo serve bench builtin builtin-time clean
 
 setup: $(STAMP) system-deps
 
@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-# espeak-ng (speech with phoneme timings for the corpus), sox (audio conversion), idempotent
+# espeak-ng (speech with phoneme timings for the corpus), sox (audio conversion), pocketsphinx-testdata (real
+# recorded human speech, CMU test utterances and LibriVox readings, BSD-2: tests and benchmarks), idempotent
+REAL_SPEECH := /usr/share/pocketsphinx/test/data/librivox
 system-deps:
-	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v espeak-ng >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng libespeak-ng1 sox; \
+	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v espeak-ng >/dev/null || ! test -d $(REAL_SPEECH); then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng libespeak-ng1 sox pocketsphinx-testdata; \
 	fi
 
 test: setup
@@ -45,25 +47,32 @@ demo: setup
 	$(BIN)/marionette corpus --out demo_corpus --identities 4 --clips-per-identity 1 --seconds 3 --seed 0 --overwrite
 	$(BIN)/marionette corpus preview demo_corpus --out demo_corpus/preview.png
 
-# The built-in avatar, end to end (needs an NVIDIA GPU: the lite schedule is ~480k steps; about 33 days
-# on 2 CPU cores). Each step keeps its output: rerun after an interruption and finished steps are skipped
-# (training resumes from its saved state).
+# The built-in avatar, end to end, from nothing: <= 2.5 h on 2 CPU cores (DEVICE=cpu, the default here), minutes
+# on one NVIDIA GPU (DEVICE=cuda). Every step keeps its output: rerun after an interruption and finished steps
+# are skipped, training resumes from its last checkpoint (every 250 steps). `make builtin-time` records the wall
+# time and load of a run in benchmarks/results/builtin_time.json.
 BUILTIN_RUN ?= runs/builtin
-DEVICE ?= cuda
-BUILTIN_IDS ?= 400
+DEVICE ?= cpu
 LOOKAHEAD_MS ?=
 builtin: setup
+	@# speech corpus (audio + idle-motion stages; 64 px: their frames are not used) and a held-out 256 px corpus
 	test -f $(BUILTIN_RUN)/corpus/manifest.json || $(BIN)/marionette corpus --out $(BUILTIN_RUN)/corpus \
-		--identities $(BUILTIN_IDS) --clips-per-identity 4 --seconds 8 --seed 1 --device $(DEVICE)
-	test -f $(BUILTIN_RUN)/oracle/oracle.json || $(BIN)/marionette oracle --data $(BUILTIN_RUN)/corpus \
-		--out $(BUILTIN_RUN)/oracle --steps 20000 --batch 64 --device $(DEVICE)
-	$(BIN)/marionette train --stage all --data $(BUILTIN_RUN)/corpus --config lite --out $(BUILTIN_RUN)/lite \
-		--device $(DEVICE) --oracle $(BUILTIN_RUN)/oracle $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
-		$$(test -d $(BUILTIN_RUN)/lite/state && echo --resume)
-	$(BIN)/marionette install-builtin --checkpoint $(BUILTIN_RUN)/lite/checkpoint --oracle $(BUILTIN_RUN)/oracle
-	$(BIN)/marionette evaluate --data $(BUILTIN_RUN)/corpus --split test --max-clips 40 --device $(DEVICE) \
+		--identities 120 --clips-per-identity 2 --seconds 8 --size 64 --seed 1 --device $(DEVICE)
+	test -f $(BUILTIN_RUN)/eval256/manifest.json || $(BIN)/marionette corpus --out $(BUILTIN_RUN)/eval256 \
+		--identities 10 --clips-per-identity 2 --seconds 6 --size 256 --seed 2 --device $(DEVICE)
+	@# the factor oracle that evaluates the model (rendered frames only)
+	test -f $(BUILTIN_RUN)/oracle/oracle.json || $(BIN)/marionette oracle --out $(BUILTIN_RUN)/oracle \
+		--steps 4000 --batch 32 --size 128 --device $(DEVICE)
+	@# render (E_app, E_mot + heads, G on pairs rendered on the fly) -> audio (E_aud) -> idle
+	$(BIN)/marionette train --config talk --stage all --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/talk \
+		--device $(DEVICE) --workers 1 --ckpt-every 250 $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
+		$$(test -d $(BUILTIN_RUN)/talk/state && echo --resume)
+	$(BIN)/marionette install-builtin --checkpoint $(BUILTIN_RUN)/talk/checkpoint --oracle $(BUILTIN_RUN)/oracle
+	$(BIN)/marionette evaluate --data $(BUILTIN_RUN)/eval256 --split all --device $(DEVICE) \
 		--out benchmarks/results/quality.json
-	$(BIN)/python benchmarks/lookahead_curve.py --data $(BUILTIN_RUN)/corpus --device $(DEVICE)
+
+builtin-time: setup
+	$(BIN)/python benchmarks/time_command.py --out benchmarks/results/builtin_time.json -- $(MAKE) builtin
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_corpus

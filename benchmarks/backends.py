@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import load_model  # noqa: E402
-from engine.export import ExportConfig, export_model  # noqa: E402
-from engine.runtime import TorchRuntime  # noqa: E402
-from engine.runtime_ort import OrtRuntime, physical_cores  # noqa: E402
+from engine.runtimes.export import ExportConfig, export_model  # noqa: E402
+from engine.runtimes.torch_runtime import TorchRuntime  # noqa: E402
+from engine.runtimes.ort import OrtRuntime, physical_cores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "backends.json"
 

@@ -175,8 +175,9 @@ async def run(url: str, pid: int, max_sessions: int, settle: float, window: floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="lite")
-    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--config", default="lite", help="model config when no built-in checkpoint is installed")
+    ap.add_argument("--checkpoint", type=Path, help="default: the built-in checkpoint")
+    ap.add_argument("--backend", default="torch", help="torch | onnxruntime")
     ap.add_argument("--max-sessions", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: its own)")
     ap.add_argument("--settle", type=float, default=3.0)
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
         ck, what = (a.checkpoint, str(a.checkpoint)) if a.checkpoint else default_checkpoint(Path(tmp), a.config)
         port = free_port()
         cfg = {"host": "127.0.0.1", "port": port, "checkpoint": str(ck), "config": a.config,
-               "ice_hosts": ["127.0.0.1"], "max_sessions": a.max_sessions + 1, "threads": a.threads}
+               "ice_hosts": ["127.0.0.1"], "max_sessions": a.max_sessions + 1, "threads": a.threads,
+               "backend": a.backend}
         proc = subprocess.Popen([sys.executable, "-c", _SERVER, json.dumps(cfg)], cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -208,7 +210,8 @@ def main(argv=None) -> int:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    res.update({"model": what, "config": a.config, "threads": a.threads, "cpus": os.cpu_count()})
+    res.update({"model": what, "config": a.config, "backend": a.backend, "threads": a.threads, "cpus": os.cpu_count(),
+                "load_after": os.getloadavg()[0]})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
     print(f"capacity: {res['capacity']} concurrent {a.config} sessions at >= {a.min_fps:g} fps on {os.cpu_count()} CPUs; "

@@ -47,7 +47,7 @@ def _inputs(model: Marionette, batch: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     img = torch.rand(batch, 3, s, s, generator=g) * 2 - 1
     with torch.inference_mode():
-        hi, lo, app = model.e_app(img[:1])
+        hi, lo, app = model.encode_avatar(img[:1])  # relative models: app carries the portrait's state
         hi, lo, app = (t.expand(batch, *t.shape[1:]).contiguous() for t in (hi, lo, app))
         z = torch.randn(batch, cfg.latents.total, generator=g) * 0.3
         flow, occ, m = model.generator.flow(z, lo, app)
@@ -61,13 +61,13 @@ def _inputs(model: Marionette, batch: int) -> dict[str, Any]:
 def _stages(model: Marionette, x: dict[str, Any]) -> dict[str, tuple[str, Callable[[], Any]]]:
     g = model.generator
     return {
-        "e_app": ("per_avatar", lambda: model.e_app(x["img"])),
-        "e_aud": ("per_frame", lambda: model.e_aud(x["mel"])),
+        "e_app": ("per_avatar", lambda: model.encode_avatar(x["img"])),
+        "e_aud": ("per_frame", lambda: model.encode_audio(x["mel"])),
         "g.flow": ("per_frame", lambda: g.flow(x["z"], x["lo"], x["app"])),
         "g.warp": ("per_frame", lambda: g.warp(x["flow"], x["occ"], x["img"], x["hi"], x["lo"])),
         "g.refine": ("per_frame", lambda: g.refine(x["m"], x["w_lo"], x["w_hi"], x["w_src"])),
         "generator": ("per_frame", lambda: g(x["z"], x["img"], x["hi"], x["lo"], x["app"])),
-        "frame": ("per_frame", lambda: (model.e_aud(x["mel"]), g(x["z"], x["img"], x["hi"], x["lo"], x["app"]))),
+        "frame": ("per_frame", lambda: (model.encode_audio(x["mel"]), g(x["z"], x["img"], x["hi"], x["lo"], x["app"]))),
         "e_mot": ("per_driving_frame", lambda: model.e_mot(x["img"])),
         "heads": ("per_driving_frame", lambda: model.heads(x["mot"])),
         "motion": ("per_driving_frame", lambda: model.encode_motion(x["img"])),
@@ -114,7 +114,7 @@ def measure(name: str, batch_sizes: list[int], repeats: int, warmup: int, timing
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["lite", "base"])
+    p.add_argument("--configs", nargs="+", default=["talk", "lite", "base"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)

@@ -170,7 +170,7 @@ def bench_kernels(cfg, batches: list[int], rounds: int, inner: int, peak: float 
 # --------------------------------------------------------------------------------------- frame path
 def bench_frame(cfg, batches: list[int], reps: int) -> list[dict[str, Any]]:
     from engine.model import Marionette
-    from engine.runtime import TorchRuntime
+    from engine.runtimes.torch_runtime import TorchRuntime
     from kernels.logmel import log_mel_frames
 
     dev = torch.device("cuda")

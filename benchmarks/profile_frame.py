@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from engine.audio import _window, mel_filterbank  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import Marionette  # noqa: E402
-from engine.runtime import TorchRuntime  # noqa: E402
+from engine.runtimes.torch_runtime import TorchRuntime  # noqa: E402
 from kernels.logmel import log_mel_frames  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

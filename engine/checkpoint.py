@@ -289,6 +289,8 @@ def install_checkpoint(src: Path, dest: Path = BUILTIN_DIR, *, oracle: Path | No
             raise InputError(f"the packaged checkpoint is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB "
                              f"limit (weights in {meta['weights_dtype']}; a smaller config or dtype is needed)")
         load_checkpoint(stage)  # it must load back
+        for p in [stage, *stage.rglob("*")]:  # mkdtemp makes 0700: the installed model is for every user
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
         old = None
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))

@@ -54,6 +54,15 @@ class LatentConfig:
     def total(self) -> int:
         return self.lip + self.pose + self.eye + self.exp
 
+    def gt_mask(self) -> list[float]:
+        """(total,) 1 where a dimension has a ground-truth meaning (GT_DIMS), 0 where it is unused."""
+        out: list[float] = []
+        for name in ("lip", "pose", "eye", "exp"):
+            n = getattr(self, name)
+            k = min(n, GT_DIMS[name])
+            out += [1.0] * k + [0.0] * (n - k)
+        return out
+
     def slices(self) -> dict[str, slice]:
         out, start = {}, 0
         for name in ("lip", "pose", "eye", "exp"):
@@ -64,6 +73,12 @@ class LatentConfig:
 
 
 FACTORS: tuple[str, ...] = ("lip", "pose", "eye", "exp")
+
+# Ground-truth-anchored latents (`ModelConfig.gt_latents`): how many leading dimensions of each factor carry a
+# physical meaning; the rest are exactly zero. lip = [jaw_open 0..1, width -1..1, rounding 0..1] (the corpus'
+# mouth group), pose = the 6 pose latents (engine.controls), eye = [gaze_x, gaze_y, lid_left, lid_right],
+# exp = the corpus' 6 expression weights [brow_raise, brow_furrow, smile, frown, cheek_raise, eye_squint].
+GT_DIMS: dict[str, int] = {"lip": 3, "pose": 6, "eye": 4, "exp": 6}
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,10 @@ class ModelConfig:
     latents: LatentConfig = field(default_factory=LatentConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     net: NetworkConfig = field(default_factory=NetworkConfig)
+    # --- the design trained on the renderer's ground truth (the built-in model; see README "The model")
+    gt_latents: bool = False  # every latent dimension has a physical meaning (GT_DIMS) or is exactly zero
+    relative: bool = False  # G is told the source's state too (estimated once per avatar by E_mot + heads)
+    pose_warp: bool = False  # head pose is an explicit 3D warp (engine.geometry.pose_flow); G learns the residual
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -131,6 +150,14 @@ class ModelConfig:
                 app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32), motion_dim=64,
                 head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16, refine_channels=8,
                 mouth_channels=8)),
+            # the built-in design: lite's networks with ground-truth latents, relative motion and the explicit
+            # pose warp (trained on pairs rendered on the fly: `marionette train --config talk`)
+            "talk": cls(name="talk", lookahead_ms=40, gt_latents=True, relative=True, pose_warp=True),
+            "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
+                             pose_warp=True, net=NetworkConfig(
+                                 app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
+                                 motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
+                                 refine_channels=8, mouth_channels=8)),
         }
         if name not in presets:
             raise ValueError(f"unknown model config {name!r}; valid: {', '.join(presets)}")

@@ -26,6 +26,7 @@ from engine.errors import InputError
 
 MIN_SIDE = 64
 BACKGROUND = (128, 128, 128)
+BUILTIN_AVATAR = Path(__file__).resolve().parent / "assets" / "avatar.png"  # the default portrait
 
 # str | Path | bytes | PIL.Image.Image | np.ndarray | torch.Tensor (PIL is imported lazily)
 PortraitSource = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, torch.Tensor, object]

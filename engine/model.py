@@ -57,10 +57,23 @@ class Marionette(nn.Module):
         self.e_aud = AudioEncoder(cfg)
         self.generator = Generator(cfg)
 
+        # ground-truth latents: the dimensions without a meaning are exactly zero (engine.config.GT_DIMS)
+        mask = cfg.latents.gt_mask() if cfg.gt_latents else [1.0] * cfg.latents.total
+        self.register_buffer("latent_mask", torch.tensor(mask), persistent=False)
+
     # ---- per avatar
     def encode_avatar(self, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """E_app: (B,3,S,S) in [-1,1] -> feat_hi (B,C1,S/2,S/2), feat_lo (B,C2,S/4,S/4), app (B,app_dim)."""
-        return self.e_app(portrait)
+        """E_app: (B,3,S,S) in [-1,1] -> feat_hi (B,C1,S/2,S/2), feat_lo (B,C2,S/4,S/4), app (B,app_dim);
+        with `cfg.relative`, app is [appearance (app_dim), the portrait's own state z_src (latents.total)],
+        z_src estimated by E_mot + heads (run once per avatar)."""
+        feat_hi, feat_lo, app = self.e_app(portrait)
+        if self.cfg.relative:
+            app = torch.cat([app, self.source_state(portrait)], dim=1)
+        return feat_hi, feat_lo, app
+
+    def source_state(self, portrait: torch.Tensor) -> torch.Tensor:
+        """The state z (B, latents.total) the portrait itself shows (E_mot + heads)."""
+        return self.compose(self.encode_motion(portrait))
 
     # ---- per driving frame
     def motion_feature(self, frames: torch.Tensor) -> torch.Tensor:
@@ -69,8 +82,11 @@ class Marionette(nn.Module):
 
     def heads(self, motion: torch.Tensor) -> dict[str, torch.Tensor]:
         """E_lip/E_pose/E_eye/E_exp on a unified motion feature -> {"lip", "pose", "eye", "exp"}."""
-        return {"lip": self.e_lip(motion), "pose": self.e_pose(motion), "eye": self.e_eye(motion),
-                "exp": self.e_exp(motion)}
+        out = {"lip": self.e_lip(motion), "pose": self.e_pose(motion), "eye": self.e_eye(motion),
+               "exp": self.e_exp(motion)}
+        if self.cfg.gt_latents:
+            out = {k: v * self.latent_mask[s] for (k, v), s in zip(out.items(), self.cfg.latents.slices().values())}
+        return out
 
     def encode_motion(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B,3,S,S) in [-1,1] -> {"lip": (B,lip), "pose": (B,pose), "eye": (B,eye), "exp": (B,exp)}."""
@@ -79,7 +95,10 @@ class Marionette(nn.Module):
     # ---- per audio window
     def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
         """E_aud: (B, n_mels, mel_window) log-mel -> lip latent (B, lip)."""
-        return self.e_aud(mel)
+        lip = self.e_aud(mel)
+        if self.cfg.gt_latents:
+            lip = lip * self.latent_mask[self.cfg.latents.slices()["lip"]]
+        return lip
 
     # ---- latents
     def compose(self, factors: Mapping[str, torch.Tensor], batch: int | None = None) -> torch.Tensor:
@@ -115,6 +134,6 @@ class Marionette(nn.Module):
 
     def reconstruct(self, source: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
         """Self-reconstruction (training): appearance of `source`, every factor from `driving` via E_mot + heads."""
-        feat_hi, feat_lo, app = self.e_app(source)
+        feat_hi, feat_lo, app = self.encode_avatar(source)
         z = self.compose(self.encode_motion(driving))
         return self.generator(z, source, feat_hi, feat_lo, app)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.geometry import pose_flow
 from kernels.warp import warp_cat
 
 # ---- constants that are not (yet) NetworkConfig fields ------------------------------------------
@@ -231,12 +232,22 @@ class Generator(nn.Module):
         self.size = s
         self.s0 = s // DECODER_START_DIV
         self.fc_ch = fc
+        self.app_dim = n.app_dim
+        self.relative = cfg.relative
+        self.pose_warp = cfg.pose_warp
+        lat = cfg.latents
+        self.pose_slice = lat.slices()["pose"]
+        # physical pose = latent * scale + offset (engine.model.POSE_LATENT_SCALE / _OFFSET)
+        self.register_buffer("pose_scale", torch.tensor([30.0, 20.0, 15.0, 0.08, 0.08, 0.1]), persistent=False)
+        self.register_buffer("pose_offset", torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]), persistent=False)
+        z_in = lat.total * (2 if cfg.relative else 1)  # relative: [z_target, z_source]
         # --- flow/occlusion decoder (S/32 -> S/4)
-        self.fc = nn.Linear(cfg.latents.total + n.app_dim, fc * self.s0 * self.s0)
+        self.fc = nn.Linear(z_in + n.app_dim, fc * self.s0 * self.s0)
         self.dec16 = ConvAct(fc, fc)  # S/16
         self.dec32 = ConvAct(fc, fc // 2)  # S/8
         self.guide = ConvAct(c2, fc // 4, k=1)  # S/4, from the cached feat_lo
-        self.dec64 = ConvAct(fc // 2 + fc // 4, fc // 2)  # S/4
+        pw = 2 if cfg.pose_warp else 0  # the computed pose flow joins the decoder at S/4
+        self.dec64 = ConvAct(fc // 2 + fc // 4 + pw, fc // 2)  # S/4
         self.flow_out = conv(fc // 2, 3)  # 2 flow + 1 occlusion logit
         nn.init.zeros_(self.flow_out.weight)
         with torch.no_grad():
@@ -268,14 +279,28 @@ class Generator(nn.Module):
     def flow(self, z: torch.Tensor, feat_lo: torch.Tensor, app: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = z.shape[0]
-        h = F.leaky_relu(self.fc(torch.cat([z, app], dim=1)), LEAK)
+        zin = [z]
+        if self.relative:  # app = [appearance (app_dim), source state (latents.total)]
+            z_src = app[:, self.app_dim:]
+            zin.append(z_src)
+            app = app[:, : self.app_dim]
+        h = F.leaky_relu(self.fc(torch.cat(zin + [app], dim=1)), LEAK)
         h = h.view(b, self.fc_ch, self.s0, self.s0)  # (B,fc,S/32,S/32)
         h = self.dec16(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B,fc,S/16,S/16)
         h = self.dec32(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B,fc/2,S/8,S/8)
         h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B,fc/2,S/4,S/4)
-        m = self.dec64(torch.cat([h, self.guide(feat_lo)], dim=1))  # (B,fc/2,S/4,S/4)
+        parts = [h, self.guide(feat_lo)]
+        base = None
+        if self.pose_warp:  # explicit 3D warp from the target's pose (and the source's, when relative)
+            p_t = z[:, self.pose_slice] * self.pose_scale + self.pose_offset
+            p_s = (zin[1][:, self.pose_slice] * self.pose_scale + self.pose_offset if self.relative
+                   else self.pose_offset.expand_as(p_t))
+            base = pose_flow(p_t, p_s, self.size // 4)  # (B,2,S/4,S/4)
+            parts.append(base)
+        m = self.dec64(torch.cat(parts, dim=1))  # (B,fc/2,S/4,S/4)
         o = self.flow_out(m)  # (B,3,S/4,S/4)
-        return o[:, :2], torch.sigmoid(o[:, 2:3]), m
+        fl = o[:, :2] if base is None else base + o[:, :2]  # learned residual on the computed warp
+        return fl, torch.sigmoid(o[:, 2:3]), m
 
     def warp(self, flow: torch.Tensor, occ: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor,
              feat_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
+from engine.image import BUILTIN_AVATAR
 
 log = logging.getLogger(__name__)
 
-BUILTIN_AVATAR = Path(__file__).resolve().parent / "assets" / "avatar.png"
 AUDIO_BATCH = 64
 MOTION_BATCH = 32
 GENERATE_BATCH = 16
@@ -185,7 +185,7 @@ def _check(cfg: RenderConfig) -> None:
         raise InputError(f"--driving must be one of {', '.join(DRIVING_MODES)}, got {cfg.driving!r}")
     if cfg.fps <= 0:
         raise InputError(f"fps must be positive, got {cfg.fps}")
-    from engine.backend import BACKENDS
+    from engine.runtimes.backend import BACKENDS
 
     if cfg.backend not in BACKENDS:
         raise InputError(f"unknown backend {cfg.backend!r}; available: {', '.join(BACKENDS)}")
@@ -253,7 +253,7 @@ def prepare_render(cfg: RenderConfig) -> RenderJob:
     n_frames = max(1, int(round(duration * fps)))
 
     model, meta = load_model(cfg.checkpoint, config=cfg.config, seed=cfg.seed)  # warns on random weights
-    from engine.backend import open_backend
+    from engine.runtimes.backend import open_backend
 
     device = "cpu" if cfg.backend == "onnxruntime" else ("cuda" if torch.cuda.is_available() else "cpu")
     rt = open_backend(cfg.backend, checkpoint=cfg.checkpoint, config=cfg.config, seed=cfg.seed,
@@ -318,7 +318,7 @@ def write_render(job: RenderJob, out: Path) -> Path:
     from tqdm import tqdm
 
     from engine.audio import SAMPLE_RATE
-    from engine.runtime import to_uint8_hwc
+    from engine.runtimes.torch_runtime import to_uint8_hwc
 
     rt, size = job.runtime, job.runtime.cfg.image_size
     writer = Mp4Writer(Path(out), size, job.fps, SAMPLE_RATE)

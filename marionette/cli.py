@@ -85,7 +85,7 @@ def _cmd_render(argv: list[str]) -> int:
     p.add_argument("--audio", type=Path, required=True, help="speech (wav/mp3/... any rate, mono or stereo)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4")
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory; default: the built-in one")
-    p.add_argument("--config", default="lite", help="model config when no checkpoint exists (lite, base)")
+    p.add_argument("--config", default="lite", help="model config when no checkpoint exists (lite, base, talk)")
     p.add_argument("--pose-from", type=Path, help="driving video for head pose")
     p.add_argument("--eyes-from", type=Path, help="driving video for gaze and blinks")
     p.add_argument("--expression-from", type=Path, help="driving video for expression")
@@ -135,6 +135,9 @@ def _cmd_serve(argv: list[str]) -> int:
                    help="how early the scheduler starts a frame before its tick (default: from the warmup)")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     a = p.parse_args(argv)
+    from streaming import require_serve_extra
+
+    require_serve_extra()
     from streaming.server import ServeConfig, serve
 
     cfg = ServeConfig(host=a.host, port=a.port, avatar=a.avatar, checkpoint=a.checkpoint, config=a.config,
@@ -159,7 +162,7 @@ def _cmd_export(argv: list[str]) -> int:
     p.add_argument("--max-batch", type=_positive_int, default=16)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    from engine.export import ExportConfig, export
+    from engine.runtimes.export import ExportConfig, export
 
     cfg = ExportConfig(checkpoint=a.checkpoint, config=a.config, format=a.format, out=a.out,
                        precision=a.precision, max_batch=a.max_batch, overwrite=a.overwrite)
@@ -170,11 +173,15 @@ def _cmd_export(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------ train / eval
 def _cmd_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="marionette train", description=(
-        "Train the model progressively (PD-FGC): motion -> factors -> expression -> idle. "
+        "Train the model. --config talk: the built-in recipe (render -> audio -> idle; pairs rendered on the "
+        "fly with ground-truth latents). --config lite|base|tiny: PD-FGC's progressive stages for data without "
+        "ground truth (motion -> factors -> expression -> idle). "
         "Multi-GPU / multi-process: torchrun --nproc_per_node N -m marionette train ..."))
-    p.add_argument("--stage", default="all", help="motion | factors | expression | idle | all")
-    p.add_argument("--data", type=Path, required=True, help="corpus directory (marionette corpus) or video folders")
-    p.add_argument("--config", default="lite", help="tiny | lite | base")
+    p.add_argument("--stage", default="all", help="talk: render | audio | idle | all; "
+                   "lite/base/tiny: motion | factors | expression | idle | all")
+    p.add_argument("--data", type=Path, default=Path("corpus"),
+                   help="corpus directory (marionette corpus) or video folders (not needed by the render stage)")
+    p.add_argument("--config", default="talk", help="talk | talk-tiny | lite | base | tiny")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint/, metrics.jsonl, state)")
     p.add_argument("--steps", type=_positive_int, help="steps per stage (default: the config's)")
     p.add_argument("--batch", type=_positive_int, dest="batch_size", help="batch size per process")

@@ -27,9 +27,15 @@ def responsive_checkpoint(out: Path, config: str = "lite", seed: int = 0) -> Pat
     """Write a z-responsive random checkpoint to `out` (see the module doc); returns `out`."""
     import torch
 
-    from engine.checkpoint import load_model, save_checkpoint
+    from engine.checkpoint import default_expression_presets, save_checkpoint
+    from engine.config import ModelConfig
+    from engine.model import Marionette
 
-    model, meta = load_model(None, config=config, seed=seed)
+    # a random model of `config` (never the built-in checkpoint, whatever is installed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Marionette(ModelConfig.preset(config)).eval()
+    meta = {"expression_presets": default_expression_presets(model.cfg)}
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         model.generator.flow_out.weight.normal_(0, RESPONSIVE["flow_std"], generator=g)

@@ -51,7 +51,7 @@ class Pipeline:
              kernels: bool = False) -> "Pipeline":
         import torch
 
-        from engine.backend import open_backend
+        from engine.runtimes.backend import open_backend
         from engine.checkpoint import load_model
 
         if not threads:
@@ -83,7 +83,7 @@ class Pipeline:
 
     def generate(self, avatars: list, z: np.ndarray) -> np.ndarray:
         """-> (B, S, S, 3) uint8."""
-        from engine.runtime import to_uint8_hwc
+        from engine.runtimes.torch_runtime import to_uint8_hwc
 
         if all(a is avatars[0] for a in avatars):
             avatars = avatars[0]  # one avatar for every row: broadcast, no copy

@@ -154,7 +154,7 @@ class AvatarServer:
         if self.cfg.avatar is not None:
             return Path(self.cfg.avatar), str(self.cfg.avatar)
         try:
-            from engine.render import BUILTIN_AVATAR
+            from engine.image import BUILTIN_AVATAR
         except ImportError:  # pragma: no cover
             BUILTIN_AVATAR = Path(__file__).resolve().parents[1] / "engine" / "assets" / "avatar.png"
         if Path(BUILTIN_AVATAR).is_file():

@@ -14,7 +14,7 @@ from engine.config import ModelConfig
 from engine.errors import InputError
 from engine.image import BACKGROUND, load_portrait
 from engine.model import Marionette
-from engine.runtime import TorchRuntime
+from engine.runtimes.torch_runtime import TorchRuntime
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -17,16 +17,16 @@ import torch
 from onnx import TensorProto, helper
 
 from engine.avatar import AvatarState
-from engine.backend import BACKENDS, cache_path, open_backend
+from engine.runtimes.backend import BACKENDS, cache_path, open_backend
 from engine.checkpoint import save_checkpoint
 from engine.config import FACTORS, ModelConfig
 from engine.errors import InputError, MissingDependency
-from engine.export import ExportConfig, export_model, export_onnx, read_manifest
+from engine.runtimes.export import ExportConfig, export_model, export_onnx, read_manifest
 from engine.model import Marionette
-from engine.runtime import TorchRuntime
-from engine.runtime_ort import OrtRuntime, split_at_grid_sample
-from engine.tensorrt import EngineMismatch, check_engine_manifest
-from engine.trt_opcheck import check_export_dir, check_model
+from engine.runtimes.torch_runtime import TorchRuntime
+from engine.runtimes.ort import OrtRuntime, split_at_grid_sample
+from engine.runtimes.tensorrt_runtime import EngineMismatch, check_engine_manifest
+from engine.runtimes.opcheck import check_export_dir, check_model
 from marionette.cli import main as cli_main
 
 # per precision: max |frame - ref| on [0,1] frames, max |latent - ref|, min PSNR (dB) of frames
@@ -124,8 +124,9 @@ def assert_backend_parity(backend, reference: TorchRuntime, *, precision: str = 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def tiny_model() -> Marionette:
+    """The shipped design at 64 px (ground-truth latents, relative motion, the computed pose warp)."""
     torch.manual_seed(0)
-    return _perturb(Marionette(ModelConfig.preset("tiny")))
+    return _perturb(Marionette(ModelConfig.preset("talk-tiny")))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_export_cli_writes_manifest_and_loadable_models(tiny_export, tiny_ckpt):
     assert m["format"] == "onnx" and m["precision"] == "fp32" and m["opset"] >= 18
     want = "sha256:" + hashlib.sha256((tiny_ckpt / "model.safetensors").read_bytes()).hexdigest()
     assert m["checkpoint_hash"] == want
-    assert ModelConfig.from_dict(m["model_config"]) == ModelConfig.preset("tiny")
+    assert ModelConfig.from_dict(m["model_config"]) == ModelConfig.preset("talk-tiny")
     assert set(m["exporter"]) >= {"torch", "onnx", "onnxscript", "onnxruntime"}
     assert set(m["graphs"]) == {"generator", "audio_encoder", "avatar_encoder", "motion_encoder"}
     gen = m["graphs"]["generator"]
@@ -458,7 +459,7 @@ def test_avatar_state_from_ort_is_cpu_float32(tiny_export):
 
 def test_kernels_are_a_cuda_torch_option():
     """The fused kernels are opt-in on the torch backend on CUDA; asking elsewhere says why not."""
-    from engine.backend import open_backend
+    from engine.runtimes.backend import open_backend
 
     with pytest.raises(InputError, match="CUDA only"):
         open_backend("torch", config="tiny", device="cpu", kernels=True)

@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 from engine.audio import _window, log_mel, mel_filterbank  # noqa: E402
 from engine.config import AudioConfig, ModelConfig  # noqa: E402
 from engine.model import Marionette  # noqa: E402
-from engine.runtime import TorchRuntime  # noqa: E402
+from engine.runtimes.torch_runtime import TorchRuntime  # noqa: E402
 from kernels import _triton  # noqa: E402
 from kernels.logmel import log_mel_frames, log_mel_frames_reference, log_mel_frames_triton  # noqa: E402
 from kernels.warp import warp_cat, warp_cat_reference, warp_cat_triton  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 from engine.config import ModelConfig
 from engine.model import Marionette
 from engine.networks import count_macs
-from engine.runtime import TorchRuntime, to_uint8_hwc
+from engine.runtimes.torch_runtime import TorchRuntime, to_uint8_hwc
 
 
 def _model(name: str = "tiny", seed: int = 0, **overrides) -> Marionette:

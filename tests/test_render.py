@@ -235,7 +235,7 @@ def test_driving_video_shorter_than_audio(tmp_path, portrait, mode):
 def test_driving_video_other_frame_rate(tmp_path):
     """A 50 fps driving video drives a 25 fps render with every other frame."""
     from engine.checkpoint import load_model
-    from engine.runtime import TorchRuntime
+    from engine.runtimes.torch_runtime import TorchRuntime
 
     model, _ = load_model(None, config="tiny")
     rt = TorchRuntime(model)

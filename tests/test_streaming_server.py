@@ -24,8 +24,12 @@ from streaming.server import ServeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server():
-    cfg = ServeConfig(config="tiny", ice_hosts=("127.0.0.1",), max_sessions=3, peer_timeout_s=2.0,
+def server(tmp_path_factory):
+    from streaming.fixtures import responsive_checkpoint
+
+    # a small random model (64 px), not the built-in one: these tests are about the server's routes
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
+    cfg = ServeConfig(checkpoint=ck, config="tiny", ice_hosts=("127.0.0.1",), max_sessions=3, peer_timeout_s=2.0,
                       max_upload_bytes=200_000)
     with ServerThread(cfg) as st:
         yield st

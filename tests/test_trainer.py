@@ -212,7 +212,7 @@ def test_tiny_trains_every_stage_end_to_end(small_corpus, tmp_path, one_thread):
     checkpoint holds what the engine reads (weights, expression presets, the idle model)."""
     from engine.checkpoint import load_model
     from engine.idle_model import LearnedIdleSource, load_idle_model
-    from engine.runtime import TorchRuntime
+    from engine.runtimes.torch_runtime import TorchRuntime
     from trainer.stages import MAIN_LOSSES
     from trainer.train import TrainConfig, train
 
@@ -222,7 +222,8 @@ def test_tiny_trains_every_stage_end_to_end(small_corpus, tmp_path, one_thread):
     assert ckpt == run / "checkpoint"
     recs = _records(run)
     k = 10  # mean of the first vs the last 10 steps (per-step losses vary +-30% with the pairs drawn)
-    for stage, keys in MAIN_LOSSES.items():
+    for stage in C.preset("tiny").order:
+        keys = MAIN_LOSSES[stage]
         vals = _stage_sums(recs, stage, keys)
         assert len(vals) == C.preset("tiny").stage(stage).steps
         first, last = sum(vals[:k]) / k, sum(vals[-k:]) / k

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-STAGES: tuple[str, ...] = ("motion", "factors", "expression", "idle")
+STAGES: tuple[str, ...] = ("motion", "factors", "expression", "idle")  # the progressive recipe (PD-FGC)
+SYNTHETIC_STAGES: tuple[str, ...] = ("render", "state", "audio", "idle")  # the built-in recipe (trainer.synthetic)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class StageConfig:
     audio_lip_prob: float = 0.5  # expression: G gets E_aud's lip latent (else E_lip's) with this probability
     ref_frames: int = 20  # idle: reference motion length (frames)
     seq_frames: int = 30  # idle: predicted sequence length (frames)
+    per_id: int = 4  # render: targets rendered per source identity (batch_size / per_id identities per step)
+    pool: int = 4096  # state: frames rendered once up front, batches drawn from them
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,11 @@ class TrainPreset:
 
     def stage(self, name: str) -> StageConfig:
         return self.stages[name]
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """The stages `--stage all` runs, in order."""
+        return tuple(self.stages)
 
 
 def _tiny() -> TrainPreset:
@@ -132,7 +140,34 @@ def _base() -> TrainPreset:
     })
 
 
-PRESETS = {"tiny": _tiny, "lite": _lite, "base": _base}
+def _talk() -> TrainPreset:
+    # The built-in model (see trainer.synthetic and README "The model"), sized for <= 2.5 h on 2 CPU cores.
+    return TrainPreset(name="talk", model="talk", stages={
+        "render": StageConfig(steps=4000, batch_size=8, lr=1e-3, warmup=100, min_lr_ratio=0.05,
+                              betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
+        "state": StageConfig(steps=800, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
+                             betas=(0.9, 0.99), weight_decay=0.0, pool=4096),
+        "audio": StageConfig(steps=2000, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.05,
+                             betas=(0.9, 0.99)),
+        "idle": StageConfig(steps=1500, batch_size=32, lr=3e-3, warmup=100, min_lr_ratio=0.1,
+                            betas=(0.9, 0.999), ref_frames=50, seq_frames=75),
+    })
+
+
+def _talk_tiny() -> TrainPreset:
+    # the default suite's end-to-end run of the built-in recipe (64 px, seconds)
+    return TrainPreset(name="talk-tiny", model="talk-tiny", clip_cache=64, stages={
+        "render": StageConfig(steps=60, batch_size=4, lr=2e-3, warmup=0, min_lr_ratio=0.5, betas=(0.9, 0.99),
+                              per_id=2),
+        "state": StageConfig(steps=80, batch_size=16, lr=2e-3, warmup=0, min_lr_ratio=0.3, betas=(0.9, 0.99),
+                             pool=128),
+        "audio": StageConfig(steps=30, batch_size=16, lr=2e-3, warmup=0, min_lr_ratio=0.5, betas=(0.9, 0.99)),
+        "idle": StageConfig(steps=20, batch_size=8, lr=3e-3, warmup=0, min_lr_ratio=0.3, betas=(0.9, 0.999),
+                            ref_frames=15, seq_frames=30),
+    })
+
+
+PRESETS = {"tiny": _tiny, "lite": _lite, "base": _base, "talk": _talk, "talk-tiny": _talk_tiny}
 
 
 def preset(name: str) -> TrainPreset:

@@ -245,7 +245,7 @@ class ClipStore:
 
     def __init__(self, cfg: ModelConfig, cache_dir: Path | None = None, lru: int = 16):
         self.cfg = cfg
-        sub = f"v{CACHE_VERSION}_{cfg.image_size}px_{cfg.mel_window}w"
+        sub = f"v{CACHE_VERSION}_{cfg.image_size}px"  # frames, mel, activity: no lookahead in them
         self.cache_dir = None if cache_dir is None else Path(cache_dir) / sub
         self.lru = max(1, int(lru))
         self._mem: OrderedDict[str, Clip] = OrderedDict()
@@ -415,7 +415,7 @@ class StageDataset(Dataset):
                  augment: AugmentConfig, seed: int, store: ClipStore):
         if not clips:
             raise InputError("no training clips found (expected DIR/train/<identity>/<clip>.mp4)")
-        if kind not in ("motion", "factors", "expression", "idle"):
+        if kind not in ("motion", "factors", "expression", "idle", "audio"):
             raise ValueError(f"unknown dataset kind {kind!r}")
         self.clips = list(clips)
         self.cfg, self.kind, self.stage, self.aug, self.seed, self.store = cfg, kind, stage, augment, int(seed), store
@@ -497,6 +497,18 @@ class StageDataset(Dataset):
             out.append(color_jitter(apply_affine(win[j], th), rng, self.aug))
         item["window"] = torch.stack(out)
         return item
+
+    def _audio(self, clip: Clip, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """A frame's mel window and its ground-truth mouth (the built-in recipe's E_aud regression)."""
+        for _ in range(32):
+            if clip.factors is not None:
+                break
+            clip = self.store.get(self.clips[int(rng.integers(len(self.clips)))])
+        else:
+            raise InputError("the audio stage needs clips with factor tables (the synthetic corpus' .npz)")
+        b = int(rng.integers(clip.n))
+        return {"mel": torch.from_numpy(np.ascontiguousarray(clip.windows[b])),
+                "mouth": torch.from_numpy(np.ascontiguousarray(clip.factors["mouth"][b], dtype=np.float32))}
 
     def _idle(self, clip: Clip, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         L = self.stage.ref_frames + self.stage.seq_frames

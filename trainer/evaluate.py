@@ -303,7 +303,7 @@ class _Model:
     """A runtime plus the expression presets it is commanded with."""
 
     def __init__(self, name: str, model, presets: dict[str, list[float]], device: str):
-        from engine.runtime import TorchRuntime
+        from engine.runtimes.torch_runtime import TorchRuntime
 
         self.name = name
         self.rt = TorchRuntime(model, device=device)
@@ -411,7 +411,7 @@ def _lip_sweep_frames(cd: _ClipData, k: int) -> np.ndarray:
 
 
 def _disentangle_model(m: _Model, oracle, cd: _ClipData, lip: np.ndarray, values: dict, bs: int,
-                       device) -> np.ndarray:
+                       device, keep: dict | None = None) -> np.ndarray:
     from engine.controls import eye_latent, pose_latent
 
     avatar = m.rt.prepare_avatar(_resize(cd.source, m.cfg.image_size))
@@ -429,11 +429,14 @@ def _disentangle_model(m: _Model, oracle, cd: _ClipData, lip: np.ndarray, values
         parts = {g: np.repeat(base[g], n, axis=0) for g in base}
         parts[f] = vals
         frames = _generate(m.rt, avatar, _compose(m.cfg, parts, n), bs)
+        if keep is not None:
+            keep[f] = frames
         reads[f] = _or.read_factors(oracle, frames.to(device))
     return _variance_matrix(reads)
 
 
-def _disentangle_renderer(renderer, oracle, cd: _ClipData, ident: np.ndarray, values: dict, device) -> np.ndarray:
+def _disentangle_renderer(renderer, oracle, cd: _ClipData, ident: np.ndarray, values: dict, device,
+                          keep: dict | None = None) -> np.ndarray:
     sl = _or.group_slices()
     t0 = cd.truth[0]
     base = {g: t0[sl[g]][None] for g in _or.GROUPS}
@@ -447,6 +450,8 @@ def _disentangle_renderer(renderer, oracle, cd: _ClipData, ident: np.ndarray, va
         parts = {k: np.repeat(v, n, axis=0) for k, v in base.items()}
         parts[g] = varied[g]
         frames = renderer.render(ident, parts["pose"], parts["eyes"], parts["mouth"], parts["expression"])
+        if keep is not None:
+            keep[f] = frames.cpu()
         reads[f] = _or.read_factors(oracle, frames.to(device))
     return _variance_matrix(reads)
 
@@ -509,6 +514,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     jaw_truth = []
     disent = {k: [] for k in ("model", "random_weights", "renderer")}
     grid_rows = []
+    sweeps: dict[str, dict[str, torch.Tensor]] = {}  # {"model" | "renderer": {factor: frames}} of the first source
     jaw_col = _or.group_slices()["mouth"].start
     used = []
     clip_fps: float | None = None
@@ -557,9 +563,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             if name == "model":
                 grid["self"] = out
                 grid["control"] = gen
-            # 4. disentanglement
+            # 4. disentanglement (the first source's sweeps are kept for the sweep grid)
             if ci < cfg.disentangle_sources:
-                disent[name].append(_disentangle_model(m, oracle, cd, lip, values, bs, device))
+                keep = sweeps.setdefault(name, {}) if (ci == 0 and name == "model") else None
+                disent[name].append(_disentangle_model(m, oracle, cd, lip, values, bs, device, keep))
         if ci < cfg.disentangle_sources:
             from trainer.data import _identity_params
 
@@ -569,7 +576,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     from trainer.corpus.face import FaceRenderer
 
                     renderer = FaceRenderer(int(cd.source.shape[-1]), device=device)
-                disent["renderer"].append(_disentangle_renderer(renderer, oracle, cd, ident, values, device))
+                keep = sweeps.setdefault("renderer", {}) if ci == 0 else None
+                disent["renderer"].append(_disentangle_renderer(renderer, oracle, cd, ident, values, device, keep))
         if ci < cfg.grid_clips:
             grid_rows.append(_grid_row(grid))
 
@@ -607,6 +615,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out.with_name(out.stem + ".md" if out.suffix == ".json" else out.name + ".md").write_text(markdown(report))
     if grid_rows:
         _write_grid(grid_rows, _png_path(out))
+    if "model" in sweeps and "renderer" in sweeps:
+        _write_sweeps(sweeps, S, out.with_name(out.stem + "_sweeps.png"))
     log.info("evaluation written to %s", out)
     return report
 
@@ -688,6 +698,31 @@ def _write_grid(rows: list[torch.Tensor], path: Path) -> None:
     img.save(path)
 
 
+def _write_sweeps(sweeps: dict[str, dict[str, torch.Tensor]], size: int, path: Path) -> None:
+    """One row per factor sweep (lip, pose, eye, expression) of the first held-out source: the model's frames,
+    and under them the renderer's ground truth for the same commands."""
+    from PIL import Image, ImageDraw
+
+    rows, labels = [], []
+    for f in FACTOR_TO_GROUP:
+        if f in sweeps["model"] and f in sweeps["renderer"]:
+            rows += [sweeps["model"][f], _resize(sweeps["renderer"][f], size)]
+            labels += [f"{f}: model", f"{f}: truth"]
+    ncol = max(len(r) for r in rows)
+    lab_w = 96
+    canvas = np.full((size * len(rows), lab_w + size * ncol, 3), 255, np.uint8)
+    for ri, r in enumerate(rows):
+        for ci, t in enumerate(r):
+            canvas[ri * size:(ri + 1) * size, lab_w + ci * size:lab_w + (ci + 1) * size] = (
+                t.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    for ri, lab in enumerate(labels):
+        draw.text((4, ri * size + size // 2 - 6), lab, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
 def _f(x, nd=2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
@@ -736,3 +771,55 @@ def markdown(r: dict[str, Any]) -> str:
             L.append(f"| {k} | {_f(v['value'], 3)} | {v['target']} | {'yes' if v['pass'] else 'no'} |")
     L += ["", f"All pass: {'yes' if r['thresholds']['all_pass'] else 'no'}", ""]
     return "\n".join(L)
+
+
+# =================================================================================== real speech
+REAL_SPEECH_DIR = Path("/usr/share/pocketsphinx/test/data")  # Debian's pocketsphinx-testdata (BSD-2)
+
+
+def real_speech_files() -> list[Path]:
+    """Recordings of real human speech on this machine: the LibriVox readings and CMU test utterances of
+    Debian's pocketsphinx-testdata (16 kHz mono WAV); empty when the package is not installed."""
+    d = REAL_SPEECH_DIR
+    return sorted((d / "librivox").glob("*.wav")) + sorted((d / "cards").glob("*.wav")) if d.is_dir() else []
+
+
+def mouth_vs_speech(jaw: np.ndarray, samples: np.ndarray, fps: float, sample_rate: int = 16000) -> dict[str, Any]:
+    """How a rendered mouth follows real speech, from the jaw opening read off each frame (`jaw` (T,)).
+
+    Speech frames: RMS level within 20 dB of the clip's 95th-percentile level. Pause frames: more than 35 dB
+    under it, in runs of >= 4 frames (160 ms at 25 fps), the frame after a run's start onward (the mouth may
+    take one frame to close). Reports the mean jaw in each, their ratio, the share of pause frames with the
+    jaw under 0.15 (shut) and the correlation of the jaw with the level in dB (at the best offset of +-2
+    frames)."""
+    from engine.audio import frame_energy
+
+    n = len(jaw)
+    e = frame_energy(samples, fps, sample_rate, n)
+    db = 20 * np.log10(np.maximum(e.astype(np.float64), 1e-10))
+    top = float(np.percentile(db, 95))
+    speech = db > top - 20
+    quiet = db < top - 35
+    pause = np.zeros(n, bool)
+    i = 0
+    while i < n:
+        if quiet[i]:
+            j = i
+            while j < n and quiet[j]:
+                j += 1
+            if j - i >= 4:
+                pause[i + 1:j] = True
+            i = j
+        else:
+            i += 1
+    jaw = np.asarray(jaw, np.float64)
+    out: dict[str, Any] = {"frames": n, "speech_frames": int(speech.sum()), "pause_frames": int(pause.sum()),
+                           "jaw_speech": float(jaw[speech].mean()) if speech.any() else None,
+                           "jaw_pause": float(jaw[pause].mean()) if pause.any() else None}
+    if speech.any() and pause.any():
+        out["ratio"] = out["jaw_speech"] / max(out["jaw_pause"], 1e-3)
+        out["pause_shut_fraction"] = float((jaw[pause] < 0.15).mean())
+    sweep = offset_sweep([jaw], [np.maximum(db, top - 40)], 2)
+    k, c = max(sweep, key=lambda kc: kc[1])
+    out["level_correlation"], out["level_offset_ms"] = c, k * 1000.0 / fps
+    return out

@@ -54,11 +54,16 @@ TRAINS: dict[str, tuple[str, ...]] = {
     "factors": ("e_lip", "e_aud", "e_pose", "e_eye", "e_exp", "generator"),
     "expression": ("e_exp", "generator"),
     "idle": (),
+    # the built-in recipe (trainer.synthetic)
+    "render": ("e_app", "e_mot", "e_lip", "e_pose", "e_eye", "e_exp", "generator"),
+    "state": ("e_mot", "e_lip", "e_pose", "e_eye", "e_exp"),
+    "audio": ("e_aud",),
 }
 USES_DISC = {"motion": True, "factors": False, "expression": True, "idle": False}
 # the supervised losses whose sum the short runs check for a fall (the adversarial terms need not fall)
 MAIN_LOSSES = {"motion": ("l1", "ssim", "motion"), "factors": ("lip_nce", "eye_nce", "pose", "eye_reg"),
-               "expression": ("l1", "ssim", "decor"), "idle": ("nll",)}
+               "expression": ("l1", "ssim", "decor"), "idle": ("nll",), "render": ("reg",), "state": ("reg",),
+               "audio": ("lip_reg",)}
 
 
 class StageModule(nn.Module):
@@ -137,9 +142,9 @@ class StageModule(nn.Module):
 
 def _avatar(model: Marionette, source: torch.Tensor, grad: bool):
     if grad:
-        return model.e_app(source)
+        return model.encode_avatar(source)
     with torch.no_grad():
-        return model.e_app(source)
+        return model.encode_avatar(source)
 
 
 # =========================================================================================== stage 1
@@ -151,7 +156,7 @@ class MotionStage(StageModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
         m = self.model
         src, tgt, drv = batch["source"], batch["target"], batch["driving"]
-        feat_hi, feat_lo, app = m.e_app(src)
+        feat_hi, feat_lo, app = m.encode_avatar(src)
         z = m.compose(m.heads(m.e_mot(drv)))
         fake = m.generator(z, src, feat_hi, feat_lo, app)
         logs: dict = {}
@@ -232,7 +237,7 @@ class ExpressionStage(StageModule):
             m_win = m.e_mot(win.flatten(0, 1))
             a = m.e_aud(batch["mel"])
             lip_v, pose, eye = m.e_lip(m_t), m.e_pose(m_t), m.e_eye(m_t)
-            feat_hi, feat_lo, app = m.e_app(src)
+            feat_hi, feat_lo, app = m.encode_avatar(src)
         exp = m.e_exp(m_win).view(B, W, -1).mean(1)  # in-window average (B, exp)
         use_audio = (torch.rand(B, generator=self.rng) < self.scfg.audio_lip_prob).to(a.device).unsqueeze(1)
         active = batch["active"].to(a.dtype).unsqueeze(1)

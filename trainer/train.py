@@ -17,6 +17,7 @@ Under torchrun every process runs `train`; rank 0 writes files; `batch_size` is 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class TrainConfig:
 
     stage: str = "all"  # motion | factors | expression | idle | all
     data: Path = Path("corpus")  # DIR/<split>/<identity>/<clip>.{mp4,wav[,npz,json]}
-    config: str = "lite"  # tiny | lite | base
+    config: str = "talk"  # talk | talk-tiny | tiny | lite | base
     out: Path = Path("runs/lite")  # run directory
     steps: int | None = None  # per stage; default: the preset's
     batch_size: int | None = None  # per process; default: the preset's
@@ -61,11 +62,23 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on stderr (rank 0)
 
     def stages(self) -> tuple[str, ...]:
+        order = C.preset(self.config).order
         if self.stage == "all":
-            return C.STAGES
-        if self.stage not in C.STAGES:
-            raise InputError(f"unknown stage {self.stage!r}; valid: {', '.join(C.STAGES)}, all")
+            return order
+        if self.stage not in order:
+            raise InputError(f"unknown stage {self.stage!r} for --config {self.config}; valid: {', '.join(order)}, all")
         return (self.stage,)
+
+    def first_stage(self) -> str:
+        return C.preset(self.config).order[0]
+
+
+SYNTHETIC = ("render", "state", "audio")  # stages of trainer.synthetic (the others: trainer.stages)
+NEEDS_CORPUS = ("motion", "factors", "expression", "idle", "audio")  # "render", "state" draw their own data
+
+
+def _to_dev(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev) for k, v in batch.items()}
 
 
 def _device(cfg: TrainConfig, d: Dist) -> torch.device:
@@ -84,9 +97,9 @@ def _device(cfg: TrainConfig, d: Dist) -> torch.device:
 
 
 def _check(cfg: TrainConfig) -> None:
-    cfg.stages()
     C.preset(cfg.config)
-    if not Path(cfg.data).is_dir():
+    cfg.stages()
+    if any(st in NEEDS_CORPUS for st in cfg.stages()) and not Path(cfg.data).is_dir():
         raise InputError(f"--data {cfg.data}: not a directory")
     for name in ("steps", "batch_size", "ckpt_every", "log_every"):
         v = getattr(cfg, name)
@@ -135,21 +148,33 @@ def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -
     src = None
     if cfg.init is not None:
         src = Path(cfg.init)
-    elif stage != "motion" and (run.ckpt / WEIGHTS).is_file():
+    elif stage != cfg.first_stage() and (run.ckpt / WEIGHTS).is_file():
         src = run.ckpt
     if src is not None:
         ck_cfg, _ = read_checkpoint_config(src)
         if ck_cfg.name != mcfg.name or ck_cfg.image_size != mcfg.image_size:
             raise InputError(f"checkpoint {src} is a {ck_cfg.name!r} model at {ck_cfg.image_size}px; "
                              f"--config {cfg.config} trains {mcfg.name!r} at {mcfg.image_size}px")
-        if ck_cfg.lookahead_ms != mcfg.lookahead_ms:
+        if ck_cfg.lookahead_ms != mcfg.lookahead_ms and stage != "audio":
             raise InputError(f"checkpoint {src} has a {ck_cfg.lookahead_ms} ms lookahead; this run trains "
-                             f"{mcfg.lookahead_ms} ms (its audio encoder's window differs): start a new run")
+                             f"{mcfg.lookahead_ms} ms (its audio encoder's window differs): start a new run, or "
+                             "retrain only the audio encoder (--stage audio)")
         model, meta = load_checkpoint(src)
+        if ck_cfg.lookahead_ms != mcfg.lookahead_ms:  # the audio stage: a new E_aud for the new window
+            from trainer.nets import init_weights
+
+            torch.manual_seed(cfg.seed + 3)
+            fresh = Marionette(mcfg)
+            init_weights(fresh)
+            keep = {k: v for k, v in model.state_dict().items() if not k.startswith("e_aud.")}
+            fresh.load_state_dict(keep, strict=False)
+            log.info("stage audio: a new %d ms audio encoder (the checkpoint's had %d ms)", mcfg.lookahead_ms,
+                     ck_cfg.lookahead_ms)
+            model = fresh
         meta.pop("random_weights", None)
         log.info("stage %s starts from %s", stage, src)
         return model, meta
-    if stage != "motion":
+    if stage != cfg.first_stage():
         log.warning("stage %s: no checkpoint in %s and no --init: starting from random weights", stage, run.ckpt)
     from trainer.nets import init_weights
 
@@ -176,7 +201,7 @@ def train(cfg: TrainConfig) -> Path:
     lookahead = cfg.lookahead_ms
     if lookahead is None:  # continuing a model: keep its lookahead
         src = cfg.init if cfg.init is not None else (run.ckpt if (run.ckpt / WEIGHTS).is_file() else None)
-        if src is not None and cfg.stages()[0] != "motion":
+        if src is not None and cfg.stages()[0] != cfg.first_stage():
             lookahead = read_checkpoint_config(src)[0].lookahead_ms
     if lookahead is not None and lookahead != mcfg.lookahead_ms:
         mcfg = dataclasses.replace(mcfg, lookahead_ms=int(lookahead))
@@ -195,8 +220,8 @@ def train(cfg: TrainConfig) -> Path:
                     run.state_path(st).with_suffix(ext).unlink(missing_ok=True)
     barrier(d)
 
-    clips = list_clips(cfg.data, "train")
-    if not clips:
+    clips = list_clips(cfg.data, "train") if any(st in NEEDS_CORPUS for st in stages) else []
+    if not clips and any(st in NEEDS_CORPUS for st in stages):
         raise InputError(f"no training clips under {cfg.data} (expected {cfg.data}/train/<identity>/<clip>.mp4)")
     store = ClipStore(mcfg, cache_dir=run.dir / "cache", lru=preset.clip_cache)
     oracle = None
@@ -245,16 +270,22 @@ def train(cfg: TrainConfig) -> Path:
             if state is not None:
                 idle.load_state_dict({k[5:]: v for k, v in state[0].items() if k.startswith("idle.")})
         disc = None
-        if USES_DISC[stage] and scfg.lr_d > 0:
+        if USES_DISC.get(stage, False) and scfg.lr_d > 0:
             torch.manual_seed(cfg.seed + 1)
             disc = Discriminator.for_model(mcfg.name, mcfg.image_size).to(dev)
             if state is not None:
                 disc.load_state_dict({k[5:]: v for k, v in state[0].items() if k.startswith("disc.")})
-        stage_mod = build_stage(stage, model, scfg, oracle=oracle, vgg=vgg, idle=idle).to(dev)
+        if stage in SYNTHETIC:
+            from trainer import synthetic
+
+            stage_mod = synthetic.build(stage, model, scfg, oracle=oracle, vgg=vgg).to(dev)
+        else:
+            stage_mod = build_stage(stage, model, scfg, oracle=oracle, vgg=vgg, idle=idle).to(dev)
         if state is not None:
             stage_mod.load_extra_state({k[6:]: v for k, v in state[0].items() if k.startswith("extra.")})
 
-        ds = StageDataset(clips, mcfg, stage, scfg, preset.augment, cfg.seed, store)
+        ds = (StageDataset(clips, mcfg, stage, scfg, preset.augment, cfg.seed, store)
+              if stage in NEEDS_CORPUS else None)
         if stage == "idle" and ds.pseudo:  # real video without factor tables: E_pose / E_eye as targets
             from trainer.stages import pseudo_motion_table
 
@@ -264,7 +295,19 @@ def train(cfg: TrainConfig) -> Path:
             stage_mod.prepare(ds, dev)
         trained = ({"idle": idle} if stage == "idle" else {n: getattr(model, n) for n in TRAINS[stage]})
 
-        def data(start: int, ds=ds, scfg=scfg):
+        def data(start: int, ds=ds, scfg=scfg, stage=stage):
+            if stage == "render":  # pairs rendered on the fly (on the GPU in this process, on a CPU in workers)
+                from trainer.synthetic import PairRenderer, render_batches
+
+                n_ids = max(1, scfg.batch_size // scfg.per_id)
+                make = PairRenderer(mcfg, n_ids, scfg.per_id, seed=cfg.seed * 7919 + d.rank,
+                                    device=dev if dev.type == "cuda" else "cpu")
+                return render_batches(make, start, 0 if dev.type == "cuda" else min(cfg.workers, 1))
+            if stage == "state":  # a pool of rendered frames, rendered once (on the training device)
+                from trainer.synthetic import StatePool
+
+                pool = StatePool(mcfg, scfg.pool, scfg.batch_size, seed=cfg.seed * 7919 + 17 + d.rank, device=dev)
+                return (_to_dev(pool(s), dev) for s in itertools.count(start))
             return make_loader(ds, scfg.batch_size, start, d.rank, d.world, cfg.workers, pin=dev.type == "cuda")
 
         def save(step: int, tensors: dict, doc: dict, stage=stage, model=model, idle=idle, meta=meta,
@@ -286,6 +329,11 @@ def train(cfg: TrainConfig) -> Path:
         run_loop(lc, stage_mod, trained, disc, data, save, state)
 
         # ---- end of stage: what the engine reads from the checkpoint
+        if stage == "render" and d.main and mcfg.gt_latents:
+            from trainer.synthetic import gt_expression_presets
+
+            meta["expression_presets"] = gt_expression_presets(mcfg)  # the latent is the corpus' expression
+            save_checkpoint(model, run.ckpt, meta=meta)
         if stage == "expression" and d.main:
             presets = expression_presets(model, store, clips, scfg.window, dev)
             if presets:

@@ -1,8 +1,8 @@
 """`OrtRuntime`: the ONNX Runtime backend (the CPU default), running an `marionette export` directory.
 
-Same protocol and output layout as `engine.runtime.TorchRuntime`: `prepare_avatar` -> `AvatarState` (CPU
-float32 tensors), `generate(avatars, z)` -> (B,3,S,S) float32 in [0,1], `encode_audio`, `encode_motion`,
-`warmup`, `cfg`, plus `describe()`.
+Same protocol and output layout as `engine.runtimes.torch_runtime.TorchRuntime`: `prepare_avatar` ->
+`AvatarState` (CPU float32 tensors), `generate(avatars, z)` -> (B,3,S,S) float32 in [0,1], `encode_audio`,
+`encode_motion`, `warmup`, `cfg`, plus `describe()`.
 
 What makes the per-frame path fast here (each measured by benchmarks/backends.py; numbers in its JSON):
 * sessions with ORT_ENABLE_ALL (NCHWc conv layouts, fusions), sequential execution, one intra-op pool
@@ -204,7 +204,7 @@ def split_at_grid_sample(model) -> SplitGraph | None:
 
 # ------------------------------------------------------------------------------------------- runtime
 class OrtRuntime:
-    """ONNX Runtime backend over an export directory (see engine.export).
+    """ONNX Runtime backend over an export directory (see engine.runtimes.export).
 
     threads: intra-op threads of every session (default: physical cores). grid_sample: "torch" (default:
     the generator's warps run with torch's kernel, see the module docstring) or "onnxruntime" (the
@@ -216,7 +216,7 @@ class OrtRuntime:
 
     def __init__(self, export_dir: Path, *, threads: int | None = None, grid_sample: str = "torch",
                  spin: bool = False):
-        from engine.export import read_manifest  # noqa: PLC0415
+        from engine.runtimes.export import read_manifest  # noqa: PLC0415
 
         ort = _import_ort()
         self.export_dir = Path(export_dir)

@@ -2,8 +2,8 @@
 
 Written against the documented TensorRT 10 Python API and cuda-python's runtime bindings; neither can
 run on the machines this project is developed on (no TensorRT there), so everything that can be checked
-without a GPU is checked elsewhere: `engine.trt_opcheck` proves the ONNX graphs use only ops the TensorRT
-10 ONNX parser imports natively, and `check_engine_manifest` (pure Python) is unit-tested.
+without a GPU is checked elsewhere: `engine.runtimes.opcheck` proves the ONNX graphs use only ops the
+TensorRT 10 ONNX parser imports natively, and `check_engine_manifest` (pure Python) is unit-tested.
 
 Build (`build_engines`): for each ONNX graph, `trt.Builder` -> network (explicit batch, the only mode in
 TensorRT 10) filled by `trt.OnnxParser` -> builder config (workspace limit, FP16 flag for fp16, one
@@ -346,7 +346,7 @@ class TrtRuntime:
     def prepare_avatar(self, image) -> TrtAvatar:
         """Portrait (anything load_portrait takes) or an AvatarState -> avatar tensors resident on the GPU."""
         from engine.avatar import AvatarState  # noqa: PLC0415
-        from engine.runtime_ort import portrait_array  # noqa: PLC0415
+        from engine.image import load_portrait  # noqa: PLC0415
 
         if isinstance(image, TrtAvatar):
             return image
@@ -357,7 +357,7 @@ class TrtRuntime:
         else:
             eng = self._engines["avatar_encoder"]
             (in_name,) = eng.inputs
-            out = self._run("avatar_encoder", {in_name: portrait_array(image, self.cfg)})
+            out = self._run("avatar_encoder", {in_name: load_portrait(image, self.cfg.image_size).numpy()})
         cudart, dev, host = self._cudart, {}, {}
         for name in self._avatar_names:
             a = np.ascontiguousarray(out[name][:1], dtype=self._engines["generator"].inputs[name].dtype)

@@ -10,7 +10,7 @@ embedded) and a manifest:
   motion_encoder.onnx  per driving frame: frames (B,3,S,S) in [0,1] -> lip, pose, eye, exp   (E_mot + heads)
   manifest.json        format, precision, opset, checkpoint hash, model config, every graph's input/output
                        names, shapes and dtypes, the parity check against torch, exporter versions, and
-                       whether TensorRT 10's ONNX parser takes each graph (`engine.trt_opcheck`)
+                       whether TensorRT 10's ONNX parser takes each graph (`engine.runtimes.opcheck`)
 
 Every input and output has a dynamic batch axis 0 ("batch") and nothing else dynamic. Each graph is run
 once through ONNX Runtime right after export and compared with torch; a graph that disagrees is a bug and
@@ -21,7 +21,7 @@ Precisions (ONNX): "fp32" is the reference. "int8" quantizes the generator's ref
 kept only if generated frames stay within MIN_PSNR_DB of fp32 on held-out inputs, else the export fails
 saying so. "fp16" is refused for ONNX (slower than fp32 on ONNX Runtime's x86 CPU provider, see
 FP16_ONNX_REFUSED). `--format tensorrt` exports fp32 ONNX into OUT/onnx/ and builds engines from it
-(fp16 = TensorRT's FP16 builder flag; int8 refused: no calibration set), see engine.tensorrt.
+(fp16 = TensorRT's FP16 builder flag; int8 refused: no calibration set), see engine.runtimes.tensorrt_runtime.
 """
 
 from __future__ import annotations
@@ -84,14 +84,14 @@ class GeneratorGraph(nn.Module):
 
 
 class AudioEncoderGraph(nn.Module):
-    """E_aud: (B, n_mels, mel_window) log-mel -> (B, lip)."""
+    """E_aud: (B, n_mels, mel_window) log-mel -> (B, lip) (ground-truth-latent models: unused dims zeroed)."""
 
     def __init__(self, model):
         super().__init__()
-        self.e_aud = model.e_aud
+        self.model = model
 
     def forward(self, mel):
-        return self.e_aud(mel)
+        return self.model.encode_audio(mel)
 
 
 class AvatarEncoderGraph(nn.Module):
@@ -99,11 +99,11 @@ class AvatarEncoderGraph(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.e_app = model.e_app
+        self.model = model
 
     def forward(self, portrait):
         source = portrait * 2 - 1  # (B,3,S,S) in [-1,1]
-        feat_hi, feat_lo, app = self.e_app(source)
+        feat_hi, feat_lo, app = self.model.encode_avatar(source)  # relative models: + the source's state
         return source, feat_hi, feat_lo, app
 
 
@@ -302,7 +302,7 @@ def calibration_inputs(model, n: int = 16, seed: int = 4321) -> dict[str, np.nda
     x = torch.stack(portraits)
     try:
         from engine.image import load_portrait  # noqa: PLC0415
-        from engine.render import BUILTIN_AVATAR  # noqa: PLC0415
+        from engine.image import BUILTIN_AVATAR  # noqa: PLC0415
 
         if BUILTIN_AVATAR.is_file():
             x[0] = load_portrait(BUILTIN_AVATAR, s)[0]
@@ -401,7 +401,7 @@ def export_onnx(model, out: Path, *, precision: str = "fp32", opset: int = OPSET
 
 
 def _opcheck_entries(out: Path, graphs: dict[str, Any]) -> dict[str, Any]:
-    from engine.trt_opcheck import check_model  # noqa: PLC0415
+    from engine.runtimes.opcheck import check_model  # noqa: PLC0415
 
     res = {}
     for name, g in graphs.items():
@@ -463,7 +463,8 @@ def _check_config(cfg: ExportConfig) -> None:
                              "choose another --out")
     _require_onnx()
     if cfg.format == "tensorrt":
-        from engine.tensorrt import TRT_INT8_UNSUPPORTED, gpu_info, import_cudart, import_tensorrt  # noqa: PLC0415
+        from engine.runtimes.tensorrt_runtime import (  # noqa: PLC0415
+            TRT_INT8_UNSUPPORTED, gpu_info, import_cudart, import_tensorrt)
 
         if cfg.precision == "int8":
             raise InputError(TRT_INT8_UNSUPPORTED)
@@ -483,7 +484,7 @@ def export_model(model, meta: dict, cfg: ExportConfig) -> Path:
             manifest["tensorrt_opcheck"] = _opcheck_entries(tmp, graphs)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         else:
-            from engine.tensorrt import build_engines  # noqa: PLC0415
+            from engine.runtimes.tensorrt_runtime import build_engines  # noqa: PLC0415
 
             onnx_dir = tmp / "onnx"
             onnx_dir.mkdir()

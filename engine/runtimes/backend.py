@@ -5,8 +5,9 @@
     frames = backend.generate([avatar] * 4, z)                       # (4,3,S,S) float32 in [0,1], CPU
     lips = backend.encode_audio(mel_windows)                         # (B, lip)
 
-Backends: "torch" (engine.runtime.TorchRuntime, the reference; CPU or CUDA), "onnxruntime"
-(engine.runtime_ort.OrtRuntime, the CPU default), "tensorrt" (engine.tensorrt.TrtRuntime, NVIDIA GPUs).
+Backends: "torch" (engine.runtimes.torch_runtime.TorchRuntime, the reference; CPU or CUDA),
+"onnxruntime" (engine.runtimes.ort.OrtRuntime, the CPU default), "tensorrt"
+(engine.runtimes.tensorrt_runtime.TrtRuntime, NVIDIA GPUs).
 Avatars are backend-specific handles: pass a backend only the avatars it prepared (torch and onnxruntime
 both use `AvatarState`, so theirs are interchangeable).
 """
@@ -138,7 +139,7 @@ def _load(checkpoint, config, seed, model):
 
 
 def _open_torch(checkpoint, config, seed, exported, device, precision, threads, model, kernels=False) -> Backend:
-    from engine.runtime import TorchRuntime  # noqa: PLC0415
+    from engine.runtimes.torch_runtime import TorchRuntime  # noqa: PLC0415
 
     if exported is not None:
         raise InputError("the torch backend runs checkpoints, not exported graphs; drop `exported` or use "
@@ -181,10 +182,10 @@ def cache_root() -> Path:
 
 def _source_digest() -> str:
     """Code that shapes an exported graph: a change in any of these files invalidates cached exports."""
-    here = Path(__file__).resolve().parent
+    engine_dir = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for f in ("networks.py", "model.py", "export.py", "config.py"):
-        p = here / f
+    for f in ("networks.py", "model.py", "runtimes/export.py", "config.py"):
+        p = engine_dir / f
         h.update(p.read_bytes() if p.exists() else b"")
     return h.hexdigest()
 
@@ -200,7 +201,7 @@ def _model_digest(model) -> str:
 def cache_path(model, precision: str) -> Path:
     """Where the cached ONNX export of `model` lives: keyed by the weights, the code that shapes the graphs,
     the precision and the exporter versions, so any change makes a new export."""
-    from engine.export import exporter_versions  # noqa: PLC0415
+    from engine.runtimes.export import exporter_versions  # noqa: PLC0415
 
     key = hashlib.sha256(json.dumps({
         "weights": _model_digest(model), "code": _source_digest(), "precision": precision,
@@ -210,7 +211,7 @@ def cache_path(model, precision: str) -> Path:
 
 def cached_export(model, meta: dict, *, config: str, seed: int, precision: str) -> Path:
     """The ONNX export of `model` from the cache, made now if absent."""
-    from engine.export import MANIFEST, ExportConfig, export_model  # noqa: PLC0415
+    from engine.runtimes.export import MANIFEST, ExportConfig, export_model  # noqa: PLC0415
 
     out = cache_path(model, precision)
     if (out / MANIFEST).is_file():
@@ -222,7 +223,7 @@ def cached_export(model, meta: dict, *, config: str, seed: int, precision: str) 
 
 
 def _open_ort(checkpoint, config, seed, exported, device, precision, threads, model) -> Backend:
-    from engine.runtime_ort import OrtRuntime, _import_ort  # noqa: PLC0415
+    from engine.runtimes.ort import OrtRuntime, _import_ort  # noqa: PLC0415
 
     _import_ort()
     if _torch_device_type(device) != "cpu":
@@ -232,7 +233,7 @@ def _open_ort(checkpoint, config, seed, exported, device, precision, threads, mo
         net, meta = _load(checkpoint, config, seed, model)
         exported = cached_export(net, meta, config=config, seed=seed, precision=precision)
     else:
-        from engine.export import checkpoint_hash, read_manifest  # noqa: PLC0415
+        from engine.runtimes.export import checkpoint_hash, read_manifest  # noqa: PLC0415
 
         manifest = read_manifest(Path(exported))
         have = manifest.get("precision", "fp32")
@@ -255,7 +256,7 @@ def _torch_device_type(device: str) -> str:
 
 
 def _open_trt(checkpoint, exported, device, precision) -> Backend:
-    from engine.tensorrt import TrtRuntime, import_cudart, import_tensorrt  # noqa: PLC0415
+    from engine.runtimes.tensorrt_runtime import TrtRuntime, import_cudart, import_tensorrt  # noqa: PLC0415
 
     import_tensorrt(), import_cudart()  # MissingDependency with the pip command where they are absent
     if _torch_device_type(device) != "cuda":
@@ -267,7 +268,7 @@ def _open_trt(checkpoint, exported, device, precision) -> Backend:
     if precision != "fp32" and precision != rt.precision:
         raise InputError(f"{exported} holds {rt.precision} engines, {precision} asked for")
     if checkpoint is not None:
-        from engine.export import checkpoint_hash  # noqa: PLC0415
+        from engine.runtimes.export import checkpoint_hash  # noqa: PLC0415
 
         want = checkpoint_hash({"checkpoint": str(checkpoint)}, "", 0)
         if rt.manifest.get("checkpoint_hash") != want:

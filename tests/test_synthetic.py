@@ -1,0 +1,175 @@
+"""The built-in design: computed pose warp, ground-truth latents, relative motion, the render/audio/idle
+recipe (trainer.synthetic) end to end on the tiny config, and `serve` refusing without its extra."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import GT_DIMS, ModelConfig
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_geometry_matches_the_renderer_camera():
+    from engine import geometry as G
+    from trainer.corpus import face
+
+    assert (G.CAM_Z, G.VIEW_HALF, G.HEAD_Y) == (face.CAM_Z, face.VIEW_HALF, face.HEAD_Y)
+    yaw, pitch, roll = torch.tensor([12.0, -30.0]), torch.tensor([5.0, 20.0]), torch.tensor([-7.0, 3.0])
+    ref = face._rotation(yaw * math.pi / 180, pitch * math.pi / 180, roll * math.pi / 180)
+    assert torch.allclose(G.rotation(yaw, pitch, roll), ref, atol=1e-6)
+
+
+def test_pose_flow_is_identity_for_equal_poses_and_moves_the_head():
+    from engine.geometry import pose_flow
+
+    rng = np.random.default_rng(0)
+    p = torch.from_numpy(np.stack([rng.uniform(-30, 30, 5), rng.uniform(-20, 20, 5), rng.uniform(-15, 15, 5),
+                                   rng.uniform(-.08, .08, 5), rng.uniform(-.08, .08, 5),
+                                   rng.uniform(.9, 1.1, 5)], 1).astype(np.float32))
+    assert pose_flow(p, p, 32).abs().max() < 1e-5
+    # a pure translation: the body plane moves by exactly the translation, the head (nearer the camera)
+    # a little more, by perspective; nothing moves vertically
+    a = torch.tensor([[0.0, 0, 0, 0, 0, 1]])
+    b = torch.tensor([[0.0, 0, 0, 0.05, 0, 1]])
+    fl = pose_flow(b, a, 16)
+    assert abs(float(fl[0, 0, 0, 0]) + 0.1) < 1e-4  # grid units: 2 x 0.05 (a corner: the body plane)
+    assert fl[:, 0].max() < -0.099 and fl[:, 0].min() > -0.125
+    assert fl[:, 1].abs().max() < 1e-5
+
+
+def test_pose_warp_of_a_rendered_head_beats_copy_source():
+    """Warping a render at pose A by pose_flow(B, A) is closer to the render at B than A itself is."""
+    from engine.geometry import pose_flow
+    from engine.networks import _base_grid
+    from trainer.corpus.face import FaceRenderer, sample_identity
+    from trainer.evaluate import psnr
+
+    rng = np.random.default_rng(3)
+    r = FaceRenderer(64)
+    n = 6
+    ident = np.stack([sample_identity(rng) for _ in range(n)])
+    lo, hi = np.array([-25, -15, -12, -.05, -.05, .95]), np.array([25, 15, 12, .05, .05, 1.05])
+    pa, pb = (rng.uniform(lo, hi, (n, 6)).astype(np.float32) for _ in range(2))
+    a, b = r.render(ident, pa), r.render(ident, pb)
+    fl = F.interpolate(pose_flow(torch.from_numpy(pb), torch.from_numpy(pa), 16), size=(64, 64), mode="bilinear",
+                       align_corners=False)
+    w = F.grid_sample(a, _base_grid(64) + fl.permute(0, 2, 3, 1), padding_mode="border", align_corners=False)
+    gain = psnr(w, b) - psnr(a, b)
+    assert gain.mean() > 1.0 and (gain > 0).all(), gain
+
+
+def test_ground_truth_latents_zero_their_unused_dimensions():
+    from engine.model import Marionette
+
+    cfg = ModelConfig.preset("talk-tiny")
+    m = Marionette(cfg).eval()
+    mask = torch.tensor(cfg.latents.gt_mask())
+    assert int(mask.sum()) == sum(GT_DIMS.values())
+    with torch.no_grad():
+        z = m.compose(m.encode_motion(torch.rand(2, 3, 64, 64) * 2 - 1))
+        assert (z[:, mask == 0] == 0).all() and (z[:, mask == 1] != 0).any()
+        lip = m.encode_audio(torch.randn(2, cfg.audio.n_mels, cfg.mel_window))
+        assert (lip[:, GT_DIMS["lip"]:] == 0).all()
+        # relative: the avatar's app vector carries the portrait's own state after the appearance vector
+        portrait = torch.rand(1, 3, 64, 64) * 2 - 1
+        hi, lo, app = m.encode_avatar(portrait)
+        assert app.shape == (1, cfg.net.app_dim + cfg.latents.total)
+        assert torch.allclose(app[:, cfg.net.app_dim:], m.source_state(portrait))
+
+
+def test_generator_uses_the_source_state_and_the_pose_warp():
+    """With the flow head at its zero init, G's output moves with the pose latents through the computed
+    warp alone (and not at all when target pose = source pose)."""
+    from engine.model import Marionette
+
+    cfg = ModelConfig.preset("talk-tiny")
+    torch.manual_seed(0)
+    m = Marionette(cfg).eval()
+    src = torch.rand(1, 3, 64, 64) * 2 - 1
+    hi, lo, app = m.e_app(src)
+    sl = cfg.latents.slices()["pose"]
+    z_src = torch.zeros(1, cfg.latents.total)
+    z_src[:, sl.start] = 0.5  # the portrait looks 15 degrees to its left
+    app_rel = torch.cat([app, z_src], 1)
+    with torch.no_grad():
+        same = m.generator(z_src, src, hi, lo, app_rel)
+        turned = m.generator(torch.zeros(1, cfg.latents.total), src, hi, lo, app_rel)
+        flow_same = m.generator.flow(z_src, lo, app_rel)[0]
+    assert flow_same.abs().max() < 1e-4  # target = source: the computed warp is the identity
+    assert (turned - same).abs().mean() > 1e-3
+
+
+def test_pair_renderer_is_deterministic_and_one_factor_targets_keep_the_rest():
+    from trainer.synthetic import PairRenderer, sample_pair_states
+
+    cfg = ModelConfig.preset("talk-tiny")
+    mk = PairRenderer(cfg, n_ids=2, per_id=3, seed=5)
+    a, b = mk(7), mk(7)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["source"].shape == (2, 3, 64, 64) and a["target"].shape == (6, 3, 64, 64)
+    assert a["region"].shape == (6, 1, 64, 64) and a["region"].sum() > 0
+    assert not torch.equal(mk(8)["source"], a["source"])
+    src, tgt = sample_pair_states(np.random.default_rng(1), 64, 2, one_factor=1.0)
+    rep = {g: np.repeat(src[g], 2, 0) for g in src}
+    same = np.stack([np.all(tgt[g] == rep[g], axis=1) for g in ("pose", "eyes", "mouth", "expression")], 1)
+    assert (same.sum(1) >= 3).all()  # exactly one group changed (or none, by chance)
+
+
+def test_talk_tiny_trains_render_audio_idle_end_to_end(small_corpus, tmp_path, one_thread):
+    from engine.checkpoint import load_model
+    from trainer import config as C
+    from trainer.stages import MAIN_LOSSES
+    from trainer.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    ckpt = train(TrainConfig(stage="all", data=small_corpus, config="talk-tiny", out=run, workers=0, log_every=1,
+                             ckpt_every=20, seed=0, progress=False, device="cpu"))
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    for stage in C.preset("talk-tiny").order:
+        vals = [sum(r[k] for k in MAIN_LOSSES[stage]) for r in recs if r["stage"] == stage]
+        assert len(vals) == C.preset("talk-tiny").stage(stage).steps
+        k = 8
+        assert sum(vals[-k:]) / k < 0.9 * sum(vals[:k]) / k, f"{stage} did not learn"
+    model, meta = load_model(ckpt)
+    assert model.cfg.name == "talk-tiny" and model.cfg.gt_latents and not meta["random_weights"]
+    assert meta["expression_presets"]["happy"][:6] == pytest.approx([0.25, 0.0, 1.0, 0.0, 0.8, 0.35])
+    assert meta.get("idle_model")
+    for stage in C.SYNTHETIC_STAGES:
+        assert (run / "state" / f"{stage}.safetensors").is_file()
+    # resumable: a second run with --resume finds every stage done and trains nothing
+    n = len(recs)
+    train(TrainConfig(stage="all", data=small_corpus, config="talk-tiny", out=run, workers=0, resume=True,
+                      progress=False, device="cpu"))
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == n
+
+
+def test_render_stage_needs_no_corpus(tmp_path, one_thread):
+    from trainer.train import TrainConfig, train
+
+    ckpt = train(TrainConfig(stage="render", data=tmp_path / "missing", config="talk-tiny", out=tmp_path / "r",
+                             steps=3, workers=0, progress=False, device="cpu"))
+    assert (ckpt / "model.safetensors").is_file()
+
+
+def test_serve_without_its_extra_refuses_naming_it():
+    code = ("import sys; sys.modules['aiortc'] = None\n"
+            "from marionette.cli import main\n"
+            "sys.exit(main(['serve', '--port', '0']))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "`serve` extra" in p.stderr and "aiortc" in p.stderr

@@ -1,0 +1,340 @@
+"""The built-in recipe's stages: training on the renderer's ground truth, sized for 2 CPU cores.
+
+Why (measured, see README "The model" and benchmarks/results/quality_vs_compute.md): with a fixed set of
+identities the generator fits them and unseen faces stay at copy-source; with a fresh rendered identity
+for every sample, and the source's state given to G as well as the target's, unseen faces improve from
+the first minutes. So the renderer is in the training loop:
+
+* ``render`` stage (`RenderStage`, data from `PairRenderer`): each step renders ``n_ids`` fresh identities,
+  each once as a source and ``per_id`` times as a target (E_app runs once per source, as at run time).
+  Targets are either a fully random state or the source's state with one factor group changed (what
+  disentanglement needs). Every latent is the ground truth in physical units (`engine.config.GT_DIMS`):
+  G is trained on z_target and z_source (the source's state: the ground truth, or after ``est_after``
+  steps half the time E_mot's own detached estimate, as at run time where E_mot estimates it once per
+  avatar); head pose is the explicit warp of `engine.geometry` and G learns the residual. E_mot and its
+  heads are regressed to the ground truth on sources and targets (appearance-augmented), so they are the
+  per-avatar state estimator, the driving-video / webcam encoder and the evaluation's self-driving path
+  at once. The image loss is L1 with the mouth and eye regions (the renderer's region masks at the target
+  pose: where new pixels must be made) weighted up.
+* ``state`` stage (`StateStage`, data from `StatePool`): E_mot + heads alone, regressed to the ground truth on
+  a pool of rendered frames (cheaper per image than fresh renders): the per-avatar state estimator must be
+  accurate, because relative motion moves the head by (target - estimated source).
+* ``audio`` stage (`AudioStage`): E_aud regresses the ground-truth mouth [jaw, width, rounding] of each
+  video frame from its mel window (corpus clips: espeak speech with phoneme-timed visemes).
+* ``idle``: the idle-motion model as in the progressive recipe (`trainer.stages.IdleStage`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.model import Marionette
+from trainer import losses as L
+from trainer.config import StageConfig
+from trainer.corpus import factors as _factors
+from trainer.stages import StageModule
+
+log = logging.getLogger(__name__)
+
+POSE_SCALE = np.array([30.0, 20.0, 15.0, 0.08, 0.08, 0.1], np.float32)
+POSE_OFFSET = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32)
+GROUPS = ("pose", "eyes", "mouth", "expression")
+# pose targets near the source: share, and the spread around the source's pose (deg, deg, deg, frac, frac, ratio).
+# The corpus' clips move |yaw| 5.3, |pitch| 4.5, |roll| 2.3 deg from their first frame on average.
+NEAR_POSE = 0.6
+NEAR_POSE_SD = (8.0, 6.0, 4.0, 0.015, 0.012, 0.02)
+
+
+def latents_from_factors(fac: dict[str, np.ndarray], model_cfg) -> np.ndarray:
+    """Corpus factor groups {pose (N,6), eyes (N,4), mouth (N,3), expression (N,6)} -> ground-truth z (N, total)
+    in the layout of `engine.config.GT_DIMS` (unused dimensions zero)."""
+    lat = model_cfg.latents
+    n = len(fac["pose"])
+    z = np.zeros((n, lat.total), np.float32)
+    sl = lat.slices()
+    parts = {"lip": fac["mouth"], "pose": (fac["pose"] - POSE_OFFSET) / POSE_SCALE, "eye": fac["eyes"],
+             "exp": fac["expression"]}
+    for k, v in parts.items():
+        d = v.shape[1]
+        z[:, sl[k].start:sl[k].start + d] = v
+    return z
+
+
+def _portrait_states(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """States a user's portrait typically shows: near-frontal, eyes open, mouth (mostly) closed, mild
+    or no expression."""
+    pose = np.stack([rng.uniform(-15, 15, n), rng.uniform(-10, 10, n), rng.uniform(-8, 8, n),
+                     rng.uniform(-0.04, 0.04, n), rng.uniform(-0.04, 0.04, n), rng.uniform(0.95, 1.05, n)], 1)
+    eyes = np.concatenate([rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.0, 0.15, (n, 2))], 1)
+    mouth = np.stack([np.where(rng.random(n) < 0.7, 0.0, rng.uniform(0.0, 0.3, n)), rng.uniform(-0.3, 0.3, n),
+                      rng.uniform(0.0, 0.3, n)], 1)
+    presets = np.stack([_factors.preset_vector(p) for p in _factors.PRESET_NAMES])
+    expr = presets[rng.integers(0, len(presets), n)] * rng.uniform(0.0, 0.5, (n, 1))
+    expr = np.where((rng.random(n) < 0.6)[:, None], 0.0, expr)
+    return {"pose": pose.astype(np.float32), "eyes": eyes.astype(np.float32), "mouth": mouth.astype(np.float32),
+            "expression": expr.astype(np.float32)}
+
+
+def sample_pair_states(rng: np.random.Generator, n_ids: int, per_id: int, one_factor: float = 0.35
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Source states (n_ids) and target states (n_ids * per_id, grouped by source)."""
+    from trainer.oracle import sample_factors
+
+    rand = sample_factors(rng, n_ids)
+    port = _portrait_states(rng, n_ids)
+    use_port = rng.random(n_ids) < 0.5
+    src = {g: np.where(use_port[:, None], port[g], rand[g]).astype(np.float32) for g in GROUPS}
+    b = n_ids * per_id
+    tgt = sample_factors(rng, b)
+    rep = {g: np.repeat(src[g], per_id, axis=0) for g in GROUPS}
+    # most targets move the head as a talking head does (a few degrees from the source, as the corpus' clips
+    # and the idle model do); the rest anywhere in the range (commanded poses)
+    near = rng.random(b) < NEAR_POSE
+    lo, hi = _factors.ranges("pose")
+    jitter = rep["pose"] + rng.normal(0.0, 1.0, (b, 6)) * np.asarray(NEAR_POSE_SD, np.float32)
+    tgt["pose"] = np.where(near[:, None], np.clip(jitter, lo, hi), tgt["pose"]).astype(np.float32)
+    one = rng.random(b) < one_factor
+    which = rng.choice(len(GROUPS), size=b, p=[0.2, 0.3, 0.3, 0.2])
+    for gi, g in enumerate(GROUPS):
+        keep = one & (which != gi)  # one-factor targets keep every other group of their source
+        tgt[g] = np.where(keep[:, None], rep[g], tgt[g]).astype(np.float32)
+    return src, tgt
+
+
+class PairRenderer:
+    """Training batches of the `render` stage, rendered on the fly; batch `step` is a pure function of
+    (seed, step), so a resumed run sees the same data.
+
+    Returns {"source" (n_ids,3,S,S), "target" (B,3,S,S) in [-1,1], "z_source" (n_ids,total), "z_target" (B,total),
+    "region" (B,1,S,S) mouth-or-eyes mask, "src_index" (B,), "step" ()}."""
+
+    def __init__(self, model_cfg, n_ids: int, per_id: int, seed: int, device: torch.device | str = "cpu",
+                 identity_pool: int = 0):
+        from trainer.corpus.face import FaceRenderer, sample_identity
+
+        self.cfg = model_cfg
+        self.n_ids, self.per_id, self.seed = int(n_ids), int(per_id), int(seed)
+        self.device = torch.device(device)
+        self.renderer = FaceRenderer(model_cfg.image_size, device=self.device)
+        # identity_pool > 0: draw identities from a fixed set of that many (the "fixed corpus" ablation)
+        prng = np.random.default_rng([self.seed, 4711])
+        self.pool = (np.stack([sample_identity(prng) for _ in range(identity_pool)]).astype(np.float32)
+                     if identity_pool > 0 else None)
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        from trainer.corpus.face import sample_identity
+
+        rng = np.random.default_rng([self.seed, 90210, int(step)])
+        if self.pool is not None:
+            ident = self.pool[rng.integers(0, len(self.pool), self.n_ids)]
+        else:
+            ident = np.stack([sample_identity(rng) for _ in range(self.n_ids)]).astype(np.float32)
+        src, tgt = sample_pair_states(rng, self.n_ids, self.per_id)
+        r = self.renderer
+        s_img = r.render(ident, src["pose"], src["eyes"], src["mouth"], src["expression"])
+        ident_t = np.repeat(ident, self.per_id, axis=0)
+        t_img = r.render(ident_t, tgt["pose"], tgt["eyes"], tgt["mouth"], tgt["expression"])
+        region = r.region_mask(ident_t, tgt["pose"], "mouth") | r.region_mask(ident_t, tgt["pose"], "eyes")
+        return {"source": s_img * 2 - 1, "target": t_img * 2 - 1,
+                "z_source": torch.from_numpy(latents_from_factors(src, self.cfg)),
+                "z_target": torch.from_numpy(latents_from_factors(tgt, self.cfg)),
+                "region": region.float(), "src_index": torch.arange(self.n_ids).repeat_interleave(self.per_id),
+                "step": torch.tensor(int(step))}
+
+
+class _StepDataset(torch.utils.data.Dataset):
+    def __init__(self, make: PairRenderer, start: int):
+        self.make, self.start = make, int(start)
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.make(self.start + int(i))
+
+
+def render_batches(make: PairRenderer, start: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches start, start+1, ...: rendered in `workers` background processes (CPU: rendering overlaps the
+    training step), or in this process on the renderer's device (workers = 0, e.g. on CUDA)."""
+    if workers <= 0:
+        def gen() -> Iterator[dict[str, torch.Tensor]]:
+            step = start
+            while True:
+                yield make(step)
+                step += 1
+        return gen()
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(_StepDataset(make, start), batch_size=None, shuffle=False, num_workers=workers,
+                    prefetch_factor=2, persistent_workers=False)
+    return iter(dl)
+
+
+class RenderStage(StageModule):
+    """E_app + E_mot (+ heads) + G on rendered pairs with ground-truth latents (see the module docstring)."""
+
+    name = "render"
+    REGION_WEIGHT = 4.0  # extra L1 weight inside the mouth and eye regions (where new pixels are made)
+    EST_AFTER = 1000  # from this step on, G gets E_mot's own source-state estimate for half the sources
+    REG_WEIGHT = 1.0
+    GRAD_WEIGHT = 2.0  # image-gradient L1 (sharpness)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict:
+        from trainer.oracle import augment
+
+        m: Marionette = self.model
+        src, tgt = batch["source"], batch["target"]
+        zs, zt, idx = batch["z_source"], batch["z_target"], batch["src_index"]
+        logs: dict[str, torch.Tensor] = {}
+        # E_mot + heads: regress the ground truth on sources and targets (appearance-augmented)
+        frames = torch.cat([src, tgt])
+        aug = augment((frames.detach().cpu() + 1) * 0.5, self.rng).to(frames.device) * 2 - 1  # self.rng: CPU
+        est = m.compose(m.encode_motion(aug))
+        gt = torch.cat([zs, zt])
+        reg = F.smooth_l1_loss(est, gt, beta=0.05, reduction="none")
+        reg = (reg * m.latent_mask).sum(1).mean() / m.latent_mask.sum()
+        logs["reg"] = reg.detach()
+        n_src = len(src)
+        est_src = est[:n_src].detach()
+        # the source state G is told: the ground truth, later half the time E_mot's estimate (as at run time)
+        if int(batch["step"]) >= self.EST_AFTER:
+            pick = (torch.rand(n_src, generator=self.rng) < 0.5).to(zs.device).unsqueeze(1)
+            z_src = torch.where(pick, est_src, zs)
+        else:
+            z_src = zs
+        feat_hi, feat_lo, app = m.e_app(src)
+        if m.cfg.relative:
+            app = torch.cat([app, z_src], dim=1)
+        out = m.generator(zt, src[idx], feat_hi[idx], feat_lo[idx], app[idx])
+        err = (out - tgt).abs()
+        l1 = err.mean()
+        reg_l1 = (err * batch["region"]).sum() / (batch["region"].sum() * 3).clamp(min=1.0)
+        # edges: L1 of the image gradients (a blurred face has L1's lowest risk where the warp is uncertain;
+        # its gradients do not match the target's)
+        gx = ((out[..., :, 1:] - out[..., :, :-1]) - (tgt[..., :, 1:] - tgt[..., :, :-1])).abs().mean()
+        gy = ((out[..., 1:, :] - out[..., :-1, :]) - (tgt[..., 1:, :] - tgt[..., :-1, :])).abs().mean()
+        grad = gx + gy
+        loss_img = l1 + self.REGION_WEIGHT * reg_l1 + self.GRAD_WEIGHT * grad
+        logs["l1"], logs["region_l1"], logs["grad_l1"] = l1.detach(), reg_l1.detach(), grad.detach()
+        with torch.no_grad():
+            logs["psnr"] = L.psnr(out, tgt)
+            logs["psnr_copy"] = L.psnr(src[idx], tgt)
+            sl = m.cfg.latents.slices()
+            logs["pose_err"] = (est[:, sl["pose"]][:, :3] - gt[:, sl["pose"]][:, :3]).abs().mean() * 20.0
+        return {"loss": loss_img + self.REG_WEIGHT * reg, "logs": logs, "fake": None, "real": None}
+
+
+class StatePool:
+    """Frames of the `state` stage: a pool of `size` frames (fresh identities, independent random states) rendered
+    once up front (a pure function of the seed), then batches drawn from it per step (a pure function of
+    (seed, step)): the pool makes each image far cheaper than rendering it, as for the factor oracle."""
+
+    def __init__(self, model_cfg, size: int, batch: int, seed: int, device: torch.device | str = "cpu"):
+        from trainer.corpus.face import FaceRenderer, sample_identity
+        from trainer.oracle import sample_factors
+
+        self.cfg, self.batch, self.seed = model_cfg, int(batch), int(seed)
+        r = FaceRenderer(model_cfg.image_size, device=device)
+        rng = np.random.default_rng([self.seed, 31337])
+        frames, z = [], []
+        chunk = 64
+        for s in range(0, size, chunk):
+            n = min(chunk, size - s)
+            ident = np.stack([sample_identity(rng) for _ in range(n)]).astype(np.float32)
+            fac = sample_factors(rng, n)
+            port = _portrait_states(rng, n)  # a third portrait-like states, as the sources the estimator sees
+            use = rng.random(n) < 0.33
+            fac = {g: np.where(use[:, None], port[g], fac[g]).astype(np.float32) for g in GROUPS}
+            img = r.render(ident, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"])
+            frames.append((img * 255).round().to(torch.uint8).cpu())
+            z.append(torch.from_numpy(latents_from_factors(fac, model_cfg)))
+            log.info("state pool: %d / %d frames rendered", s + n, size)
+        self.frames, self.z = torch.cat(frames), torch.cat(z)
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 27182, int(step)])
+        idx = torch.from_numpy(rng.integers(0, len(self.frames), self.batch))
+        return {"frames": self.frames[idx].float() / 127.5 - 1, "z": self.z[idx]}
+
+
+class StateStage(StageModule):
+    """E_mot + heads regressed to the ground truth on many rendered frames (appearance-augmented): the state
+    estimator that runs once per avatar (the source state of relative motion) and on driving frames."""
+
+    name = "state"
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict:
+        from trainer.oracle import augment
+
+        m: Marionette = self.model
+        x = batch["frames"]
+        aug = augment((x.detach().cpu() + 1) * 0.5, self.rng).to(x.device) * 2 - 1
+        est = m.compose(m.encode_motion(aug))
+        reg = F.smooth_l1_loss(est, batch["z"], beta=0.05, reduction="none")
+        reg = (reg * m.latent_mask).sum(1).mean() / m.latent_mask.sum()
+        with torch.no_grad():
+            sl = m.cfg.latents.slices()["pose"]
+            pose_deg = ((est[:, sl][:, :3] - batch["z"][:, sl][:, :3]).abs()
+                        * torch.tensor([30.0, 20.0, 15.0], device=x.device)).mean()
+        return {"loss": reg, "logs": {"reg": reg.detach(), "pose_deg": pose_deg}, "fake": None, "real": None}
+
+
+def augment_mel(mel: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Voice / channel augmentation of log-mel windows (B, n_mels, T) (natural-log power): a level change of
+    -10 .. +5 dB, a spectral tilt of up to +-6.5 dB across the bands, and for half the windows a stationary
+    noise floor 10 .. 30 dB under the window's peak. The corpus speaks through one synthesiser; users speak
+    through their own voices and microphones."""
+    b, n, _ = mel.shape
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(mel.device)
+
+    gain = u(-2.3, 1.15, b, 1, 1)
+    slope = u(-1.5, 1.5, b, 1, 1) * (torch.arange(n, device=mel.device).view(1, n, 1) / (n - 1) - 0.5)
+    out = mel + gain + slope
+    peak = out.amax(dim=(1, 2), keepdim=True)
+    floor = peak - u(2.3, 6.9, b, 1, 1) + u(-0.5, 0.5, b, n, 1)  # per-band noise level
+    noisy = torch.logaddexp(out, floor)
+    use = (torch.rand(b, 1, 1, generator=gen) < 0.5).to(mel.device)
+    return torch.where(use, noisy, out)
+
+
+class AudioStage(StageModule):
+    """E_aud regresses the ground-truth mouth latent of each frame from its (voice-augmented) mel window."""
+
+    name = "audio"
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict:
+        m: Marionette = self.model
+        lip = m.encode_audio(augment_mel(batch["mel"], self.rng))  # (B, lip), unused dims zero
+        target = torch.zeros_like(lip)
+        target[:, : batch["mouth"].shape[1]] = batch["mouth"]
+        err = F.smooth_l1_loss(lip, target, beta=0.05, reduction="none").sum(1).mean()
+        with torch.no_grad():
+            jaw_mae = (lip[:, 0] - target[:, 0]).abs().mean()
+        return {"loss": err, "logs": {"lip_reg": err.detach(), "jaw_mae": jaw_mae}, "fake": None, "real": None}
+
+
+def gt_expression_presets(model_cfg) -> dict[str, list[float]]:
+    """The corpus' named expressions in a ground-truth-latent model's exp space (padded with zeros)."""
+    n = model_cfg.latents.exp
+    out = {}
+    for name in _factors.PRESET_NAMES:
+        v = list(map(float, _factors.preset_vector(name)))[:n]
+        out[name] = v + [0.0] * (n - len(v))
+    return out
+
+
+def build(name: str, model: Marionette, scfg: StageConfig, oracle=None, vgg=None) -> StageModule:
+    if name == "render":
+        return RenderStage(model, scfg, oracle, vgg)
+    if name == "audio":
+        return AudioStage(model, scfg, oracle, vgg)
+    if name == "state":
+        return StateStage(model, scfg, oracle, vgg)
+    raise ValueError(f"unknown synthetic stage {name!r}")
