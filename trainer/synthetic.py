@@ -175,6 +175,18 @@ def render_batches(make: PairRenderer, start: int, workers: int) -> Iterator[dic
     return iter(dl)
 
 
+def state_regression(m: Marionette, frames: torch.Tensor, gt: torch.Tensor, rng: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """E_mot + heads on appearance-augmented frames (B,3,S,S) in [-1,1] -> (estimated z (B,total), the smooth-L1
+    to the ground truth `gt` over the dimensions with a meaning). `rng` is a CPU generator (augmented on CPU)."""
+    from trainer.oracle import augment
+
+    aug = augment((frames.detach().cpu() + 1) * 0.5, rng).to(frames.device) * 2 - 1
+    est = m.compose(m.encode_motion(aug))
+    reg = F.smooth_l1_loss(est, gt, beta=0.05, reduction="none")
+    return est, (reg * m.latent_mask).sum(1).mean() / m.latent_mask.sum()
+
+
 class RenderStage(StageModule):
     """E_app + E_mot (+ heads) + G on rendered pairs with ground-truth latents (see the module docstring)."""
 
@@ -185,19 +197,13 @@ class RenderStage(StageModule):
     GRAD_WEIGHT = 2.0  # image-gradient L1 (sharpness)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
-        from trainer.oracle import augment
-
         m: Marionette = self.model
         src, tgt = batch["source"], batch["target"]
         zs, zt, idx = batch["z_source"], batch["z_target"], batch["src_index"]
         logs: dict[str, torch.Tensor] = {}
         # E_mot + heads: regress the ground truth on sources and targets (appearance-augmented)
-        frames = torch.cat([src, tgt])
-        aug = augment((frames.detach().cpu() + 1) * 0.5, self.rng).to(frames.device) * 2 - 1  # self.rng: CPU
-        est = m.compose(m.encode_motion(aug))
         gt = torch.cat([zs, zt])
-        reg = F.smooth_l1_loss(est, gt, beta=0.05, reduction="none")
-        reg = (reg * m.latent_mask).sum(1).mean() / m.latent_mask.sum()
+        est, reg = state_regression(m, torch.cat([src, tgt]), gt, self.rng)
         logs["reg"] = reg.detach()
         n_src = len(src)
         est_src = est[:n_src].detach()
@@ -269,14 +275,9 @@ class StateStage(StageModule):
     name = "state"
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
-        from trainer.oracle import augment
-
         m: Marionette = self.model
         x = batch["frames"]
-        aug = augment((x.detach().cpu() + 1) * 0.5, self.rng).to(x.device) * 2 - 1
-        est = m.compose(m.encode_motion(aug))
-        reg = F.smooth_l1_loss(est, batch["z"], beta=0.05, reduction="none")
-        reg = (reg * m.latent_mask).sum(1).mean() / m.latent_mask.sum()
+        est, reg = state_regression(m, x, batch["z"], self.rng)
         with torch.no_grad():
             sl = m.cfg.latents.slices()["pose"]
             pose_deg = ((est[:, sl][:, :3] - batch["z"][:, sl][:, :3]).abs()
