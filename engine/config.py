@@ -110,6 +110,10 @@ class ModelConfig:
     gt_latents: bool = False  # every latent dimension has a physical meaning (GT_DIMS) or is exactly zero
     relative: bool = False  # G is told the source's state too (estimated once per avatar by E_mot + heads)
     pose_warp: bool = False  # head pose is an explicit 3D warp (engine.geometry.pose_flow); G learns the residual
+    # G's refine net is told [z_target, z_source] at every S/4 position (a projection broadcast over the map), so
+    # the local features that know "mouth corner here" meet "jaw this open" directly, not only through the flow
+    # decoder's 8x8 bottleneck
+    local_z: bool = False
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -152,9 +156,9 @@ class ModelConfig:
                 mouth_channels=8)),
             # the built-in design: lite's networks with ground-truth latents, relative motion and the explicit
             # pose warp (trained on pairs rendered on the fly: `marionette train --config talk`)
-            "talk": cls(name="talk", lookahead_ms=40, gt_latents=True, relative=True, pose_warp=True),
+            "talk": cls(name="talk", lookahead_ms=40, gt_latents=True, relative=True, pose_warp=True, local_z=True),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
-                             pose_warp=True, net=NetworkConfig(
+                             pose_warp=True, local_z=True, net=NetworkConfig(
                                  app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
                                  motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
                                  refine_channels=8, mouth_channels=8)),

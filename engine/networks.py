@@ -39,7 +39,11 @@ LEAK = 0.2  # LeakyReLU slope everywhere
 DECODER_START_DIV = 32  # G's flow decoder starts at S/32 (8^2 at S = 256) and doubles up to S/4
 OCC_INIT = 3.0  # occlusion logit bias at init: sigmoid(3) = 0.95, the warped features pass almost unchanged
 ALPHA_INIT = 4.0  # final blend logit bias at init: sigmoid(4) = 0.98 of the warped source image
-MOUTH_MASK_INIT = -2.0  # mouth-branch mask logit bias at init: the branch starts mostly off
+MOUTH_MASK_INIT = 0.0  # mouth-branch mask logit bias at init (at -2 a trained talk model left the branch unused:
+# its mask stayed at 0.002 everywhere)
+RESIDUAL_FLOW_MAX = 0.05  # pose_warp: |learned residual| <= this (grid units; 6 px at 256^2). Unbounded, the
+# first talk run learned a residual that cancelled ~80% of the computed pose flow and painted a blurred face
+LOCAL_Z = 16  # local_z channels
 MEL_CENTER = -5.0  # E_aud input normalisation of natural-log mel power: (mel - MEL_CENTER) / MEL_SCALE
 MEL_SCALE = 3.0
 AUDIO_HIDDEN = 256  # E_aud's last hidden layer
@@ -211,8 +215,8 @@ class Generator(nn.Module):
       flow():   [z, app] -> MLP to S/32 -> 3 x (upsample, conv) -> S/4; a 1x1 guide from feat_lo joins at
                 S/4 (so the flow knows where the face is) -> flow (B,2,S/4,S/4) in normalised grid units
                 (backward warp: output p samples input at p + flow(p)), occlusion (B,1,S/4,S/4) in (0,1),
-                and decoder features m (B, fc/2, S/4, S/4). The flow output layer is zero-initialised, so a
-                fresh G warps by the identity and reproduces (almost) the source.
+                and decoder features m (B, fc/2 (+ LOCAL_Z with local_z), S/4, S/4). The flow output layer is
+                zero-initialised, so a fresh G warps by the identity and reproduces (almost) the source.
       warp():   grid_sample of feat_lo at S/4, feat_hi at S/2 (flow bilinearly upsampled), each times the
                 occlusion, and of the 3-channel source at S x S.
       refine(): S/4: [warped feat_lo, m] -> 1x1 -> conv (2rc); mouth branch: conv (mc) at S/4 -> up -> conv at
@@ -249,11 +253,14 @@ class Generator(nn.Module):
         pw = 2 if cfg.pose_warp else 0  # the computed pose flow joins the decoder at S/4
         self.dec64 = ConvAct(fc // 2 + fc // 4 + pw, fc // 2)  # S/4
         self.flow_out = conv(fc // 2, 3)  # 2 flow + 1 occlusion logit
+        # local_z: [z_target, z_source] -> LOCAL_Z channels broadcast over S/4, appended to m (see ModelConfig)
+        self.local_z = nn.Linear(z_in, LOCAL_Z) if cfg.local_z else None
+        mz = LOCAL_Z if cfg.local_z else 0
         nn.init.zeros_(self.flow_out.weight)
         with torch.no_grad():
             self.flow_out.bias.copy_(torch.tensor([0.0, 0.0, OCC_INIT]))
         # --- refine at S/4
-        self.r64_in = ConvAct(c2 + fc // 2, 2 * rc, k=1)
+        self.r64_in = ConvAct(c2 + fc // 2 + mz, 2 * rc, k=1)
         self.r64 = ConvAct(2 * rc, 2 * rc)
         # --- mouth-region branch (S/4 -> S/2): paints what the source lacks, blended by its own mask
         self.mouth64 = ConvAct(2 * rc, mc)
@@ -299,7 +306,12 @@ class Generator(nn.Module):
             parts.append(base)
         m = self.dec64(torch.cat(parts, dim=1))  # (B,fc/2,S/4,S/4)
         o = self.flow_out(m)  # (B,3,S/4,S/4)
-        fl = o[:, :2] if base is None else base + o[:, :2]  # learned residual on the computed warp
+        # learned residual on the computed warp, bounded so that it refines the geometry and cannot undo it
+        fl = o[:, :2] if base is None else base + RESIDUAL_FLOW_MAX * torch.tanh(o[:, :2])
+        if self.local_z is not None:
+            n = m.shape[-1]
+            zl = F.leaky_relu(self.local_z(torch.cat(zin, dim=1)), LEAK)[:, :, None, None]  # (B,LOCAL_Z,1,1)
+            m = torch.cat([m, zl.expand(-1, -1, n, n)], dim=1)  # (B,fc/2+LOCAL_Z,S/4,S/4)
         return fl, torch.sigmoid(o[:, 2:3]), m
 
     def warp(self, flow: torch.Tensor, occ: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor,

@@ -24,7 +24,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
-from streaming.fixtures import ServerThread, default_checkpoint, speech_with_pauses  # noqa: E402
+from streaming.fixtures import ServerThread, responsive_checkpoint, speech_with_pauses  # noqa: E402
 from streaming.server import ServeConfig  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def _write_wav(path: Path, x: np.ndarray, rate: int = 48000) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ck, _ = default_checkpoint(tmp_path_factory.mktemp("ckpt"), "lite")
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "responsive", "lite")
     with ServerThread(ServeConfig(checkpoint=ck, ice_hosts=("127.0.0.1",))) as st:
         yield st
 

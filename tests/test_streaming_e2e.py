@@ -3,8 +3,9 @@ microphone and receives the avatar (lite config, 256x256) from a real server.
 
 The model is the engine's `lite` network with the z-responsive fixture weights
 (`streaming.fixtures.responsive_checkpoint`): a freshly initialised engine model ignores z (its flow
-and RGB heads start at zero), so lips and controls would not show in the pixels until a trained
-checkpoint exists. A trained built-in checkpoint is used instead when one is installed.
+and RGB heads start at zero). These tests check the streaming machinery (pacing, flushing, controls,
+tracks), so they use it even where a trained built-in checkpoint is installed: a model's quality is
+tested on its own (tests/test_builtin.py), not through the thresholds of the media path.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
 from streaming.client import SyntheticCamera  # noqa: E402
-from streaming.fixtures import (STATIC_HEAD, ServerThread, default_checkpoint, espeak, mouth_deviation,  # noqa: E402
-                                mouth_region, run_session, speech_ends, speech_labels, speech_with_pauses)
+from streaming.fixtures import (STATIC_HEAD, ServerThread, espeak, mouth_deviation, mouth_region,  # noqa: E402
+                                responsive_checkpoint, run_session, speech_ends, speech_labels,
+                                speech_with_pauses)
 from streaming.server import ServeConfig  # noqa: E402
 
 STATIC = list(STATIC_HEAD)
@@ -30,7 +32,7 @@ STATIC = list(STATIC_HEAD)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ck, _ = default_checkpoint(tmp_path_factory.mktemp("ckpt"), "lite")
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "responsive", "lite")
     cfg = ServeConfig(checkpoint=ck, config="lite", ice_hosts=("127.0.0.1",), max_sessions=4)
     with ServerThread(cfg) as st:
         assert st.server.pipeline.cfg.image_size == 256
@@ -145,10 +147,10 @@ def test_controls_change_the_frames_and_bad_ones_change_nothing(server):
 
 @pytest.fixture(scope="module")
 def long_lead_server(tmp_path_factory):
-    """The same server with a 100 ms scheduler lead: it holds ~280 ms of the microphone (the default
-    holds ~190 ms, of which ~40 ms is still in transit when an interrupt lands, which on a loaded machine
-    leaves a flushed stretch no longer than the speech's own 140 ms pauses)."""
-    ck, _ = default_checkpoint(tmp_path_factory.mktemp("ckpt_lead"), "lite")
+    """The same server with a 100 ms scheduler lead: it holds ~280 ms of the microphone (lite's 120 ms
+    lookahead; the default lead holds ~190 ms, of which ~40 ms is still in transit when an interrupt lands,
+    which on a loaded machine leaves a flushed stretch no longer than the speech's own 140 ms pauses)."""
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt_lead") / "responsive", "lite")
     cfg = ServeConfig(checkpoint=ck, config="lite", ice_hosts=("127.0.0.1",), max_sessions=2, lead_ms=100)
     with ServerThread(cfg) as st:
         yield st
@@ -190,7 +192,11 @@ def test_interrupt_flushes_the_pending_speech(long_lead_server):
     gaps = [(a, b) for a, b in runs if ti < a < ti + 1.0 and b - a >= 0.18]
     assert len(gaps) == 1, [(round(a - ti, 3), round(b - a, 3)) for a, b in runs if a > ti - 0.5]
     a, b = gaps[0]
-    inside = (t > a + 0.06) & (t < b)
+    # t and ta are arrival times at the client: a video frame travels a longer path than the audio
+    # (colour conversion, VP8 encode and decode), so the last frame generated before the flush can
+    # arrive up to ~one frame period after the first silent audio on a loaded machine (CI saw 60+ ms).
+    # The mouth must be at rest from the second frame period of the gap on.
+    inside = (t > a + 0.10) & (t < b)
     assert inside.sum() >= 2 and dev[inside].max() < 3, dev[inside]
     assert (dev[(t > ti - 0.6) & (t < ti)] > 6).mean() > 0.5  # talking before
     assert (dev[t > b + 0.2] > 6).mean() > 0.5  # and again after

@@ -23,7 +23,7 @@ pytest.importorskip("aiortc")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
-from streaming.fixtures import (STATIC_HEAD, PeerProcess, ServerThread, default_checkpoint, espeak,  # noqa: E402
+from streaming.fixtures import (STATIC_HEAD, PeerProcess, ServerThread, espeak, responsive_checkpoint,  # noqa: E402
                                 run_session, speech_with_pauses)
 from streaming.server import ServeConfig  # noqa: E402
 
@@ -31,7 +31,7 @@ from streaming.server import ServeConfig  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ck, _ = default_checkpoint(tmp_path_factory.mktemp("ckpt"), "lite")
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "responsive", "lite")
     cfg = ServeConfig(checkpoint=ck, config="lite", ice_hosts=("127.0.0.1",), peer_timeout_s=3.0)
     with ServerThread(cfg) as st:
         yield st

@@ -46,6 +46,7 @@ POSE_OFFSET = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32)
 GROUPS = ("pose", "eyes", "mouth", "expression")
 # pose targets near the source: share, and the spread around the source's pose (deg, deg, deg, frac, frac, ratio).
 # The corpus' clips move |yaw| 5.3, |pitch| 4.5, |roll| 2.3 deg from their first frame on average.
+CHANGE_THRESHOLD = 0.03  # |target - source moved to the target's pose| above this (in [0, 1]) is new content
 NEAR_POSE = 0.6
 NEAR_POSE_SD = (8.0, 6.0, 4.0, 0.015, 0.012, 0.02)
 
@@ -111,7 +112,8 @@ class PairRenderer:
     (seed, step), so a resumed run sees the same data.
 
     Returns {"source" (n_ids,3,S,S), "target" (B,3,S,S) in [-1,1], "z_source" (n_ids,total), "z_target" (B,total),
-    "region" (B,1,S,S) mouth-or-eyes mask, "src_index" (B,), "step" ()}."""
+    "region" (B,1,S,S) mouth-or-eyes mask, "change" (B,1,S,S) where the target has content the source lacks,
+    "src_index" (B,), "step" ()}."""
 
     def __init__(self, model_cfg, n_ids: int, per_id: int, seed: int, device: torch.device | str = "cpu",
                  identity_pool: int = 0):
@@ -139,8 +141,15 @@ class PairRenderer:
         s_img = r.render(ident, src["pose"], src["eyes"], src["mouth"], src["expression"])
         ident_t = np.repeat(ident, self.per_id, axis=0)
         t_img = r.render(ident_t, tgt["pose"], tgt["eyes"], tgt["mouth"], tgt["expression"])
+        rep = {g: np.repeat(src[g], self.per_id, axis=0) for g in GROUPS}
         region = r.region_mask(ident_t, tgt["pose"], "mouth") | r.region_mask(ident_t, tgt["pose"], "eyes")
-        return {"source": s_img * 2 - 1, "target": t_img * 2 - 1,
+        # where the target has content that the source, moved to the target's pose, lacks (an opened mouth,
+        # a shut lid, a moved iris, a smile): the target rendered at its own pose with the source's other
+        # factors differs from it exactly there (dilated by 2 px)
+        moved = r.render(ident_t, tgt["pose"], rep["eyes"], rep["mouth"], rep["expression"])
+        change = ((t_img - moved).abs().amax(dim=1, keepdim=True) > CHANGE_THRESHOLD).float()
+        change = F.max_pool2d(change, 5, stride=1, padding=2)
+        return {"source": s_img * 2 - 1, "target": t_img * 2 - 1, "change": change,
                 "z_source": torch.from_numpy(latents_from_factors(src, self.cfg)),
                 "z_target": torch.from_numpy(latents_from_factors(tgt, self.cfg)),
                 "region": region.float(), "src_index": torch.arange(self.n_ids).repeat_interleave(self.per_id),
@@ -195,6 +204,7 @@ class RenderStage(StageModule):
     EST_AFTER = 1000  # from this step on, G gets E_mot's own source-state estimate for half the sources
     REG_WEIGHT = 1.0
     GRAD_WEIGHT = 2.0  # image-gradient L1 (sharpness)
+    CHANGE_WEIGHT = 4.0  # extra L1 weight where the target has content the source lacks (PairRenderer "change")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
         m: Marionette = self.model
@@ -220,13 +230,15 @@ class RenderStage(StageModule):
         err = (out - tgt).abs()
         l1 = err.mean()
         reg_l1 = (err * batch["region"]).sum() / (batch["region"].sum() * 3).clamp(min=1.0)
+        chg_l1 = (err * batch["change"]).sum() / (batch["change"].sum() * 3).clamp(min=1.0)
         # edges: L1 of the image gradients (a blurred face has L1's lowest risk where the warp is uncertain;
         # its gradients do not match the target's)
         gx = ((out[..., :, 1:] - out[..., :, :-1]) - (tgt[..., :, 1:] - tgt[..., :, :-1])).abs().mean()
         gy = ((out[..., 1:, :] - out[..., :-1, :]) - (tgt[..., 1:, :] - tgt[..., :-1, :])).abs().mean()
         grad = gx + gy
-        loss_img = l1 + self.REGION_WEIGHT * reg_l1 + self.GRAD_WEIGHT * grad
+        loss_img = l1 + self.REGION_WEIGHT * reg_l1 + self.CHANGE_WEIGHT * chg_l1 + self.GRAD_WEIGHT * grad
         logs["l1"], logs["region_l1"], logs["grad_l1"] = l1.detach(), reg_l1.detach(), grad.detach()
+        logs["change_l1"] = chg_l1.detach()
         with torch.no_grad():
             logs["psnr"] = L.psnr(out, tgt)
             logs["psnr_copy"] = L.psnr(src[idx], tgt)
