@@ -185,10 +185,10 @@ def _check(cfg: RenderConfig) -> None:
         raise InputError(f"--driving must be one of {', '.join(DRIVING_MODES)}, got {cfg.driving!r}")
     if cfg.fps <= 0:
         raise InputError(f"fps must be positive, got {cfg.fps}")
-    from engine.runtimes.backend import BACKENDS
+    from engine.runtimes.backend import AUTO, BACKENDS
 
-    if cfg.backend not in BACKENDS:
-        raise InputError(f"unknown backend {cfg.backend!r}; available: {', '.join(BACKENDS)}")
+    if cfg.backend not in (AUTO, *BACKENDS):
+        raise InputError(f"unknown backend {cfg.backend!r}; available: {AUTO}, {', '.join(BACKENDS)}")
     if cfg.expression and cfg.expression_from:
         raise InputError("--expression and --expression-from both set the expression; give one of them")
     if not Path(cfg.audio).is_file():
@@ -253,9 +253,10 @@ def prepare_render(cfg: RenderConfig) -> RenderJob:
     n_frames = max(1, int(round(duration * fps)))
 
     model, meta = load_model(cfg.checkpoint, config=cfg.config, seed=cfg.seed)  # warns on random weights
-    from engine.runtimes.backend import open_backend
+    from engine.runtimes.backend import choose_backend, open_backend
 
-    device = "cpu" if cfg.backend == "onnxruntime" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_backend(cfg.backend)[1]
+
     rt = open_backend(cfg.backend, checkpoint=cfg.checkpoint, config=cfg.config, seed=cfg.seed,
                       exported=cfg.exported, device=device, precision=cfg.precision, threads=cfg.threads, kernels=cfg.kernels,
                       model=(model, meta))

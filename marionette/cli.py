@@ -93,7 +93,9 @@ def _cmd_render(argv: list[str]) -> int:
     p.add_argument("--driving", choices=["hold", "loop"], default="hold",
                    help="driving video shorter than the audio: hold its last frame (default) or loop it")
     p.add_argument("--fps", type=_positive_int, default=25)
-    p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt")
+    p.add_argument("--backend", default="auto", help=(
+        "auto (default: the fastest this machine has: onnxruntime on a CPU, torch on an NVIDIA GPU, TensorRT "
+        "with --exported) | torch | onnxruntime | tensorrt"))
     p.add_argument("--exported", type=Path, help="a `marionette export` directory (onnxruntime / tensorrt)")
     p.add_argument("--precision", default="fp32", help="fp32 | int8 (onnxruntime) | fp16 (torch CUDA, tensorrt)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for inference")
@@ -119,7 +121,9 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--avatar", type=Path, help="portrait image; default: the built-in avatar")
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory; default: the built-in one")
     p.add_argument("--config", default="lite", help="model config when no checkpoint exists")
-    p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt")
+    p.add_argument("--backend", default="auto", help=(
+        "auto (default: the fastest this machine has: onnxruntime on a CPU, torch on an NVIDIA GPU, TensorRT "
+        "with --exported) | torch | onnxruntime | tensorrt"))
     p.add_argument("--fps", type=_positive_int, default=25)
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict ICE host candidates to this address (repeatable), e.g. 127.0.0.1")

@@ -51,8 +51,8 @@ class Pipeline:
              kernels: bool = False) -> "Pipeline":
         import torch
 
-        from engine.runtimes.backend import open_backend
         from engine.checkpoint import load_model
+        from engine.runtimes.backend import choose_backend, open_backend
 
         if not threads:
             # leave a core to the event loop and the video encoders (torch's own default takes all
@@ -60,7 +60,7 @@ class Pipeline:
             threads = max(1, (os.cpu_count() or 2) - 1)
         torch.set_num_threads(int(threads))
         model, meta = load_model(checkpoint, config=config, seed=seed)
-        device = "cuda" if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()) else "cpu"
+        device = choose_backend(backend)[1]
         rt = open_backend(backend, checkpoint=checkpoint, config=config, seed=seed, threads=threads,
                           exported=exported, precision=precision, device=device, model=(model, meta),
                           kernels=kernels)

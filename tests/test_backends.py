@@ -270,6 +270,38 @@ def test_open_backend_onnxruntime_uses_the_cache(tiny_ckpt, tiny_export, referen
     assert open_backend("onnxruntime", exported=cached, checkpoint=tiny_ckpt).export_dir == cached
 
 
+def test_auto_backend_is_onnxruntime_on_a_cpu_and_falls_back_to_torch(tiny_ckpt, tiny_export, reference, tmp_path,
+                                                                      monkeypatch, caplog):
+    """`--backend auto` (the CLI default): onnxruntime on a CPU (through the export cache), torch when onnxruntime
+    cannot run the model; named backends keep their device."""
+    import shutil
+
+    import engine.runtimes.backend as B
+    from engine.checkpoint import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine auto picks the GPU")
+    assert B.choose_backend("auto") == ("onnxruntime", "cpu")
+    assert B.choose_backend("onnxruntime") == ("onnxruntime", "cpu")
+    assert B.choose_backend("torch") == ("torch", "cpu")
+    with pytest.raises(InputError, match="unknown backend 'fast'"):
+        B.choose_backend("fast")
+    monkeypatch.setenv("MARIONETTE_CACHE_DIR", str(tmp_path))
+    shutil.copytree(tiny_export, cache_path(load_model(tiny_ckpt)[0], "fp32"))
+    be = open_backend("auto", checkpoint=tiny_ckpt, threads=1)
+    assert be.describe()["name"] == "onnxruntime"
+    assert_backend_parity(be, reference, precision="fp32", batches=(1,))
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this op")
+
+    monkeypatch.setattr(B, "_open_ort", broken)
+    with caplog.at_level("WARNING"):
+        be = open_backend("auto", checkpoint=tiny_ckpt)
+    assert be.describe()["name"] == "torch" and "using torch" in caplog.text
+    assert_backend_parity(be, reference, precision="fp32", batches=(1,))
+
+
 @pytest.mark.slow
 def test_open_backend_onnxruntime_exports_once_to_cache(tiny_ckpt, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("MARIONETTE_CACHE_DIR", str(tmp_path))

@@ -25,11 +25,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from engine.config import ModelConfig
-from engine.errors import InputError
+from engine.errors import InputError, MissingDependency
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+AUTO = "auto"  # the fastest backend this machine has (choose_backend)
 PRECISIONS = ("fp32", "fp16", "int8")
 CACHE_ENV = "MARIONETTE_CACHE_DIR"
 
@@ -113,8 +114,19 @@ def open_backend(name: str, *, checkpoint: Path | None = None, config: str = "li
     engine.checkpoint.load_model, used instead of loading checkpoint/config/seed again (torch takes
     ownership of it: it is moved to the device and put in eval mode). kernels: the torch backend on CUDA
     runs G's warps through the fused Triton kernels (`kernels.warp`; opt-in, needs triton)."""
+    if name == AUTO:
+        name, device = choose_backend(name)
+        if name == "tensorrt" and exported is None:
+            name = "torch"  # TensorRT runs an exported engine (`marionette export --format tensorrt`)
+        log.info("backend auto: %s on the %s", name, "CPU" if device == "cpu" else "GPU")
+        if name == "onnxruntime" and exported is None:
+            try:
+                return _open_ort(checkpoint, config, seed, exported, device, precision, threads, model)
+            except (MissingDependency, InputError, RuntimeError, OSError) as e:  # auto always gives a backend
+                log.warning("backend auto: onnxruntime could not run this model (%s); using torch", e)
+                name = "torch"
     if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise InputError(f"unknown backend {name!r}; valid: {AUTO}, {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if threads is not None and threads < 1:
@@ -128,6 +140,29 @@ def open_backend(name: str, *, checkpoint: Path | None = None, config: str = "li
     if kernels:
         raise InputError(f"kernels are a torch-backend option (CUDA); the {name} backend has its own")
     return _open_trt(checkpoint, exported, device, precision)
+
+
+def choose_backend(name: str, device: str | None = None) -> tuple[str, str]:
+    """(backend, device) for a backend name that may be "auto": on an NVIDIA GPU TensorRT when it is
+    installed, else torch on CUDA; on a CPU onnxruntime when it is installed (0.74x torch's time per frame
+    on 2 cores, benchmarks/results/backends.json), else torch. Named backends get their natural device
+    (onnxruntime: cpu; tensorrt: cuda; torch: cuda when there is one) unless `device` says otherwise."""
+    import importlib.util  # noqa: PLC0415
+
+    cuda = torch.cuda.is_available()
+    if name == AUTO:
+        if device is not None and _torch_device_type(device) == "cpu":
+            cuda = False
+        if cuda:
+            name = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "torch"
+        else:
+            name = "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+        log.debug("backend auto: %s (%s)", name, "NVIDIA GPU" if cuda else "CPU")
+    elif name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; valid: {AUTO}, {', '.join(BACKENDS)}")
+    if device is None:
+        device = {"onnxruntime": "cpu", "tensorrt": "cuda"}.get(name, "cuda" if cuda else "cpu")
+    return name, device
 
 
 def _load(checkpoint, config, seed, model):
