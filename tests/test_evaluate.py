@@ -80,6 +80,32 @@ def test_correlation_and_offset_sweep():
     assert lead["best_offset_ms"] == pytest.approx(0.0)
 
 
+def test_mouth_vs_speech_finds_the_pauses_of_real_recordings():
+    """Real speech (Debian's pocketsphinx-testdata): a jaw that follows the speech envelope scores a high
+    speech/pause ratio, a constantly moving one ~1; the noisy audiobook clips have pauses to judge too."""
+    from engine.audio import frame_energy, load_audio
+
+    files = E.real_speech_files()
+    if not files:
+        pytest.skip("pocketsphinx-testdata is not installed (make system-deps)")
+    with_pauses = 0
+    for f in files:
+        x = load_audio(f, 16000)
+        n = int(len(x) / 16000 * 25)
+        e = frame_energy(x, 25, 16000, n)
+        db = 20 * np.log10(np.maximum(e, 1e-10))
+        env = np.clip((db - np.percentile(db, 5) - 8.0) / 20.0, 0, 1)  # shut near the noise floor
+        r = E.mouth_vs_speech(env, x, 25)
+        assert r["speech_frames"] > 0.2 * n, (f.name, r)
+        if r["pause_frames"]:
+            with_pauses += 1
+            assert r["ratio"] > 3 and r["pause_shut_fraction"] > 0.5, (f.name, r)
+            assert r["level_correlation"] > 0.9
+            flat = E.mouth_vs_speech(np.full(n, 0.5) + 0.01 * np.sin(np.arange(n)), x, 25)
+            assert 0.8 < flat["ratio"] < 1.25 and flat["pause_shut_fraction"] == 0.0
+    assert with_pauses >= len(files) - 2  # a 1-2 s card utterance may have no 160 ms pause
+
+
 def test_frame_window():
     np.testing.assert_array_equal(E.frame_window(10, None), np.arange(1, 10))
     np.testing.assert_array_equal(E.frame_window(10, 4), np.arange(3, 7))

@@ -787,9 +787,11 @@ def real_speech_files() -> list[Path]:
 def mouth_vs_speech(jaw: np.ndarray, samples: np.ndarray, fps: float, sample_rate: int = 16000) -> dict[str, Any]:
     """How a rendered mouth follows real speech, from the jaw opening read off each frame (`jaw` (T,)).
 
-    Speech frames: RMS level within 20 dB of the clip's 95th-percentile level. Pause frames: more than 35 dB
-    under it, in runs of >= 4 frames (160 ms at 25 fps), the frame after a run's start onward (the mouth may
-    take one frame to close). Reports the mean jaw in each, their ratio, the share of pause frames with the
+    Levels are judged against the clip's own range, from its noise floor (5th-percentile frame level) to its
+    loud speech (95th percentile), so that recordings with room noise (audiobooks) have pauses too. Speech
+    frames: within min(20 dB, half the range) of the top. Pause frames: within min(10 dB, 35 % of the range)
+    of the floor, in runs of >= 4 frames (160 ms at 25 fps), the frame after a run's start onward (the mouth
+    may take one frame to close). Reports the mean jaw in each, their ratio, the share of pause frames with the
     jaw under 0.15 (shut) and the correlation of the jaw with the level in dB (at the best offset of +-2
     frames)."""
     from engine.audio import frame_energy
@@ -797,9 +799,10 @@ def mouth_vs_speech(jaw: np.ndarray, samples: np.ndarray, fps: float, sample_rat
     n = len(jaw)
     e = frame_energy(samples, fps, sample_rate, n)
     db = 20 * np.log10(np.maximum(e.astype(np.float64), 1e-10))
-    top = float(np.percentile(db, 95))
-    speech = db > top - 20
-    quiet = db < top - 35
+    top, floor = float(np.percentile(db, 95)), float(np.percentile(db, 5))
+    span = max(top - floor, 1e-6)
+    speech = db > top - min(20.0, 0.5 * span)
+    quiet = db < floor + min(10.0, 0.35 * span)
     pause = np.zeros(n, bool)
     i = 0
     while i < n:
