@@ -70,8 +70,9 @@ def main() -> int:
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     lines = ["# The built-in avatar on real human speech", "",
              "Recordings: Debian pocketsphinx-testdata (LibriVox readings, CMU utterances). Jaw opening (0 shut .. 1 "
-             "wide) read by the factor oracle off the decoded mp4; speech = level within 20 dB of the clip's 95th "
-             "percentile, pause = more than 35 dB under it for >= 160 ms.", "",
+             "wide) read by the factor oracle off the decoded mp4; levels judged from each clip's noise floor (5th "
+             "percentile) to its loud speech (95th): speech = within min(20 dB, half that range) of the top, pause "
+             "= within min(10 dB, 35 % of it) of the floor for >= 160 ms (trainer.evaluate.mouth_vs_speech).", "",
              "| recording | s | jaw in speech | jaw in pauses | ratio | pause frames shut | corr with level |",
              "|---|---|---|---|---|---|---|"]
 
