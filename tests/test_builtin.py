@@ -1,0 +1,76 @@
+"""The shipped built-in model (engine/assets/builtin): packaged as promised, and on a portrait it never saw
+its mouth follows recordings of real human speech (not espeak) and shuts in the pauses.
+
+Skipped where no built-in checkpoint is installed (`make builtin` trains and installs one)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.checkpoint import BUILTIN_MAX_BYTES, builtin_checkpoint_dir, load_checkpoint
+
+BUILTIN = builtin_checkpoint_dir()
+pytestmark = pytest.mark.skipif(BUILTIN is None, reason="no built-in checkpoint installed (make builtin)")
+
+
+def test_the_builtin_is_packaged_as_promised():
+    from trainer.oracle import load_oracle
+
+    files = [p for p in BUILTIN.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= BUILTIN_MAX_BYTES
+    model, meta = load_checkpoint(BUILTIN)
+    assert not meta.get("random_weights") and meta.get("weights_dtype") == "float16"
+    assert model.cfg.gt_latents and model.cfg.relative and model.cfg.pose_warp
+    assert meta.get("idle_model") and (BUILTIN / "oracle").is_dir()
+    load_oracle(BUILTIN / "oracle")
+    # the expression presets speak the corpus' units (GT-anchored expression latents)
+    presets = json.loads((BUILTIN / "config.json").read_text())["meta"]["expression_presets"]
+    assert "happy" in presets and presets == meta["expression_presets"]
+
+
+def _held_out_portrait(path, seed: int) -> None:
+    from PIL import Image
+
+    from trainer.corpus.face import FaceRenderer
+    from trainer.corpus.face_identity import sample_identity
+
+    ident = np.asarray(sample_identity(np.random.default_rng([seed, 31337])), np.float32)
+    img = FaceRenderer(256).render(ident[None])[0]  # (3,256,256) in [0,1], neutral state
+    Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def test_render_opens_the_mouth_with_real_speech_and_shuts_it_in_the_pauses(tmp_path):
+    """Two real utterances (CMU test data) with a pause between them, on a fresh identity."""
+    from engine.audio import SAMPLE_RATE, load_audio
+    from engine.render import RenderConfig, render
+    from trainer import oracle as O
+    from trainer.evaluate import decode_video, mouth_vs_speech, real_speech_files
+
+    cards = [f for f in real_speech_files() if f.parent.name == "cards"]
+    if len(cards) < 2:
+        pytest.skip("pocketsphinx-testdata is not installed (make system-deps)")
+    rng = np.random.default_rng(7)
+    gap = (rng.normal(0, 1e-3, int(0.8 * SAMPLE_RATE))).astype(np.float32)  # a quiet room between them
+    parts = [gap[:8000]]
+    for f in cards[:2]:
+        parts += [load_audio(f, SAMPLE_RATE), gap]
+    audio = np.concatenate(parts)
+    import wave
+
+    wav = tmp_path / "speech.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
+    face = tmp_path / "face.png"
+    _held_out_portrait(face, seed=int(rng.integers(1 << 30)))
+    mp4 = tmp_path / "talk.mp4"
+    render(RenderConfig(audio=wav, out=mp4, avatar=face, backend="torch"))
+    frames, fps = decode_video(mp4)
+    oracle, _ = O.load_oracle(BUILTIN / "oracle")
+    jaw = O.read_factors(oracle, O.uint8_to_float(frames))[:, O.group_slices()["mouth"].start]
+    r = mouth_vs_speech(jaw, load_audio(wav, SAMPLE_RATE), fps)
+    assert r["pause_frames"] >= 20 and r["speech_frames"] >= 20, r
+    assert r["ratio"] >= 2.0 and r["pause_shut_fraction"] >= 0.5, r
