@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,12 +20,16 @@ class AvatarState:
 
     All four live on one device with one dtype (the runtime's). ~3.9 MB for `lite` at 256^2 in fp32.
     Compared by identity (tensors have no useful ==).
+
+    face: for an avatar made from a photograph, its `engine.face.FacePortrait` (the alignment transform
+    and the compositor that pastes frames back into the photo); None for a portrait used as it is.
     """
 
     source: torch.Tensor
     feat_hi: torch.Tensor
     feat_lo: torch.Tensor
     app: torch.Tensor
+    face: Any = None
 
     def __post_init__(self) -> None:
         for name in ("source", "feat_hi", "feat_lo", "app"):
@@ -56,7 +61,7 @@ class AvatarState:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AvatarState":
-        return AvatarState(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
+        return AvatarState(*(t.to(device=device, dtype=dtype) for t in self.tensors()), face=self.face)
 
     def expand(self, batch: int) -> tuple[torch.Tensor, ...]:
         """The tensors broadcast to `batch` rows (views, no copy): one avatar for every row."""

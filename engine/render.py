@@ -6,6 +6,13 @@ audio, gated closed in silence; pose/eyes from a driving video or the idle-motio
 from a driving video, a preset or canonical) -> G in batches -> H.264 (yuv420p) + AAC in an mp4.
 
 Frame count = max(1, round(duration * fps)), so the video matches the audio within one frame.
+
+Real photographs (`align`, default "require" on the command line): the face is found and aligned to the
+corpus framing (engine.face), the model animates that crop, and each frame is pasted back into the photo
+(`output_size`: the photo at its own size by default, "crop", N or WxH around the face). Driving videos
+are face-tracked (engine.face.FaceTracker) and E_mot sees the tracked crops; a driving video in which no
+face is found (a corpus clip is already framed) is used whole, as before. The built-in avatar is a corpus
+render and is used as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ AUDIO_BATCH = 64
 MOTION_BATCH = 32
 GENERATE_BATCH = 16
 DRIVING_MODES = ("hold", "loop")
+ALIGN_MODES = ("require", "auto", "off")  # find the face (error if none) | align if found | use the image as is
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,13 +58,23 @@ class RenderConfig:
     precision: str = "fp32"
     threads: int | None = None
     kernels: bool = False  # torch on CUDA: the fused Triton warp kernels (opt-in)
+    # real photographs (engine.face): "require" (the CLI's default) finds and aligns the face and fails
+    # without one; "auto" aligns when a face is found and otherwise uses the image as it is; "off" (the
+    # library default, what engine callers got before) always uses the image as it is
+    align: str = "off"
+    output_size: str | None = None  # "original" (default), "crop", "N" or "WxH" (around the face)
+    face_index: int | None = None  # which face when there are several (0: the largest)
+    detector: str | None = None  # face detector (None: the default, engine.face.get_detector)
 
 
 # ------------------------------------------------------------------------------------ driving video
-def encode_driving_video(path: Path, rt, fps: float, n_frames: int) -> dict[str, np.ndarray]:
+def encode_driving_video(path: Path, rt, fps: float, n_frames: int, track: bool = False,
+                         detector: str | None = None) -> dict[str, np.ndarray]:
     """A driving video -> its factor latents at the output frame rate, {factor: (m, dim)}.
 
-    Frames are centre-cropped and resized to the model size (as portraits are), run through
+    Frames are centre-cropped and resized to the model size (as portraits are), or, with `track`, cut
+    out around the face followed by engine.face.FaceTracker (frames before the face is first found, and
+    whole videos without one, are centre-cropped), and run through
     `rt.encode_motion` in batches; output frame i takes the latest video frame shown at time i / fps.
     Only the first n_frames / fps seconds are read (the rest could never be shown); m covers the
     video's duration (at most n_frames), and the caller holds or loops past it.
@@ -74,6 +92,11 @@ def encode_driving_video(path: Path, rt, fps: float, n_frames: int) -> dict[str,
     chunks: dict[str, list[np.ndarray]] = {}
     batch: list[torch.Tensor] = []
     frame_dur = None
+    tracker = None
+    if track:
+        from engine.face import FaceTracker
+
+        tracker = FaceTracker(detector, crop_size=size)
 
     def flush():
         if batch:
@@ -94,7 +117,14 @@ def encode_driving_video(path: Path, rt, fps: float, n_frames: int) -> dict[str,
                 if times and t - times[0] >= need_s:
                     break
                 times.append(t)
-                batch.append(load_portrait(frame.to_ndarray(format="rgb24"), size))
+                rgb = frame.to_ndarray(format="rgb24")
+                tf = tracker.update(rgb) if tracker is not None else None
+                if tf is not None:
+                    from engine.face import crop_with
+
+                    batch.append(torch.from_numpy(crop_with(rgb, tf)).permute(2, 0, 1).unsqueeze(0).float() / 255.0)
+                else:
+                    batch.append(load_portrait(rgb, size))
                 if len(batch) >= MOTION_BATCH:
                     flush()
     except InputError:
@@ -104,6 +134,12 @@ def encode_driving_video(path: Path, rt, fps: float, n_frames: int) -> dict[str,
     flush()
     if not times:
         raise InputError(f"driving video {path} has no frames")
+    if tracker is not None:
+        if tracker.detections and tracker.lost == len(times):
+            log.warning("no face found in driving video %s: using its whole frames (as a corpus clip)", path)
+        else:
+            log.info("driving video %s: face tracked in %d of %d frames (%d detections)", path,
+                     len(times) - tracker.lost, len(times), tracker.detections)
     lat = {k: np.concatenate(v) for k, v in chunks.items()}
     t = np.asarray(times) - times[0]
     order = np.argsort(t, kind="stable")  # decode order is presentation order for sane files
@@ -121,7 +157,8 @@ class Mp4Writer:
     """H.264 (yuv420p) video + AAC mono audio in an mp4, through PyAV. Written to a temporary file
     beside `out` and renamed on `close()`, so a failed render leaves no half-written mp4."""
 
-    def __init__(self, out: Path, size: int, fps: int, sample_rate: int):
+    def __init__(self, out: Path, size: int | tuple[int, int], fps: int, sample_rate: int):
+        """size: S (S x S frames) or (width, height); odd sides are padded by one pixel (yuv420p)."""
         import av
 
         self.out = Path(out)
@@ -129,7 +166,8 @@ class Mp4Writer:
         self._tmp = self.out.with_name(f".{self.out.name}.partial")
         self._c = av.open(str(self._tmp), mode="w", format="mp4")
         self._v = self._c.add_stream("libx264", rate=fps)
-        self._v.width = self._v.height = size + (size % 2)
+        w, h = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self._v.width, self._v.height = w + (w % 2), h + (h % 2)
         self._v.pix_fmt = "yuv420p"
         self._v.options = {"crf": "18", "preset": "medium"}
         self._a = self._c.add_stream("aac", rate=sample_rate)
@@ -152,12 +190,13 @@ class Mp4Writer:
             self._c.mux(p)
 
     def write_frames(self, rgb: np.ndarray) -> None:
-        """(B, S, S, 3) uint8."""
+        """(B, H, W, 3) uint8."""
         import av
 
         for img in rgb:
-            if img.shape[0] != self._v.height:  # odd size: pad one row/column (yuv420p needs even)
-                img = np.pad(img, ((0, 1), (0, 1), (0, 0)), mode="edge")
+            ph, pw = self._v.height - img.shape[0], self._v.width - img.shape[1]
+            if ph or pw:  # odd size: pad one row/column (yuv420p needs even)
+                img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="edge")
             f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             f.pts = self._n
             self._n += 1
@@ -199,6 +238,12 @@ def _check(cfg: RenderConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')}: driving video not found: {p}")
     if cfg.avatar is not None and not Path(cfg.avatar).is_file():
         raise InputError(f"avatar image not found: {cfg.avatar}")
+    if cfg.align not in ALIGN_MODES:
+        raise InputError(f"--align must be one of {', '.join(ALIGN_MODES)}, got {cfg.align!r}")
+    if cfg.output_size is not None:
+        from engine.face import parse_output_size
+
+        parse_output_size(cfg.output_size)
 
 
 @dataclass
@@ -272,7 +317,8 @@ def prepare_render(cfg: RenderConfig) -> RenderJob:
         if not BUILTIN_AVATAR.is_file():
             raise InputError("no built-in avatar is installed; pass a portrait with --avatar")
         avatar_path = BUILTIN_AVATAR
-    avatar = rt.prepare_avatar(avatar_path)
+    avatar = prepare_photo_avatar(rt, avatar_path, align=cfg.align if cfg.avatar is not None else "off",
+                                  output_size=cfg.output_size, face_index=cfg.face_index, detector=cfg.detector)
 
     # lips: mel -> one window per video frame -> E_aud, gated closed where the audio is silent
     active = voice_activity(samples, fps, SAMPLE_RATE, n_frames=n_frames)
@@ -296,7 +342,8 @@ def prepare_render(cfg: RenderConfig) -> RenderJob:
     def video_source(path: Path, factor: str):
         key = Path(path).resolve()
         if key not in driving:
-            driving[key] = encode_driving_video(Path(path), rt, fps, n_frames)
+            driving[key] = encode_driving_video(Path(path), rt, fps, n_frames, track=cfg.align != "off",
+                                                detector=cfg.detector)
         return VideoSource({factor: driving[key][factor]}, mode=cfg.driving)
 
     sources = {
@@ -322,22 +369,53 @@ def write_render(job: RenderJob, out: Path) -> Path:
     from engine.runtimes.torch_runtime import to_uint8_hwc
 
     rt, size = job.runtime, job.runtime.cfg.image_size
-    writer = Mp4Writer(Path(out), size, job.fps, SAMPLE_RATE)
+    face = getattr(job.avatar, "face", None)
+    out_size = face.output_size if face is not None else (size, size)
+    writer = Mp4Writer(Path(out), out_size, job.fps, SAMPLE_RATE)
     try:
         writer.write_audio(job.samples)
         with tqdm(total=job.n_frames, unit="frame", desc="render", disable=None) as bar:
             for s in range(0, job.n_frames, GENERATE_BATCH):
                 n = min(GENERATE_BATCH, job.n_frames - s)
                 z = torch.from_numpy(job.composer.compose_batch(s, n))
-                writer.write_frames(to_uint8_hwc(rt.generate(job.avatar, z)))
+                frames = to_uint8_hwc(rt.generate(job.avatar, z))
+                writer.write_frames(face.paste(frames) if face is not None else frames)
                 bar.update(n)
         path = writer.close()
     except BaseException:
         writer.abort()
         raise
     log.info("wrote %s: %d frames at %d fps (%.2f s of audio), %dx%d", path, job.n_frames, job.fps,
-             len(job.samples) / SAMPLE_RATE, size, size)
+             len(job.samples) / SAMPLE_RATE, *out_size)
     return path
+
+
+def prepare_photo_avatar(rt, image, *, align: str = "require", output_size=None, face_index: int | None = None,
+                         detector: str | None = None):
+    """A portrait -> the backend's avatar. align "off": the image as it is (centre square, resized);
+    "require": the face found and aligned (InputError without one), the avatar's `.face` carrying the
+    transform and the compositor for `output_size` (default: the photo at its own size); "auto": aligned
+    when a face is found, else as it is (logged)."""
+    if align == "off":
+        if face_index is not None:
+            raise InputError("--face-index needs face alignment (--align require or auto)")
+        return rt.prepare_avatar(image)
+    from engine.face import attach, prepare_portrait
+
+    size = rt.cfg.image_size
+    try:
+        portrait = prepare_portrait(image, size, output_size=output_size or "original", detector=detector,
+                                    face_index=face_index)
+    except InputError as e:
+        if align != "auto" or not str(e).startswith("no face found"):
+            raise
+        log.warning("%s; using the image as it is (align auto)", e)
+        return rt.prepare_avatar(image)
+    tf = portrait.transform
+    log.info("face %s aligned (scale %.2f, rotation %+.1f deg%s); output %dx%d", tf.face.describe(), tf.scale,
+             tf.angle, ", yaw %+.0f deg" % tf.face.pose[0] if tf.face.pose else "", *portrait.output_size)
+    avatar = rt.prepare_avatar(torch.from_numpy(portrait.crop.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255.0)
+    return attach(avatar, portrait)
 
 
 def render(cfg: RenderConfig) -> Path:

@@ -101,13 +101,24 @@ def _cmd_render(argv: list[str]) -> int:
     p.add_argument("--threads", type=_positive_int, help="CPU threads for inference")
     p.add_argument("--kernels", action="store_true", help="torch on CUDA: fused Triton warp kernels (opt-in)")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
+    p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(
+        "real photos: require (default) finds the face, aligns it to the model's framing and pastes the "
+        "animated face back into the photo (error if no face); auto: the same when a face is found, else the "
+        "image as it is; off: the image as it is (centre square, like the built-in avatar). Driving videos "
+        "are face-tracked unless off"))
+    p.add_argument("--output-size", metavar="SIZE", help=(
+        "output frame with an aligned --avatar: original (default: the whole photo at its own size), crop "
+        "(the model's square crop), N (N x N around the face) or WxH (around the face)"))
+    p.add_argument("--face-index", type=int, metavar="I",
+                   help="several faces in the photo: animate this one (0 = the largest, the default)")
     a = p.parse_args(argv)
     from engine.render import RenderConfig, render
 
     cfg = RenderConfig(avatar=a.avatar, audio=a.audio, out=a.out, checkpoint=a.checkpoint, config=a.config,
                        pose_from=a.pose_from, eyes_from=a.eyes_from, expression_from=a.expression_from,
                        expression=a.expression, driving=a.driving, fps=a.fps, backend=a.backend, seed=a.seed,
-                       exported=a.exported, precision=a.precision, threads=a.threads, kernels=a.kernels)
+                       exported=a.exported, precision=a.precision, threads=a.threads, kernels=a.kernels,
+                       align=a.align, output_size=a.output_size, face_index=a.face_index)
     print(render(cfg))
     return 0
 
