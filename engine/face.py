@@ -676,7 +676,17 @@ class Compositor:
         self._region_to_crop = _compose(_invert(self.crop_to_out), shift)
         m8 = np.clip(self.mask * 255.0 + 0.5, 0, 255).astype(np.uint8)
         self.region_mask = (warp_affine(m8, self._region_to_crop, x1 - x0, y1 - y0).astype(np.float32) / 255.0)[..., None]
-        self._bg_region = self.background[y0:y1, x0:x1].astype(np.float32)
+        # per frame: out = warped * m + (background * (1 - m) + 0.5), the second term computed once
+        self._bg_term = self.background[y0:y1, x0:x1].astype(np.float32) * (1.0 - self.region_mask) + 0.5
+        # the sampling grid of the warp (torch grid_sample units), fixed for the avatar
+        rh, rw = y1 - y0, x1 - x0
+        yy, xx = np.mgrid[0:rh, 0:rw].astype(np.float64)
+        m = self._region_to_crop
+        gx = (m[0, 0] * xx + m[0, 1] * yy + m[0, 2] + 0.5) * (2.0 / s) - 1.0
+        gy = (m[1, 0] * xx + m[1, 1] * yy + m[1, 2] + 0.5) * (2.0 / s) - 1.0
+        import torch  # noqa: PLC0415
+
+        self._grid = torch.from_numpy(np.stack([gx, gy], -1)[None].astype(np.float32))
 
     def colour_offset(self, crop: np.ndarray) -> np.ndarray:
         """Per-channel mean of (frame - source crop) over the mask's feather ring (0 without a source)."""
@@ -687,24 +697,31 @@ class Compositor:
 
     def paste(self, crop: np.ndarray) -> np.ndarray:
         """(S, S, 3) uint8 animated crop -> (H, W, 3) uint8 output frame."""
-        crop = np.asarray(crop)
-        if crop.shape[:2] != (self.transform.crop_size,) * 2:
-            raise InputError(f"crop is {crop.shape[1]}x{crop.shape[0]}, expected {self.transform.crop_size}px")
-        off = self.colour_offset(crop)
-        if np.any(np.abs(off) >= 0.5):
-            crop = np.clip(crop.astype(np.float32) - off + 0.5, 0, 255).astype(np.uint8)
-        if self.crop_only:
-            return np.ascontiguousarray(crop)
-        x0, y0, x1, y1 = self.region
-        warped = warp_affine(crop, self._region_to_crop, x1 - x0, y1 - y0).astype(np.float32)
-        m = self.region_mask
-        blended = self._bg_region + (warped - self._bg_region) * m
-        out = self.background.copy()
-        out[y0:y1, x0:x1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-        return out
+        return self.paste_batch(np.asarray(crop)[None])[0]
 
     def paste_batch(self, crops: np.ndarray) -> np.ndarray:
-        return np.stack([self.paste(c) for c in crops])
+        """(B, S, S, 3) uint8 animated crops -> (B, H, W, 3) uint8 output frames: each colour-matched
+        (`colour_offset`), warped into the output by bilinear grid_sample and blended through the mask."""
+        import torch  # noqa: PLC0415
+
+        crops = np.asarray(crops)
+        s = self.transform.crop_size
+        if crops.ndim != 4 or crops.shape[1:] != (s, s, 3):
+            raise InputError(f"crops must be (B, {s}, {s}, 3) uint8, got {crops.shape}")
+        x = crops.astype(np.float32)
+        offs = np.stack([self.colour_offset(c) for c in crops])  # (B, 3)
+        x -= offs[:, None, None, :]
+        if self.crop_only:
+            return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+        t = torch.from_numpy(x).permute(0, 3, 1, 2)
+        w = torch.nn.functional.grid_sample(t, self._grid.expand(len(crops), -1, -1, -1), mode="bilinear",
+                                            padding_mode="border", align_corners=False)
+        warped = w.permute(0, 2, 3, 1).numpy()
+        x0, y0, x1, y1 = self.region
+        blended = np.clip(warped * self.region_mask + self._bg_term, 0, 255.4).astype(np.uint8)
+        out = np.repeat(self.background[None], len(crops), 0)
+        out[:, y0:y1, x0:x1] = blended
+        return out
 
 
 def paste_back(frame_crop: np.ndarray, original_image: np.ndarray, transform: FaceTransform,
