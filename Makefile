@@ -22,11 +22,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 # espeak-ng (speech with phoneme timings for the corpus), sox (audio conversion), pocketsphinx-testdata (real
-# recorded human speech, CMU test utterances and LibriVox readings, BSD-2: tests and benchmarks), idempotent
+# recorded human speech, CMU test utterances and LibriVox readings, BSD-2: tests and benchmarks), nginx-light +
+# libnginx-mod-rtmp (a local RTMP ingest the `live` tests and benchmarks/live_soak.py start on 127.0.0.1; never
+# the system service), libportaudio2 (the microphone of `marionette live`), idempotent
 REAL_SPEECH := /usr/share/pocketsphinx/test/data/librivox
+RTMP_MODULE := /usr/lib/nginx/modules/ngx_rtmp_module.so
 system-deps:
-	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v espeak-ng >/dev/null || ! test -d $(REAL_SPEECH); then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng libespeak-ng1 sox pocketsphinx-testdata; \
+	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v espeak-ng >/dev/null || ! test -d $(REAL_SPEECH) \
+		|| ! test -f $(RTMP_MODULE) || ! ldconfig -p | grep -q libportaudio.so.2; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng libespeak-ng1 sox pocketsphinx-testdata \
+			nginx-light libnginx-mod-rtmp libportaudio2; \
 	fi
 
 test: setup

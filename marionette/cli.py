@@ -4,6 +4,7 @@ library code; each subcommand imports its package lazily so `marionette --help` 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -281,6 +282,79 @@ def _cmd_install_builtin(argv: list[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- live
+def _size(s: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1280x720, got {s!r}") from None
+    if w <= 0 or h <= 0 or w % 2 or h % 2:
+        raise argparse.ArgumentTypeError(f"{s}: width and height must be positive and even")
+    return w, h
+
+
+def _cmd_live(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette live", description=(
+        "Headless: speech from the microphone, a file or a network stream -> the talking avatar streamed to "
+        "RTMP (OBS, Twitch, YouTube), WHIP, and/or a virtual camera (Zoom, Meet, Teams). Keys in the terminal "
+        "and POST http://HOST:PORT/controls steer it. See docs/live.md."))
+    p.add_argument("--audio-in", required=True, metavar="mic|mic:DEVICE|FILE|URL",
+                   help="'mic' (the default microphone; needs the `mic` extra), a file, or a URL PyAV opens")
+    p.add_argument("--out", action="append", required=True, metavar="URL", help=(
+        "repeatable: rtmp://HOST/APP/KEY (rtmps://, srt:// where FFmpeg has it), whip://HOST/PATH or "
+        "https://.../whip, vcam or v4l2:///dev/videoN"))
+    p.add_argument("--loop", action="store_true", help="a file input starts over at its end")
+    p.add_argument("--duration", type=_positive_float, help="stop after this many seconds")
+    p.add_argument("--avatar", type=Path, help="portrait image; default: the built-in avatar")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory; default: the built-in one")
+    p.add_argument("--config", default="lite", help="model config when no checkpoint exists")
+    p.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt (as serve)")
+    p.add_argument("--exported", type=Path, help="a `marionette export` directory (onnxruntime / tensorrt)")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=_positive_int, help="inference threads (default: all cores but one)")
+    p.add_argument("--fps", type=_positive_int, default=25)
+    p.add_argument("--lead-ms", type=_positive_float, help="scheduler lead (default: from the warmup)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expression", help="start with this expression preset[:intensity], e.g. happy:0.6")
+    p.add_argument("--control-host", default="127.0.0.1", help="where the HTTP control endpoint listens")
+    p.add_argument("--control-port", type=int, default=8081, help="its port (0: any free port)")
+    p.add_argument("--no-control", action="store_true", help="no HTTP control endpoint")
+    p.add_argument("--no-keys", action="store_true", help="ignore the keyboard even in a terminal")
+    p.add_argument("--video-bitrate", type=_positive_int, default=1000, help="kbit/s (RTMP/SRT)")
+    p.add_argument("--audio-bitrate", type=_positive_int, default=128, help="kbit/s (RTMP/SRT)")
+    p.add_argument("--x264-preset", default="veryfast", help="libx264 preset (ultrafast .. medium)")
+    p.add_argument("--size", type=_size, help="scale the video, e.g. 720x720 (default: the model's 256x256)")
+    p.add_argument("--whip-token", help="Bearer token for the WHIP endpoint")
+    p.add_argument("--virtual-mic", default="marionette",
+                   help="PulseAudio/PipeWire sink the virtual camera's voice goes to ('none': no voice)")
+    p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                   help="restrict WHIP ICE host candidates to this address (repeatable)")
+    a = p.parse_args(argv)
+    from streaming import require_serve_extra
+
+    require_serve_extra()
+    from streaming.live import LiveConfig, live
+    from streaming.outputs import OutputConfig
+    from streaming.server import ServeConfig
+
+    serve_cfg = ServeConfig(host=a.control_host, port=a.control_port, avatar=a.avatar, checkpoint=a.checkpoint,
+                            config=a.config, backend=a.backend, fps=a.fps, exported=a.exported,
+                            precision=a.precision, threads=a.threads, lead_ms=a.lead_ms, seed=a.seed,
+                            ice_hosts=tuple(a.ice_host), max_sessions=2)
+    out_cfg = OutputConfig(video_bitrate_kbps=a.video_bitrate, audio_bitrate_kbps=a.audio_bitrate,
+                           x264_preset=a.x264_preset, size=a.size, whip_token=a.whip_token,
+                           virtual_mic=None if a.virtual_mic.lower() == "none" else a.virtual_mic)
+    # the preset syntax of the control messages and of `render --expression` (happy:0.8, happy:0.5+sad:0.3)
+    initial = ({"type": "expression", "preset": a.expression},) if a.expression else ()
+    cfg = LiveConfig(audio_in=a.audio_in, outputs=tuple(a.out), serve=serve_cfg, output=out_cfg,
+                     control=not a.no_control, keyboard=False if a.no_keys else None, loop=a.loop,
+                     duration_s=a.duration, initial_controls=initial)
+    stats = live(cfg)
+    print(json.dumps({k: stats.get(k) for k in ("frames_sent", "frames_dropped", "av_offset_mean_ms",
+                                                "av_offset_max_ms", "outputs")}, default=str))
+    return 0
+
+
 COMMANDS = {
     "train": (_cmd_train, "train the model (progressive stages)"),
     "install-builtin": (_cmd_install_builtin, "package a trained checkpoint as the built-in default"),
@@ -288,6 +362,7 @@ COMMANDS = {
     "evaluate": (_cmd_evaluate, "evaluate a checkpoint against corpus ground truth"),
     "export": (_cmd_export, "compile a checkpoint to ONNX / TensorRT"),
     "serve": (_cmd_serve, "the WebRTC avatar server (main job)"),
+    "live": (_cmd_live, "headless: mic/file -> the avatar to RTMP, WHIP or a virtual camera"),
     "corpus": (_cmd_corpus, "render the synthetic talking-head corpus (and `corpus preview`)"),
     "render": (_cmd_render, "offline render: portrait + audio -> talking-head mp4"),
 }

@@ -7,6 +7,9 @@ Routes
                                   -> {"sdp", "type": "answer", "session"}
   GET  /sessions, GET /sessions/{id}                         stats
   POST /sessions/{id}/controls    one control object or a list (same JSON as the data channel)
+  GET|POST /sessions/{id}/outputs, DELETE /sessions/{id}/outputs/{name}
+                                  the session's avatar also to RTMP / WHIP / a virtual camera
+                                  ({"url": ...}; see streaming.outputs and docs/live.md)
   DELETE /sessions/{id}
   POST /avatars                   a portrait (raw image body or multipart), size-limited -> {"id"}
   GET  /avatars
@@ -37,7 +40,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine.errors import InputError
+from engine.errors import InputError, MarionetteError
 from streaming import controls as C
 from streaming.ice import filter_remote_candidates, ice_servers, restrict_host_candidates
 from streaming.metrics import CONTENT_TYPE, ServerMetrics
@@ -188,6 +191,9 @@ class AvatarServer:
         r.add_get("/sessions/{id}", self.get_session)
         r.add_delete("/sessions/{id}", self.delete_session)
         r.add_post("/sessions/{id}/controls", self.post_controls)
+        r.add_get("/sessions/{id}/outputs", self.get_outputs)
+        r.add_post("/sessions/{id}/outputs", self.post_outputs)
+        r.add_delete("/sessions/{id}/outputs/{name}", self.delete_output)
         r.add_post("/avatars", self.post_avatar)
         r.add_get("/avatars", self.get_avatars)
         return app
@@ -384,6 +390,49 @@ class AvatarServer:
         if any(isinstance(c, C.StatsRequest) for c in ctls):
             out["stats"] = s.stats()
         return web.json_response(out)
+
+    # outputs: the session's avatar also streamed to RTMP / WHIP / a virtual camera (streaming.outputs)
+    async def get_outputs(self, request):
+        try:
+            s = self._session(request)
+        except _HttpError as e:
+            return _error(e.status, e.message)
+        return web.json_response({"session": s.id, "outputs": [o.stats() for o in s.taps]})
+
+    async def post_outputs(self, request):
+        """{"url": "rtmp://..."} or {"urls": [...]} -> 201 {"outputs": [stats...]}"""
+        from streaming.outputs import attach
+
+        try:
+            s = self._session(request)
+            body = await self._json_body(request, 16 * 1024)
+            urls = body.get("urls", [body["url"]] if "url" in body else None) if isinstance(body, dict) else None
+            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls) \
+                    or set(body) - {"url", "urls"}:
+                raise _HttpError(400, 'expected {"url": "rtmp://..."} or {"urls": ["rtmp://...", "whip://..."]}')
+            if len(s.taps) + len(urls) > 8:
+                raise _HttpError(409, "at most 8 outputs per session")
+            try:
+                outs = await attach(s, urls)
+            except MarionetteError as e:  # a bad URL, or an output this machine cannot open
+                raise _HttpError(400, str(e)) from None
+        except _HttpError as e:
+            return _error(e.status, e.message)
+        return web.json_response({"session": s.id, "outputs": [o.stats() for o in outs]}, status=201)
+
+    async def delete_output(self, request):
+        from streaming.outputs import detach
+
+        try:
+            s = self._session(request)
+        except _HttpError as e:
+            return _error(e.status, e.message)
+        name = request.match_info["name"]
+        for o in list(s.taps):
+            if o.name == name:
+                await detach(s, o)
+                return web.json_response({"session": s.id, "output": name, "closed": True})
+        return _error(404, f"session {s.id!r} has no output {name!r}")
 
     async def post_avatar(self, request):
         limit = self.cfg.max_upload_bytes

@@ -104,9 +104,14 @@ class Session:
         self.control_errors = 0
         self.webcam_frames_in = 0
 
-        pc.on("track", self._on_track)
-        pc.on("datachannel", self._on_datachannel)
-        pc.on("connectionstatechange", self._on_connection_state)
+        # extra consumers of the outbound media (streaming.outputs: RTMP, WHIP, a virtual camera): each
+        # gets every frame the tracks send, stamped with its tick / audio frame index (`tap_*`)
+        self.taps: list = []
+
+        if pc is not None:  # None: a session without a WebRTC peer (`marionette live`)
+            pc.on("track", self._on_track)
+            pc.on("datachannel", self._on_datachannel)
+            pc.on("connectionstatechange", self._on_connection_state)
 
     # ========================================================================= peer connection
     def _spawn(self, coro, name: str) -> asyncio.Task:
@@ -431,6 +436,30 @@ class Session:
                 for old in sorted(self._video_pending)[:-16]:
                     del self._video_pending[old]
 
+    def tap_video(self, k: int, frame) -> None:
+        """Tick k's frame leaves (the video track): hand it to every tap (read-only for them)."""
+        for tap in self.taps:
+            try:
+                tap.on_video(k, frame)
+            except Exception:  # noqa: BLE001 - an output's failure must not stop the session
+                log.exception("session %s: output %s failed on a video frame", self.id, tap)
+
+    def tap_audio(self, j: int, frame) -> None:
+        """Audio frame j (20 ms at 48 kHz) leaves (the audio track): hand it to every tap."""
+        for tap in self.taps:
+            try:
+                tap.on_audio(j, frame)
+            except Exception:  # noqa: BLE001
+                log.exception("session %s: output %s failed on an audio frame", self.id, tap)
+
+    async def close_taps(self) -> None:
+        taps, self.taps = list(self.taps), []
+        for tap in taps:
+            try:
+                await tap.aclose()
+            except Exception:  # noqa: BLE001
+                log.exception("session %s: closing output %s failed", self.id, tap)
+
     def note_audio_sent(self, j: int, t: float) -> None:
         self.metrics.audio_frames_sent.inc()
         self._audio_sent[j] = t
@@ -543,9 +572,11 @@ class Session:
         self.video_track.stop()
         self.audio_track.stop()
         try:
-            await self.pc.close()
+            if self.pc is not None:
+                await self.pc.close()
         except Exception:  # noqa: BLE001
             log.exception("session %s: closing the peer connection failed", self.id)
+        await self.close_taps()
         others = [t for t in self._tasks if t is not current]
         if others:
             await asyncio.gather(*others, return_exceptions=True)

@@ -66,6 +66,8 @@ class AvatarVideoTrack(MediaStreamTrack):
             frame.time_base = VIDEO_TIME_BASE
             self.frames_sent += 1
             s.note_video_sent(k, time.monotonic())
+            if s.taps:
+                s.tap_video(k, frame)
             return frame
 
 
@@ -101,4 +103,6 @@ class DelayedAudioTrack(MediaStreamTrack):
         frame.time_base = AUDIO_TIME_BASE
         self.frames_sent += 1
         s.note_audio_sent(j, time.monotonic())
+        if s.taps:
+            s.tap_audio(j, frame)
         return frame

@@ -1,0 +1,425 @@
+"""`marionette live` with real parts: a real nginx-rtmp ingest on 127.0.0.1 (recording what it gets,
+pulled back with PyAV), a WHIP receiver built on aiortc, pyvirtualcam through its own backend
+interface (no v4l2loopback here), and the HTTP control endpoint.
+
+The model is the z-responsive random fixture (`streaming.fixtures.responsive_checkpoint`), as in
+tests/test_streaming_e2e.py: these tests check the media path, not the model. Media are short
+(a few seconds, 256x256); the 10-minute soak is `benchmarks/live_soak.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiortc")
+if shutil.which("espeak-ng") is None:
+    pytest.skip("espeak-ng is not installed", allow_module_level=True)
+
+from engine.errors import InputError, MissingDependency  # noqa: E402
+from streaming.fixtures import STATIC_HEAD, responsive_checkpoint, speech_with_pauses  # noqa: E402
+from streaming.live import KeyControls, LiveConfig, open_input, run_live, validate  # noqa: E402
+from streaming.outputs import OutputConfig, parse_output, redact  # noqa: E402
+from streaming.outputs_fixtures import (NginxRtmp, WhipReceiver, envelope, nginx_rtmp_missing, onsets,  # noqa: E402
+                                        read_recording)
+from streaming.server import ServeConfig  # noqa: E402
+
+NGINX_MISSING = nginx_rtmp_missing()
+needs_nginx = pytest.mark.skipif(NGINX_MISSING is not None, reason=f"no local RTMP ingest: {NGINX_MISSING}")
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "responsive", "lite")
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """Three short utterances after 1 s of silence, 1 s apart (their onsets are the click track)."""
+    from scipy.io import wavfile
+
+    audio, spans = speech_with_pauses(["Papa", "Banana", "Hello"], pause_s=1.0, lead_s=1.0)
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    wavfile.write(path, 48000, audio)
+    return path, audio, spans
+
+
+def _cfg(ckpt, audio_in, outs, **kw) -> LiveConfig:
+    serve = ServeConfig(checkpoint=ckpt, config="lite", backend=kw.pop("backend", "auto"), port=0,
+                        ice_hosts=kw.pop("ice_hosts", ()), threads=1)
+    return LiveConfig(audio_in=str(audio_in), outputs=tuple(outs), serve=serve, keyboard=False,
+                      initial_controls=kw.pop("initial_controls", STATIC_HEAD), **kw)
+
+
+def _run(cfg, during=None):
+    """run_live on this thread's event loop; `during(handle, stop)` runs as a task once it is live."""
+    async def main():
+        stop = asyncio.Event()
+        tasks = []
+
+        def ready(h):
+            if during is not None:
+                tasks.append(asyncio.ensure_future(during(h, stop)))
+
+        stats = await run_live(cfg, stop=stop, ready=ready)
+        results = await asyncio.gather(*tasks)
+        return stats, (results[0] if results else None)
+
+    return asyncio.run(main())
+
+
+def _mouth_dev(rec) -> np.ndarray:
+    m = np.stack(rec["frames"])
+    rest = np.median(m[:5], axis=0)
+    return np.abs(m - rest).mean(axis=(1, 2, 3))
+
+
+# ============================================================================================ RTMP
+@needs_nginx
+def test_rtmp_stream_is_25fps_in_sync_and_complete(ckpt, speech, tmp_path):
+    path, audio, spans = speech
+    with NginxRtmp(tmp_path / "nginx") as ng:
+        stats, _ = _run(_cfg(ckpt, path, [ng.url("s")]))
+        time.sleep(0.3)
+        recs = ng.recordings("s")
+    assert len(recs) == 1, (recs, ng.error_log()[-1500:])
+    out = stats["outputs"][0]
+    assert out["connects"] == 1 and out["frames_out"] > 100, out
+    r = read_recording(recs[0])
+    assert r["codecs"] == {"video": "h264", "audio": "aac"}
+    assert (r["width"], r["height"]) == (256, 256)
+    vp, ap = r["video_pts"], r["audio_pts"]
+    # constant 25 fps: every tick has a frame (missing ticks repeat the previous picture), 40 ms apart
+    steps = np.diff(vp)
+    assert np.all(np.abs(steps - 0.040) <= 0.0011), np.unique(np.round(steps, 3))
+    # the whole file plays out: its length (+ the stream's start) within one frame of the media
+    dur_v = vp[-1] - vp[0] + 0.04
+    dur_a = len(ap) * 1024 / 48000
+    assert len(audio) / 48000 - 0.5 < dur_v < len(audio) / 48000 + 1.5, dur_v
+    # A/V from the stream's own timestamps: both start together (the AAC encoder's 1024-sample
+    # priming shows as its 21 ms lead), audio packets are contiguous (no gap, no drift), and both
+    # end within 2 frames of each other
+    assert abs((vp[0] - ap[0]) - 1024 / 48000) <= 0.002, (vp[0], ap[0])
+    assert np.all(np.abs(np.diff(ap) - 1024 / 48000) <= 0.0011)
+    assert abs((ap[-1] + 1024 / 48000) - (vp[-1] + 0.04)) <= 0.08, (ap[-1], vp[-1])
+    assert abs(dur_a - dur_v) <= 0.08
+    # A/V from the click track: each utterance's onset in the decoded audio vs the first frame whose
+    # mouth moves, both on the stream's clock (a frame shows the 40 ms of audio centred on its tick)
+    t, rms = envelope(r["audio"], r["audio_t0"])
+    a_on = onsets(t, rms, 0.003)
+    dev = _mouth_dev(r)
+    thresh = 0.3 * np.percentile(dev, 95)
+    v_on = onsets(r["frame_pts"], dev, thresh)
+    assert len(a_on) == 3 and len(v_on) == 3, (a_on, v_on)
+    offsets = [v - a for v, a in zip(v_on, a_on)]
+    print("A/V click offsets (s):", offsets, "start", vp[0] - ap[0], "end", (ap[-1] + 1024 / 48000) - (vp[-1] + 0.04), out)
+    assert all(abs(o) <= 0.045 for o in offsets), offsets
+    # the session's own A/V record agrees
+    assert stats["av_offset_max_ms"] < 20
+
+
+@needs_nginx
+def test_rtmp_reconnects_after_the_ingest_restarts(ckpt, speech, tmp_path):
+    path = speech[0]
+    with NginxRtmp(tmp_path / "nginx") as ng:
+        async def during(h, stop):
+            out = h.outputs[0]
+            while out.frames_out < 50:  # 2 s streamed
+                await asyncio.sleep(0.05)
+            up = await asyncio.to_thread(ng.restart, 1.0)  # killed, down 1 s, started again
+            while out.connects < 2 and time.monotonic() - up < 15:
+                await asyncio.sleep(0.05)
+            back = time.monotonic() - up
+            n = out.frames_out
+            while out.frames_out < n + 50 and time.monotonic() - up < 20:
+                await asyncio.sleep(0.05)
+            stop.set()
+            return back
+
+        stats, back = _run(_cfg(ckpt, path, [ng.url("s")], loop=True), during)
+        time.sleep(0.3)
+        recs = ng.recordings("s")
+    out = stats["outputs"][0]
+    assert out["connects"] == 2, out
+    assert back < 5.0, f"the stream came back {back:.2f} s after the ingest did"
+    assert out["reconnect_s"] and out["reconnect_s"][0] < 1.0 + 5.0
+    assert len(recs) == 2, recs
+    second = read_recording(recs[1], decode=False)
+    assert len(second["video_pts"]) >= 45
+    assert np.all(np.abs(np.diff(second["video_pts"]) - 0.04) <= 0.0011)
+    assert len(second["audio_pts"]) > 0 and abs(second["video_pts"][0] - second["audio_pts"][0]) < 0.03
+
+
+# ============================================================================================ WHIP
+def test_whip_push_to_an_aiortc_receiver_and_http_controls(ckpt, speech):
+    import aiohttp
+
+    path = speech[0]
+
+    async def main():
+        rx = await WhipReceiver(reject=1).start()  # the first offer is refused: the output retries
+        stop = asyncio.Event()
+        res = {}
+
+        async def during(h):
+            out = h.outputs[0]
+            t0 = time.monotonic()
+            while len(rx.video) < 60 and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.05)
+            async with aiohttp.ClientSession() as http:
+                async with http.post(h.url + "/controls", json={"type": "expression", "preset": "happy"}) as r:
+                    res["ok"] = (r.status, await r.json())
+                async with http.post(h.url + "/controls", json={"type": "pose", "yaw": 400}) as r:
+                    res["bad"] = (r.status, await r.json())
+                async with http.get(h.url + "/stats") as r:
+                    res["stats"] = await r.json()
+            res["state"] = out.state
+            stop.set()
+
+        def ready(h):
+            res["task"] = asyncio.ensure_future(during(h))
+
+        cfg = _cfg(ckpt, path, [rx.url.replace("http://", "whip://")], ice_hosts=("127.0.0.1",), loop=True)
+        stats = await run_live(cfg, stop=stop, ready=ready)
+        await res.pop("task")
+        await asyncio.sleep(0.3)
+        await rx.stop()
+        return rx, stats, res
+
+    rx, stats, res = asyncio.run(main())
+    assert rx.posts == 2 and rx.deletes == 1  # refused once, then one session, DELETEd at the end
+    assert res["state"] == "streaming"
+    v = np.array([x[0] for x in rx.video])
+    assert len(v) >= 60 and rx.video[0][3:] == (256, 256)
+    # every frame the session made arrived (WebRTC needs no constant rate: a tick the scheduler
+    # missed on this loaded machine is simply not sent), at up to 25 fps
+    sent = stats["outputs"][0]["frames_out"]
+    assert len(v) >= 0.9 * sent - 3, (len(v), sent)
+    fps = (len(v) - 1) / (v[-1] - v[0])
+    assert 10 <= fps <= FPS + 2, fps
+    assert len(rx.audio) > 100
+    # controls: the same validation as serve's data channel
+    assert res["ok"][0] == 200 and res["ok"][1]["applied"] == 1
+    assert res["bad"][0] == 400 and "yaw" in res["bad"][1]["error"]
+    assert res["stats"]["session"] == "live" and res["stats"]["outputs"][0]["kind"] == "whip"
+    assert stats["controls"] >= 3  # the two initial source controls + the expression
+
+
+# ================================================================================== virtual camera
+class _RecordingCamera:
+    """A pyvirtualcam backend (its documented Backend interface) that keeps what it is sent."""
+
+    frames: list = []
+    opened: list = []
+
+    def __init__(self, *, width, height, fps, fourcc, device, **kw):
+        self.width, self.height, self._device = width, height, device or "/dev/video-test"
+        type(self).opened.append((width, height, fps))
+
+    def close(self):
+        pass
+
+    def send(self, frame):
+        type(self).frames.append((time.monotonic(), frame.copy()))
+
+    def device(self):
+        return self._device
+
+    def native_fourcc(self):
+        return None
+
+
+class _FakeMic:
+    sink = "test"
+
+    def __init__(self):
+        self.samples = 0
+
+    def open(self):
+        pass
+
+    def write(self, pcm):
+        self.samples += len(pcm)
+
+    def close(self):
+        pass
+
+
+def test_virtual_camera_through_pyvirtualcam_interface(ckpt, speech, monkeypatch):
+    pyvirtualcam = pytest.importorskip("pyvirtualcam")
+    from streaming import outputs as O
+
+    pyvirtualcam.register_backend("marionette-test", _RecordingCamera)
+    _RecordingCamera.frames, _RecordingCamera.opened = [], []
+    mic = _FakeMic()
+    real_init = O.VirtualCameraOutput.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.mic = mic
+
+    monkeypatch.setattr(O.VirtualCameraOutput, "__init__", init)
+
+    async def during(h, stop):
+        t0 = time.monotonic()
+        while len(_RecordingCamera.frames) < 50 and time.monotonic() - t0 < 30:
+            await asyncio.sleep(0.05)
+        stop.set()
+
+    cfg = _cfg(ckpt, speech[0], ["v4l2:///dev/video7"], loop=True,
+               output=OutputConfig(camera_backend="marionette-test", size=(320, 240)))
+    stats, _ = _run(cfg, during)
+    out = stats["outputs"][0]
+    assert out["device"] == "/dev/video7" and out["virtual_mic"] == "_FakeMic"
+    assert _RecordingCamera.opened == [(320, 240, FPS)]
+    t = np.array([x[0] for x in _RecordingCamera.frames])
+    assert len(t) >= 50 and _RecordingCamera.frames[0][1].size == 240 * 320 * 3  # RGB, flattened by pyvirtualcam
+    assert len(t) == out["frames_out"] and out["frames_out"] >= out["frames_in"] - 3 - out["frames_dropped"]
+    assert 10 <= (len(t) - 1) / (t[-1] - t[0]) <= FPS + 2
+    assert mic.samples >= 48000  # the voice went to the virtual microphone too
+    assert out["added_latency_ms"]["p50"] < 20
+    json.dumps(stats)  # what `marionette live` prints at the end
+    assert stats["input"]["source"].endswith("speech.wav")
+
+
+def test_virtual_camera_missing_device_is_a_clear_error(ckpt, speech):
+    pytest.importorskip("pyvirtualcam")
+    with pytest.raises(InputError, match="v4l2loopback"):
+        _run(_cfg(ckpt, speech[0], ["v4l2:///dev/video99"], output=OutputConfig(camera_backend="v4l2loopback")))
+
+
+# ===================================================================================== serve + outputs
+@needs_nginx
+def test_serve_session_streams_to_rtmp_too(ckpt, speech, tmp_path):
+    """POST /sessions/{id}/outputs on `serve`: the browser's avatar also goes to an RTMP ingest."""
+    import aiohttp
+
+    from streaming.client import AvatarClient, PcmSource
+    from streaming.fixtures import ServerThread
+
+    cfg = ServeConfig(checkpoint=ckpt, config="lite", ice_hosts=("127.0.0.1",), backend="auto", threads=1)
+    with NginxRtmp(tmp_path / "nginx") as ng, ServerThread(cfg) as st:
+        async def main():
+            c = AvatarClient(st.url, keep_frames=False)
+            await c.connect(mic=PcmSource(speech[1]), controls=list(STATIC_HEAD))
+            await c.wait_first_frame(30)
+            base = f"{st.url}/sessions/{c.session}/outputs"
+            async with aiohttp.ClientSession() as http:
+                async with http.post(base, json={"url": "ftp://nope"}) as r:
+                    bad = (r.status, await r.json())
+                async with http.post(base, json={"url": ng.url("s")}) as r:
+                    made = (r.status, await r.json())
+                await asyncio.sleep(3.0)
+                async with http.get(base) as r:
+                    listed = await r.json()
+                name = made[1]["outputs"][0]["name"]
+                async with http.delete(f"{base}/{name}") as r:
+                    deleted = r.status
+                async with http.delete(f"{base}/{name}") as r:
+                    again = r.status
+            frames = c.video_frames_seen
+            await c.close()
+            return bad, made, listed, deleted, again, frames
+
+        bad, made, listed, deleted, again, frames = asyncio.run(main())
+        time.sleep(0.3)
+        recs = ng.recordings("s")
+    assert bad[0] == 400 and "unsupported output" in bad[1]["error"]
+    assert made[0] == 201 and made[1]["outputs"][0]["kind"] == "rtmp"
+    o = listed["outputs"][0]
+    assert o["state"] == "streaming" and o["frames_out"] >= 50, o
+    assert deleted == 200 and again == 404
+    assert frames > 50  # the WebRTC peer kept its video meanwhile
+    assert len(recs) == 1
+    r = read_recording(recs[0], decode=False)
+    assert len(r["video_pts"]) >= 60 and np.all(np.abs(np.diff(r["video_pts"]) - 0.04) <= 0.0011)
+
+
+# ================================================================================== units and errors
+def test_output_urls_are_parsed_and_bad_ones_explained():
+    assert parse_output("rtmp://a.example/live/KEY").kind == "rtmp"
+    assert parse_output("rtmps://a.example:443/app/key").kind == "rtmp"
+    w = parse_output("whip://127.0.0.1:8889/cam/whip")
+    assert w.kind == "whip" and w.target == "http://127.0.0.1:8889/cam/whip"
+    assert parse_output("whips://h/x").target == "https://h/x"
+    assert parse_output("https://ingress.example/w/whip").kind == "whip"
+    assert parse_output("vcam").kind == "vcam" and parse_output("v4l2:///dev/video3").target == "/dev/video3"
+    for bad, msg in [("ftp://x/y", "unsupported output"), ("rtmp://host", "application and stream key"),
+                     ("v4l2:///tmp/x", "v4l2:///dev/videoN"), ("", "needs a URL")]:
+        with pytest.raises(InputError, match=msg):
+            parse_output(bad)
+    from streaming.outputs import ffmpeg_output_protocols
+
+    protos = ffmpeg_output_protocols()
+    if protos is not None and "srt" not in protos:
+        with pytest.raises(InputError, match="no 'srt' protocol"):
+            parse_output("srt://127.0.0.1:9000")
+    assert "SECRETKEY" not in redact("rtmp://live.twitch.tv/app/SECRETKEY123")
+    with pytest.raises(InputError, match="at least one --out"):
+        validate(LiveConfig(audio_in="mic", outputs=()))
+    with pytest.raises(InputError, match="no such file"):
+        open_input("/nonexistent.wav")
+
+
+def test_mic_without_sounddevice_names_the_extra(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "sounddevice":
+            raise ImportError("no sounddevice")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(MissingDependency, match=r"marionette\[mic\]"):
+        open_input("mic").check()
+
+
+def test_mic_with_no_input_device_is_an_input_error():
+    try:
+        import sounddevice as sd
+        has_input = any(d["max_input_channels"] > 0 for d in sd.query_devices())
+    except (ImportError, OSError):
+        pytest.skip("sounddevice / PortAudio not installed")
+    if has_input:
+        pytest.skip("this machine has a microphone")
+    with pytest.raises(InputError, match="no usable input device"):
+        open_input("mic").check()
+
+
+def test_keys_make_valid_control_messages():
+    from engine.checkpoint import PRESET_NAMES
+    from streaming import controls as C
+
+    presets = {n: [0.0] * 10 for n in PRESET_NAMES}
+    ctx = C.ControlContext(presets=presets, exp_dim=10)
+    k = KeyControls(presets)
+    seen = set()
+    for key in "1234567+-adwsqeijklrob ":
+        msgs = k.messages(key)
+        assert msgs is not None, key
+        for m in msgs:
+            C.parse_control(m, ctx)  # valid, as the HTTP endpoint would accept it
+            seen.add(m["type"])
+    assert seen == {"expression", "pose", "gaze", "source", "blink", "interrupt"}
+    assert k.messages("2")[0]["preset"] == "happy"
+    for _ in range(10):
+        k.messages("a")
+    assert k.pose["yaw"] == C.POSE_RANGE["yaw"]  # clamped to what validation accepts
+    assert k.messages("z") is None and k.messages("h") == []
+
+
+def test_cli_live_rejects_bad_outputs_before_loading_a_model(capsys):
+    from marionette.cli import main
+
+    assert main(["live", "--audio-in", "mic", "--out", "ftp://x/y"]) == 2
+    assert "unsupported output" in capsys.readouterr().err
