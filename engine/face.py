@@ -35,9 +35,11 @@ a face_index past the faces found. Several faces: the largest is taken and the l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -122,8 +124,23 @@ def estimate_pose(points2d: np.ndarray, model3d: np.ndarray = _POSE_MODEL) -> tu
     return yaw, pitch, roll
 
 
+def _locked(fn):
+    """One call at a time per detector (a server aligns uploads on worker threads; dlib's and OpenCV's
+    detectors keep scratch state)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        with self._lock:
+            return fn(self, *a, **kw)
+
+    return wrapper
+
+
 class Detector:
-    """Finds faces and the landmarks alignment needs. `detect(rgb)` -> faces, largest first."""
+    """Finds faces and the landmarks alignment needs. `detect(rgb)` -> faces, largest first. Thread-safe
+    (calls are serialised per detector)."""
+
+    _lock = threading.RLock()  # replaced per instance by the subclasses
 
     name = "base"
     gives_mouth = False
@@ -156,6 +173,7 @@ class DlibDetector(Detector):
         if path is None or not path.is_file():
             raise MissingDependency("face landmarks need the face_recognition_models package (a marionette "
                                     "dependency): pip install face_recognition_models")
+        self._lock = threading.RLock()
         self._dlib = dlib
         self._det = dlib.get_frontal_face_detector()
         self._sp = dlib.shape_predictor(str(path))
@@ -197,6 +215,7 @@ class DlibDetector(Detector):
         return Face(box=tuple(float(v) for v in box), score=float(score), eyes=eyes, mouth=mouth,
                     landmarks=pts, pose=pose)
 
+    @_locked
     def detect(self, rgb: np.ndarray, *, upsample: int | None = None) -> list[Face]:
         rgb = np.ascontiguousarray(rgb)
         h, w = rgb.shape[:2]
@@ -211,6 +230,7 @@ class DlibDetector(Detector):
         faces.sort(key=lambda f: -f.area)
         return faces
 
+    @_locked
     def refine(self, rgb: np.ndarray, box) -> Face | None:
         return self._face(np.ascontiguousarray(rgb), box, float("nan"))
 
@@ -232,10 +252,12 @@ class OpenCVDetector(Detector):
         if not face_xml.is_file() or not eye_xml.is_file():
             raise MissingDependency(f"this OpenCV ({cv2.__version__}) ships no Haar cascades (OpenCV 5 dropped "
                                     "them): pip install 'opencv-python-headless<5'")
+        self._lock = threading.RLock()
         self._cv2 = cv2
         self._face = cv2.CascadeClassifier(str(face_xml))
         self._eye = cv2.CascadeClassifier(str(eye_xml))
 
+    @_locked
     def detect(self, rgb: np.ndarray, *, upsample: int | None = None) -> list[Face]:
         cv2 = self._cv2
         grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
@@ -281,6 +303,7 @@ class OpenCVDetector(Detector):
 
 
 _DETECTORS: dict[str, Detector] = {}
+_DETECTORS_LOCK = threading.Lock()
 
 
 def available_detectors() -> list[str]:
@@ -308,9 +331,10 @@ def get_detector(name: str | Detector | None = None) -> Detector:
                         "no head-pose check); pip install dlib-bin face_recognition_models for the default")
     if name not in DETECTORS:
         raise InputError(f"unknown face detector {name!r}; available: {', '.join(DETECTORS)}")
-    det = _DETECTORS.get(name)
-    if det is None:
-        det = _DETECTORS[name] = DlibDetector() if name == "dlib" else OpenCVDetector()
+    with _DETECTORS_LOCK:
+        det = _DETECTORS.get(name)
+        if det is None:
+            det = _DETECTORS[name] = DlibDetector() if name == "dlib" else OpenCVDetector()
     return det
 
 

@@ -150,6 +150,13 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--lead-ms", type=_positive_float,
                    help="how early the scheduler starts a frame before its tick (default: from the warmup)")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
+    p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(
+        "real photos (--avatar and uploads): require (default) finds and aligns the face and streams it pasted "
+        "back into the photo (uploads without a face get a 400); auto: the same when a face is found, else "
+        "the image as it is; off: images as they are"))
+    p.add_argument("--output-size", metavar="SIZE", default="512", help=(
+        "frames of an aligned avatar: N (default 512: N x N around the face), WxH, original (the whole "
+        "photo) or crop (the model's square crop)"))
     a = p.parse_args(argv)
     from streaming import require_serve_extra
 
@@ -160,7 +167,7 @@ def _cmd_serve(argv: list[str]) -> int:
                       backend=a.backend, fps=a.fps, ice_hosts=tuple(a.ice_host), ice_servers=tuple(a.ice_server),
                       max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
                       exported=a.exported, precision=a.precision, threads=a.threads, lead_ms=a.lead_ms,
-                      seed=a.seed, kernels=a.kernels)
+                      seed=a.seed, kernels=a.kernels, align=a.align, output_size=a.output_size)
     serve(cfg)
     return 0
 

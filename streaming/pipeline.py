@@ -14,6 +14,7 @@ import numpy as np
 from engine.errors import InputError
 
 log = logging.getLogger(__name__)
+_NO_FACE = object()  # align_portrait's remembered "auto, and no face found"
 
 
 class Pipeline:
@@ -27,6 +28,15 @@ class Pipeline:
         self.random_weights = bool(meta.get("random_weights", False))
         self.threads = threads
         self._torch = torch
+        # real photos (engine.face): "off" uses portraits as they are; "require" finds and aligns the face
+        # (InputError without one); "auto" aligns when a face is found. Aligned avatars' frames are pasted
+        # back into a frame of `output_size` around the face ("512" -> 512x512; "crop": the model's crop)
+        self.face_align = "off"
+        self.output_size = "512"
+        self._aligned: dict[str, object] = {}  # content id -> FacePortrait aligned off the scheduler thread
+        import threading
+
+        self._aligned_lock = threading.Lock()
         from engine.idle_model import load_idle_model
 
         # the learned idle motion model, when the checkpoint has one (small: one GRU step per frame, CPU)
@@ -67,9 +77,60 @@ class Pipeline:
         return cls(rt, meta, threads)
 
     # ---------------------------------------------------------------------------------- avatars
-    def prepare_avatar(self, src):
-        """Path, encoded bytes, PIL image -> AvatarState (InputError on a bad image)."""
-        return self.rt.prepare_avatar(src)
+    def prepare_avatar(self, src, align: str | None = None):
+        """Path, encoded bytes, PIL image, or an engine.face.FacePortrait -> AvatarState (InputError on a
+        bad image). With face alignment (`align`, default self.face_align) the face is found and aligned
+        (engine.face) unless `align_portrait` already did it for these bytes on another thread, and the
+        state carries the FacePortrait (`state.face`) whose compositor `generate` pastes frames back with."""
+        from engine.face import FacePortrait, attach
+
+        mode = self.face_align if align is None else align
+        if isinstance(src, FacePortrait):  # aligned already (align_portrait on a worker thread)
+            mode, portrait = "given", src
+        elif mode == "off":
+            return self.rt.prepare_avatar(src)
+        else:
+            portrait = None
+        if portrait is None and isinstance(src, (bytes, bytearray, memoryview)):
+            with self._aligned_lock:
+                portrait = self._aligned.pop(self._content_id(bytes(src)), None)
+        if portrait is None:
+            portrait = self.align_portrait(src, mode, keep=False)
+        if portrait is None or portrait is _NO_FACE:  # auto, and no face: the image as it is
+            return self.rt.prepare_avatar(src)
+        crop = self._torch.from_numpy(portrait.crop.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        return attach(self.rt.prepare_avatar(crop), portrait)
+
+    @staticmethod
+    def _content_id(data: bytes) -> str:
+        from streaming.avatars import AvatarStore
+
+        return AvatarStore.content_id(data)
+
+    def align_portrait(self, src, align: str | None = None, keep: bool = True):
+        """Find and align the face of a portrait (the slow part of preparing an uploaded avatar: detection
+        and landmarks, ~0.1-0.3 s): run it on a worker thread, never the event loop or the scheduler.
+        -> engine.face.FacePortrait, or None ("auto" and no face). keep: remember the result for these
+        bytes, so the scheduler's `prepare_avatar` only runs E_app."""
+        from engine.face import prepare_portrait
+
+        mode = self.face_align if align is None else align
+        if mode == "off":
+            return None
+        try:
+            portrait = prepare_portrait(src, self.cfg.image_size, output_size=self.output_size)
+        except InputError as e:
+            if mode == "auto" and str(e).startswith("no face found"):
+                log.info("%s; using the image as it is (align auto)", e)
+                portrait = _NO_FACE
+            else:
+                raise
+        if keep and isinstance(src, (bytes, bytearray, memoryview)):
+            with self._aligned_lock:
+                self._aligned[self._content_id(bytes(src))] = portrait
+                while len(self._aligned) > 8:  # uploads aligned but never prepared (a failed E_app)
+                    self._aligned.pop(next(iter(self._aligned)))
+        return None if portrait is _NO_FACE else portrait
 
     # -------------------------------------------------------------------------------- per frame
     def encode_audio(self, mels: np.ndarray) -> np.ndarray:
@@ -81,14 +142,19 @@ class Pipeline:
         out = self.rt.encode_motion(x)
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
-    def generate(self, avatars: list, z: np.ndarray) -> np.ndarray:
-        """-> (B, S, S, 3) uint8."""
+    def generate(self, avatars: list, z: np.ndarray):
+        """-> (B, S, S, 3) uint8; rows whose avatar came from an aligned photo are pasted back into its
+        frame (engine.face.Compositor), and then a list of (H, W, 3) uint8 frames is returned."""
         from engine.runtimes.torch_runtime import to_uint8_hwc
 
+        rows = list(avatars)
         if all(a is avatars[0] for a in avatars):
             avatars = avatars[0]  # one avatar for every row: broadcast, no copy
-        frames = self.rt.generate(avatars, self._torch.from_numpy(z))
-        return to_uint8_hwc(frames)
+        frames = to_uint8_hwc(self.rt.generate(avatars, self._torch.from_numpy(z)))
+        faces = [getattr(a, "face", None) for a in rows]
+        if all(f is None or f.compositor is None for f in faces):
+            return frames
+        return [f.paste(fr[None])[0] if f is not None else fr for f, fr in zip(faces, frames)]
 
     @staticmethod
     def to_video_frames(frames_u8: np.ndarray) -> list:

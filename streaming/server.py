@@ -78,6 +78,12 @@ class ServeConfig:
     max_offer_bytes: int = 128 * 1024
     audio_prefetch: int | None = 1  # inbound audio packets aiortc's jitter buffer holds (its default: 4)
     grace_ms: float = 12.0  # how long a video tick waits for a frame still being made before dropping
+    # real photos (engine.face), for --avatar and uploads: "require" (the CLI's default) finds and aligns the
+    # face, 400 without one; "auto" aligns when a face is found; "off" (the library default) uses images as
+    # they are. Aligned avatars stream output_size frames around the face ("512": 512x512; "crop": the
+    # model's own crop; "WxH"; "original": the whole photo)
+    align: str = "off"
+    output_size: str = "512"
 
 
 def _error(status: int, message: str, **extra) -> web.Response:
@@ -126,12 +132,18 @@ class AvatarServer:
         p = self.pipeline
         if p.random_weights:
             log.warning("serving a RANDOMLY initialised model: the avatar will not look like a talking head")
+        await self._setup_faces(p)
         self.clock = MediaClock(cfg.fps)
         self.scheduler = Scheduler(p, self.clock, self.metrics, lead_s=self.clock.period).start()
         self.avatars = AvatarStore(self.scheduler, p, max_items=cfg.max_avatars)
         src, source = self._builtin_avatar_source()
         try:
-            state = await asyncio.wrap_future(self.scheduler.submit(p.prepare_avatar, src))
+            if source in ("built-in", "placeholder"):  # corpus framing already: used as it is
+                state = await asyncio.wrap_future(self.scheduler.submit(p.prepare_avatar, src, "off"))
+            else:
+                portrait = await asyncio.to_thread(p.align_portrait, src, None, False)
+                state = await asyncio.wrap_future(self.scheduler.submit(
+                    p.prepare_avatar, src if portrait is None else portrait, "off" if portrait is None else None))
         except InputError as e:
             raise InputError(f"avatar {source}: {e}") from None
         self.avatars.set_builtin(state, source)
@@ -152,6 +164,21 @@ class AvatarServer:
         log.info("model %s (%dpx, lookahead %d ms%s), %d fps, round %.1f ms -> lead %.0f ms, pipeline latency %.0f ms",
                  mc.name, mc.image_size, mc.lookahead_ms, ", random weights" if p.random_weights else "",
                  cfg.fps, 1000 * self.warmup_times.get(1, 0), 1000 * lead, 1000 * self.latency_s)
+
+    async def _setup_faces(self, p) -> None:
+        """Face alignment settings onto the pipeline; the detector loaded once, off the event loop."""
+        from engine.face import parse_output_size
+
+        if self.cfg.align not in ("require", "auto", "off"):
+            raise InputError(f"align must be require, auto or off, got {self.cfg.align!r}")
+        parse_output_size(self.cfg.output_size)
+        p.face_align, p.output_size = self.cfg.align, self.cfg.output_size
+        if self.cfg.align != "off":
+            from engine.face import get_detector
+
+            det = await asyncio.to_thread(get_detector)
+            log.info("face alignment %s with the %s detector; aligned avatars stream %s frames", self.cfg.align,
+                     det.name, self.cfg.output_size)
 
     def _builtin_avatar_source(self):
         if self.cfg.avatar is not None:
@@ -458,15 +485,26 @@ class AvatarServer:
             if data is None:
                 return _error(400, "multipart upload without an image part (name it \"image\")")
         elif ctype.startswith("image/") or ctype == "application/octet-stream":
-            data = await request.content.read(limit + 1)
-            if len(data) > limit:
-                return _error(413, f"upload too large (limit {limit} bytes)")
+            buf = bytearray()  # content.read(n) returns what has arrived, not n bytes: read to the end
+            while True:
+                chunk = await request.content.read(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    return _error(413, f"upload too large (limit {limit} bytes)")
+            data = bytes(buf)
         else:
             return _error(415, f"send the portrait as image/png, image/jpeg, application/octet-stream or "
                                f"multipart/form-data, not {ctype or 'no content type'}")
         if not data:
             return _error(400, "empty upload")
         try:
+            if self.pipeline.face_align != "off":
+                try:
+                    self.avatars.get(self.avatars.content_id(data))
+                except KeyError:  # a new portrait: find and align its face on a worker thread
+                    await asyncio.to_thread(self.pipeline.align_portrait, data)
             entry, created = await self.avatars.add(data)
         except InputError as e:
             return _error(400, f"not a usable portrait: {e}")

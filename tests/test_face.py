@@ -311,3 +311,67 @@ def test_cli_render_photo_pastes_into_the_photo(tmp_path, _no_builtin, capsys):
     rc = main(["render", "--avatar", str(blank), "--audio", str(wav), "--out", str(tmp_path / "n.mp4"),
                "--config", "tiny", "--backend", "torch"])
     assert rc == 2 and "no face found" in capsys.readouterr().err and not (tmp_path / "n.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------------ serve
+def test_serve_aligns_uploads_and_streams_the_face_pasted_back(tmp_path):
+    """`serve --align require --output-size 320x240`: a real photo uploads (aligned off the event loop),
+    its session streams 320x240 frames holding the photo around the face; uploads without a usable face get
+    a clear 400 and the server keeps serving."""
+    pytest.importorskip("aiortc")
+    import asyncio
+    import io
+    import json as _json
+
+    import aiohttp
+    from PIL import Image
+
+    from streaming.client import AvatarClient, PcmSource
+    from streaming.fixtures import ServerThread, responsive_checkpoint
+    from streaming.server import ServeConfig
+
+    ck = responsive_checkpoint(tmp_path / "tiny", "tiny")
+    cfg = ServeConfig(checkpoint=ck, config="tiny", ice_hosts=("127.0.0.1",), max_sessions=2, peer_timeout_s=2.0,
+                      align="require", output_size="320x240")
+
+    def png(img) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        return buf.getvalue()
+
+    async def post(url, data):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/avatars", data=data, headers={"Content-Type": "image/png"}) as r:
+                return r.status, _json.loads(await r.read())
+
+    photo = _load("astro")
+    with ServerThread(cfg) as st:
+        st_, body = asyncio.run(post(st.url, png(photo)))
+        assert st_ == 201, body
+        state = st.server.avatars.get(body["id"]).state
+        assert state.face is not None and state.face.output_size == (320, 240)
+        for bad, why in [(np.full((300, 300, 3), 128, np.uint8), "no face found"),
+                         (F.load_photo(COFFEE), "no face found")]:
+            code, err = asyncio.run(post(st.url, png(bad)))
+            assert code == 400 and why in err["error"], err
+        assert len(st.server.avatars) == 2  # nothing stored for the refused ones
+
+        async def session():
+            c = AvatarClient(st.url, keep_frames=True)
+            await c.connect(mic=PcmSource(np.zeros(48000 * 2, np.int16)), avatar=body["id"])
+            await c.wait_first_frame(20)
+            await asyncio.sleep(0.5)
+            frames = [f for _, _, f in c.received.video if f is not None]
+            await c.close()
+            return frames
+
+        frames = asyncio.run(session())
+        assert frames and frames[-1].shape == (240, 320, 3)
+        # the photo around the face: the frame's corner region is the photo's (through the VP8 codec)
+        bg = state.face.compositor.background
+        assert np.abs(frames[-1][:30, :30].astype(int) - bg[:30, :30]).mean() < 12
+        async def health():
+            async with aiohttp.ClientSession() as s:
+                async with s.get(st.url + "/healthz") as r:
+                    return r.status
+        assert asyncio.run(health()) == 200
