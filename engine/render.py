@@ -122,7 +122,7 @@ def encode_driving_video(path: Path, rt, fps: float, n_frames: int, track: bool 
                 if tf is not None:
                     from engine.face import crop_with
 
-                    batch.append(torch.from_numpy(crop_with(rgb, tf)).permute(2, 0, 1).unsqueeze(0).float() / 255.0)
+                    batch.append(torch.from_numpy(crop_with(rgb, tf).copy()).permute(2, 0, 1).unsqueeze(0).float() / 255.0)
                 else:
                     batch.append(load_portrait(rgb, size))
                 if len(batch) >= MOTION_BATCH:

@@ -375,3 +375,72 @@ def test_serve_aligns_uploads_and_streams_the_face_pasted_back(tmp_path):
                 async with s.get(st.url + "/healthz") as r:
                     return r.status
         assert asyncio.run(health()) == 200
+
+
+def test_driving_video_is_tracked_before_the_motion_encoder(tmp_path):
+    """render's driving-video path with tracking: E_mot sees the FaceTracker's crops of the decoded frames
+    (not the centre-cropped frames), and a video without a face falls back to whole frames."""
+    import av
+    import torch
+
+    from engine.checkpoint import load_model
+    from engine.render import encode_driving_video
+    from engine.runtimes.torch_runtime import TorchRuntime
+
+    photo = _load("astro")
+    path = tmp_path / "drive.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 480, 400, "yuv420p"
+        for i in range(12):
+            m = _similarity(2.0 * math.sin(i / 2), 1.0, (255.5, 255.5), (300 + 3 * i, 240))
+            f = av.VideoFrame.from_ndarray(F.warp_affine(photo, F._invert(m), 480, 400, fill=(90, 90, 90)), format="rgb24")
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    torch.manual_seed(0)
+    model, _ = load_model(None, config="tiny")
+
+    class Seen:  # the real runtime, recording what E_mot is given
+        def __init__(self, rt):
+            self.rt, self.cfg, self.frames = rt, rt.cfg, []
+
+        def encode_motion(self, x):
+            self.frames.append(x.clone())
+            return self.rt.encode_motion(x)
+
+    rt = Seen(TorchRuntime(model))
+    size = rt.cfg.image_size
+    tracked = encode_driving_video(path, rt, 25, 12, track=True)
+    seen_tracked = torch.cat(rt.frames)
+    rt.frames.clear()
+    encode_driving_video(path, rt, 25, 12, track=False)
+    seen_whole = torch.cat(rt.frames)
+    with av.open(str(path)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    crops = [cr for cr, tf in F.track_crops(frames, size)]
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+    assert seen_tracked.shape == x.shape == (12, 3, size, size)
+    torch.testing.assert_close(seen_tracked, x)
+    assert (seen_tracked - seen_whole).abs().mean() > 0.05  # not the centre-cropped frames
+    assert tracked["pose"].shape[0] == 12
+    # no face in the video: whole frames, as before
+    blank = tmp_path / "blank.mp4"
+    with av.open(str(blank), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 96, 96, "yuv420p"
+        for i in range(4):
+            f = av.VideoFrame.from_ndarray(np.full((96, 96, 3), 60 + 20 * i, np.uint8), format="rgb24")
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    rt.frames.clear()
+    encode_driving_video(blank, rt, 25, 4, track=True)
+    a = torch.cat(rt.frames)
+    rt.frames.clear()
+    encode_driving_video(blank, rt, 25, 4, track=False)
+    torch.testing.assert_close(a, torch.cat(rt.frames))
