@@ -84,14 +84,14 @@ def _live_session_class():
                 log.info("live: %.0f fps, A/V %s ms, %d dropped, outputs: %s", s["fps"], s["av_offset_ms"],
                          s["frames_dropped"], ", ".join(f"{o['name']} {o['state']}" for o in s["outputs"]))
 
-        def push_pcm(self, pcm: np.ndarray) -> None:
-            """int16 mono 48 kHz samples that just arrived (event loop)."""
+        def push_pcm(self, pcm: np.ndarray, at: float | None = None) -> None:
+            """int16 mono 48 kHz samples that arrived at clock time `at` (default: now; event loop)."""
             import av
 
             f = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm, np.int16).reshape(1, -1), format="s16",
                                            layout="mono")
             f.sample_rate = RATE
-            self.audio.push(f, self.clock.now())
+            self.audio.push(f, self.clock.now() if at is None else at)
 
         def stats(self) -> dict:
             out = super().stats()
@@ -194,9 +194,14 @@ class FileInput:
                 if self.paced:
                     if t_start is None:
                         t_start = clock.now()
-                    # chunk n arrives when its last sample is due: the pace of a live microphone
-                    await clock.sleep_until(t_start + (n + 1) * CHUNK / RATE)
-                session.push_pcm(x)
+                    # chunk n arrives when its last sample is due (the pace of a microphone), and is
+                    # stamped with that nominal time, from the sample count: an event-loop stall delays
+                    # the push, never the sound's place on the media clock (the pipeline latency covers it)
+                    due = t_start + (n + 1) * CHUNK / RATE
+                    await clock.sleep_until(due)
+                    session.push_pcm(x, at=due)
+                else:
+                    session.push_pcm(x)
                 n += 1
                 self.samples += len(x)
         finally:

@@ -64,7 +64,7 @@ class OutputConfig:
     io_timeout_s: float = 5.0  # a write to the ingest blocked this long counts as a broken connection
     max_video_queue: int = 25  # frames waiting for the encoder; more: the oldest are dropped
     max_audio_backlog_s: float = 5.0  # audio waiting longer than this: the ingest stalls, reconnect
-    fill_gaps_s: float = 1.0  # repeat the previous picture over missing ticks up to this long
+    fill_gaps_s: float = 5.0  # repeat the previous picture over missing ticks up to this long (longer: a jump)
     whip_token: str | None = None  # Bearer token for WHIP endpoints that want one
     virtual_mic: str | None = "marionette"  # PulseAudio sink the virtual camera's voice goes to; None: none
     camera_backend: str | None = None  # a pyvirtualcam backend name (None: the platform's)
@@ -152,9 +152,10 @@ def parse_output(url: str) -> OutputSpec:
                              "e.g. rtmp://host/live/KEY")
         protos = ffmpeg_output_protocols()
         if protos is not None and scheme not in protos:
+            streaming = ", ".join(sorted(p for p in protos if p in ("rtmp", "rtmps", "srt", "rist")))
             raise InputError(f"--out {redact(url)}: the FFmpeg inside PyAV has no {scheme!r} protocol "
-                             f"(it has: {', '.join(sorted(p for p in protos if p in ('rtmp', 'rtmps', 'srt', 'rist')))}). "
-                             "Use rtmp://, or install a PyAV built against an FFmpeg with libsrt.")
+                             f"(it has: {streaming}). Use rtmp://, or install a PyAV built against an FFmpeg "
+                             "with libsrt.")
         return OutputSpec("srt" if scheme == "srt" else "rtmp", url, url)
     if scheme in ("whip", "whips"):
         if not u.hostname:
@@ -522,7 +523,7 @@ class _FeedTrack:
     """Factory of aiortc tracks fed by an output (defined lazily: aiortc is the `serve` extra)."""
 
     @staticmethod
-    def make(kind: str, fps: int):
+    def make(kind: str, fps: int, delivered: collections.deque | None = None):
         from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
         class FeedTrack(MediaStreamTrack):
@@ -530,24 +531,28 @@ class _FeedTrack:
                 super().__init__()
                 self.kind = kind
                 self._q: asyncio.Queue = asyncio.Queue()
+                self.dropped = 0
 
-            def put(self, item) -> None:
+            def put(self, item, t_tap: float | None = None) -> None:
                 if kind == "video":
                     while self._q.qsize() >= 2:  # latest wins: the encoder takes what is newest
                         self._q.get_nowait()
-                self._q.put_nowait(item)
+                        self.dropped += 1
+                self._q.put_nowait((item, t_tap))
 
             async def recv(self):
                 if self.readyState != "live":
                     raise MediaStreamError
-                item = await self._q.get()
+                item, t_tap = await self._q.get()
                 if item is None:
                     raise MediaStreamError
+                if delivered is not None and t_tap is not None:
+                    delivered.append((item.pts, t_tap))  # what the encoder took, and when it was tapped
                 return item
 
             def stop(self):
                 super().stop()
-                self._q.put_nowait(None)
+                self._q.put_nowait((None, None))
 
         t = FeedTrack()
         t.fps = fps
@@ -568,7 +573,8 @@ class WhipOutput(Output):
         self._failed: asyncio.Event | None = None
         self._k0: int | None = None
         self._j0: int | None = None
-        self._t_tap: dict[int, float] = {}
+        # (video pts at 90 kHz, tap time) of each frame the encoder took, this connection
+        self.sent: collections.deque = collections.deque(maxlen=3000)
 
     async def start(self) -> None:
         import aiohttp  # noqa: F401
@@ -583,7 +589,8 @@ class WhipOutput(Output):
 
         from streaming.rtc import peer_connection
 
-        self._v, self._a = _FeedTrack.make("video", self.fps), _FeedTrack.make("audio", self.fps)
+        self.sent.clear()
+        self._v, self._a = _FeedTrack.make("video", self.fps, self.sent), _FeedTrack.make("audio", self.fps)
         self._k0 = self._j0 = None
         pc = peer_connection()
         self.pc = pc
@@ -674,7 +681,7 @@ class WhipOutput(Output):
         pic = _copy_video(frame, self.cfg.size)
         pic.pts = (k - self._k0) * VIDEO_CLOCK_RATE // self.fps
         pic.time_base = VIDEO_TIME_BASE
-        self._v.put(pic)
+        self._v.put(pic, time.monotonic())
         self.frames_out += 1
 
     def on_audio(self, j: int, frame) -> None:

@@ -3,8 +3,9 @@ receives, a reader that pulls a recording back with PyAV, and a WHIP receiver bu
 
 nginx-rtmp (Debian: nginx-light + libnginx-mod-rtmp, `make system-deps`) runs as its own instance,
 never the system service: a config in a temp dir with `daemon off`, its pid and logs there, the
-record directory world-writable (its worker drops privileges; as root it keeps them: `user root`). `restart()` kills it and starts it
-again on the same port: a publisher that reconnects shows up as a new recording file.
+record directory world-writable (its worker drops privileges; as root it keeps them: `user root`).
+`restart()` kills it and starts it again on the same port: a publisher that reconnects shows up as a
+new recording file.
 """
 
 from __future__ import annotations

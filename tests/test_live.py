@@ -120,10 +120,12 @@ def test_rtmp_stream_is_25fps_in_sync_and_complete(ckpt, speech, tmp_path):
     v_on = onsets(r["frame_pts"], dev, thresh)
     assert len(a_on) == 3 and len(v_on) == 3, (a_on, v_on)
     offsets = [v - a for v, a in zip(v_on, a_on)]
-    print("A/V click offsets (s):", offsets, "start", vp[0] - ap[0], "end", (ap[-1] + 1024 / 48000) - (vp[-1] + 0.04), out)
+    print("A/V click offsets (s):", offsets, "start", vp[0] - ap[0], "end",
+          (ap[-1] + 1024 / 48000) - (vp[-1] + 0.04), out)
     assert all(abs(o) <= 0.045 for o in offsets), offsets
     # the session's own A/V record agrees
     assert stats["av_offset_max_ms"] < 20
+    print("RTMP added latency (ms):", out["added_latency_ms"])
 
 
 @needs_nginx
@@ -182,6 +184,7 @@ def test_whip_push_to_an_aiortc_receiver_and_http_controls(ckpt, speech):
                 async with http.get(h.url + "/stats") as r:
                     res["stats"] = await r.json()
             res["state"] = out.state
+            res["out"] = out
             stop.set()
 
         def ready(h):
@@ -192,6 +195,7 @@ def test_whip_push_to_an_aiortc_receiver_and_http_controls(ckpt, speech):
         await res.pop("task")
         await asyncio.sleep(0.3)
         await rx.stop()
+        res["sent"] = list(res.pop("out").sent)
         return rx, stats, res
 
     rx, stats, res = asyncio.run(main())
@@ -206,6 +210,15 @@ def test_whip_push_to_an_aiortc_receiver_and_http_controls(ckpt, speech):
     fps = (len(v) - 1) / (v[-1] - v[0])
     assert 10 <= fps <= FPS + 2, fps
     assert len(rx.audio) > 100
+    # what WHIP adds (loopback): the frame leaving the session's track -> decoded by the receiver. The
+    # receiver's pts are the sender's plus RTP's random origin, found from the first frame (none lost here)
+    tap = dict(res["sent"])
+    rx_pts = [int(round(x[1] * 90000)) for x in rx.video]
+    origin = rx_pts[0] - res["sent"][0][0]
+    lat = [x[0] - tap[p - origin] for x, p in zip(rx.video, rx_pts) if p - origin in tap]
+    assert len(lat) >= 0.9 * len(rx.video)
+    print(f"WHIP added latency (loopback, ms): p50 {1000 * np.median(lat):.1f} p95 {1000 * np.percentile(lat, 95):.1f}")
+    assert np.median(lat) < 0.25
     # controls: the same validation as serve's data channel
     assert res["ok"][0] == 200 and res["ok"][1]["applied"] == 1
     assert res["bad"][0] == 400 and "yaw" in res["bad"][1]["error"]
@@ -285,6 +298,7 @@ def test_virtual_camera_through_pyvirtualcam_interface(ckpt, speech, monkeypatch
     assert len(t) == out["frames_out"] and out["frames_out"] >= out["frames_in"] - 3 - out["frames_dropped"]
     assert 10 <= (len(t) - 1) / (t[-1] - t[0]) <= FPS + 2
     assert mic.samples >= 48000  # the voice went to the virtual microphone too
+    print("virtual camera added latency (ms):", out["added_latency_ms"])
     assert out["added_latency_ms"]["p50"] < 20
     json.dumps(stats)  # what `marionette live` prints at the end
     assert stats["input"]["source"].endswith("speech.wav")
