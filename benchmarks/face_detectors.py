@@ -68,11 +68,12 @@ def _mediapipe_worker(npz: str, out: str) -> None:
         img = np.ascontiguousarray(data[key])
         h, w = img.shape[:2]
         fm.process(img)  # warm (static mode: every call detects)
-        times = []
+        times, cpu = [], []
         for _ in range(3):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             r = fm.process(img)
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         faces = []
         for f in (r.multi_face_landmarks or []):
             lm = np.array([(p.x * w - 0.5, p.y * h - 0.5) for p in f.landmark])
@@ -82,7 +83,7 @@ def _mediapipe_worker(npz: str, out: str) -> None:
             faces.append({"eyes": eyes.tolist(), "mouth": lm[[13, 14, 61, 291]].mean(0).tolist(),
                           "box": [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]})
         faces.sort(key=lambda f: -(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]))
-        res[key] = {"ms": float(np.median(times) * 1000), "faces": faces}
+        res[key] = {"ms": float(np.median(times) * 1000), "cpu_ms": float(np.median(cpu) * 1000), "faces": faces}
     # install weight: mediapipe and everything it requires (recursively) in this venv
     seen, todo, total = set(), ["mediapipe"], 0
     while todo:
@@ -199,12 +200,13 @@ def _run_engine_detector(name: str, images: dict, repeats: int = 3):
     res = {}
     for key, img in images.items():
         det.detect(img)
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             faces = det.detect(img)
             times.append(time.perf_counter() - t)
-        res[key] = {"ms": float(np.median(times) * 1000), "faces": [
+            cpu.append(time.process_time() - c)
+        res[key] = {"ms": float(np.median(times) * 1000), "cpu_ms": float(np.median(cpu) * 1000), "faces": [
             {"eyes": f.eyes.tolist(), "mouth": None if f.mouth is None else f.mouth.tolist(), "box": list(f.box),
              "pose": f.pose} for f in faces]}
     return res, load_s
@@ -246,12 +248,14 @@ def _paste_cost(photos, repeats: int = 30):
         frames = [np.clip(crop.astype(np.int16) + rng.integers(-8, 8, crop.shape), 0, 255).astype(np.uint8)
                   for _ in range(4)]
         comp.paste(frames[0])
-        times = []
+        times, cpu = [], []
         for i in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             comp.paste(frames[i % 4])
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         out[label] = {"output": list(comp.size), "ms_median": round(float(np.median(times) * 1000), 2),
+                      "cpu_ms_median": round(float(np.median(cpu) * 1000), 2),
                       "ms_p90": round(float(np.percentile(times, 90) * 1000), 2), "setup_ms": round(setup_ms, 1),
                       "face_scale": round(tf.scale, 3), "loadavg": os.getloadavg()}
     return out
@@ -291,9 +295,11 @@ def _summarise(name: str, res: dict, real: dict, corpus_eyes, corpus_pose, insta
                 yaw_errs.append(abs(f["pose"][0] - float(corpus_pose[i][0])))
     n_c = len(corpus_eyes)
     ms = [res[k]["ms"] for k in timing_keys]
+    cpu = [res[k].get("cpu_ms", float("nan")) for k in timing_keys]
     return {
         "install_mb": round(install_bytes / 2 ** 20, 1) if install_bytes >= 0 else None,
         "ms_512_median": round(float(np.median(ms)), 1),
+        "cpu_ms_512_median": round(float(np.median(cpu)), 1),
         "ms_512_each": {k: round(res[k]["ms"], 1) for k in timing_keys},
         "real": {"found": found, "of": len(real),
                  "eye_err_px_median": round(float(np.median(errs)), 2) if errs else None,
@@ -376,27 +382,30 @@ def _markdown(r: dict) -> str:
     L = ["# Face detectors for real photos", "",
          f"`{r['command']}` on {r['machine']['cpu_count']} CPU cores, one thread, {r['time']}; load average "
          f"{r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end (a training job shared "
-         "the machine: wall times are inflated).", "",
+         "the machine: wall times are inflated; CPU ms, this process' CPU time per call, is the steadier figure; "
+         "mediapipe's runs several threads of its own, so its CPU ms can exceed its wall ms).", "",
          f"Real photos: {r['images']['real']} (grace_hopper.jpg, astronaut.png and variants: grey, mirror, rotated "
          "+20 / -25 deg, scaled 0.6, off-centre, small face in a 1400x1100 canvas); eye error against pupil "
          "centres read by hand. Corpus: "
          f"{r['images']['corpus']} renders at 512x512, pose from the corpus ranges; eye error against the "
          "renderer's eye centres. Found = a face whose eyes are within a quarter of the interocular distance.", "",
-         "| detector | install (MB) | ms / 512x512 image (median) | real: found | real: eye err px (median / max) "
+         "| detector | install (MB) | wall ms / 512x512 image (median) | CPU ms (median) | real: found | real: eye err px (median / max) "
          "| corpus: found | corpus: eye err px (median / p90) | yaw err deg (median / p90) |",
-         "|---|---|---|---|---|---|---|---|"]
+         "|---|---|---|---|---|---|---|---|---|"]
     for name, c in r["candidates"].items():
         re_, co = c["real"], c["corpus"]
         L.append(f"| {name}{' (default)' if name == r['default'] else ''} | {c['install_mb']} | {c['ms_512_median']} "
+                 f"| {c['cpu_ms_512_median']} "
                  f"| {re_['found']}/{re_['of']} | {re_['eye_err_px_median']} / {re_['eye_err_px_max']} "
                  f"| {co['found']}/{co['of']} | {co['eye_err_px_median']} / {co['eye_err_px_p90']} "
                  f"| {co['yaw_err_deg_median'] or '-'} / {co['yaw_err_deg_p90'] or '-'} |")
     for name, e in r["errors"].items():
-        L.append(f"| {name} | not measured: {e['error'].splitlines()[-1][:120]} | | | | | | |")
+        L.append(f"| {name} | not measured: {e['error'].splitlines()[-1][:120]} | | | | | | | |")
     L += ["", "## Paste-back per frame (engine.face.Compositor.paste, one thread)", "",
-          "| case | output | ms median | ms p90 | load |", "|---|---|---|---|---|"]
+          "| case | output | wall ms median | wall ms p90 | CPU ms median | load |", "|---|---|---|---|---|---|"]
     for k, v in r["paste_back"].items():
-        L.append(f"| {k} | {v['output'][0]}x{v['output'][1]} | {v['ms_median']} | {v['ms_p90']} | {v['loadavg'][0]:.2f} |")
+        L.append(f"| {k} | {v['output'][0]}x{v['output'][1]} | {v['ms_median']} | {v['ms_p90']} | {v['cpu_ms_median']} "
+                 f"| {v['loadavg'][0]:.2f} |")
     if r["model_ms_per_frame_256_batch1"]:
         m = r["model_ms_per_frame_256_batch1"]
         L += ["", "Beside the model: G per frame at 256x256, batch 1 (benchmarks/results/backends.json): "
