@@ -479,7 +479,7 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
                  ", ".join(o.spec.describe() for o in outs), server.latency_s * 1000)
         if ready is not None:
             ready(LiveHandle(server, session, outs, port, source))
-        keyboard = cfg.keyboard if cfg.keyboard is not None else sys.stdin.isatty()
+        keyboard = cfg.keyboard if cfg.keyboard is not None else (sys.stdin.isatty() and sys.platform != "win32")
         term = None
         if keyboard:
             keys = KeyControls(server.pipeline.presets)

@@ -64,7 +64,8 @@ class OutputConfig:
     io_timeout_s: float = 5.0  # a write to the ingest blocked this long counts as a broken connection
     max_video_queue: int = 25  # frames waiting for the encoder; more: the oldest are dropped
     max_audio_backlog_s: float = 5.0  # audio waiting longer than this: the ingest stalls, reconnect
-    fill_gaps_s: float = 5.0  # repeat the previous picture over missing ticks up to this long (longer: a jump)
+    fill_gaps_s: float = 5.0  # a picture after a gap: repeat the previous one over it up to this long
+    video_lag_ticks: int = 3  # a tick this far behind the audio written gets the previous picture again
     whip_token: str | None = None  # Bearer token for WHIP endpoints that want one
     virtual_mic: str | None = "marionette"  # PulseAudio sink the virtual camera's voice goes to; None: none
     camera_backend: str | None = None  # a pyvirtualcam backend name (None: the platform's)
@@ -430,17 +431,24 @@ class RtmpOutput(Output):
         last_pic = None
         stop_after = None
         it = first
+
+        def repeat_until(k_end: int) -> None:
+            """Ticks before k_end that got no picture: the previous picture again (constant frame rate)."""
+            while origin.next_k < k_end and last_pic is not None:
+                rep = av.VideoFrame.from_ndarray(last_pic, format="yuv420p")
+                rep.pts, rep.time_base = origin.next_k - origin.k0, tb
+                self._mux(c, vs.encode(rep))
+                self.frames_repeated += 1
+                origin.next_k += 1
+
         while True:
             if it is not None:
                 kind, idx, frame, t_tap = it
-                if kind == "v" and idx >= origin.next_k:
-                    gap = idx - origin.next_k
-                    if 0 < gap <= self.cfg.fill_gaps_s * self.fps and last_pic is not None:
-                        for kk in range(origin.next_k, idx):  # missing ticks: the previous picture again
-                            rep = av.VideoFrame.from_ndarray(last_pic, format="yuv420p")
-                            rep.pts, rep.time_base = kk - origin.k0, tb
-                            self._mux(c, vs.encode(rep))
-                            self.frames_repeated += 1
+                if kind == "v" and idx < origin.next_k:
+                    self.frames_dropped += 1  # too late: its tick went out as a repeat already
+                elif kind == "v":
+                    if idx - origin.next_k <= self.cfg.fill_gaps_s * self.fps:
+                        repeat_until(idx)
                     if pic is None:
                         pic = _copy_video(frame, size)
                     pic.pts, pic.time_base = idx - origin.k0, tb
@@ -455,6 +463,11 @@ class RtmpOutput(Output):
                     self.latency.append(time.monotonic() - t_tap)
                 elif kind == "a":
                     self._write_audio(c, as_, origin, idx, frame)
+                    # the audio has reached tick a_tick: a picture more than `video_lag` ticks older that
+                    # has not come (the scheduler missed it, or the queue dropped it) will not come in time;
+                    # repeat the previous one, so video never trails the audio however long a stall lasts
+                    a_tick = origin.k0 + (origin.next_a - origin.a0) * self.fps // AUDIO_RATE
+                    repeat_until(a_tick - self.cfg.video_lag_ticks)
                     if self._backlog_s() > self.cfg.max_audio_backlog_s:
                         raise ConnectionError(f"the ingest takes less than real time (audio waiting "
                                               f"{self._backlog_s():.1f} s)")

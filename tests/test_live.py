@@ -437,3 +437,52 @@ def test_cli_live_rejects_bad_outputs_before_loading_a_model(capsys):
 
     assert main(["live", "--audio-in", "mic", "--out", "ftp://x/y"]) == 2
     assert "unsupported output" in capsys.readouterr().err
+
+
+def test_rtmp_writer_stamps_from_indices_keeps_25fps_and_never_lets_video_trail(tmp_path):
+    """The RTMP writer alone, fed ticks and audio frames directly (no model, no real time), writing
+    its FLV to a file: pts from the indices, a missed tick and a 2 s stall of the video filled with
+    the previous picture, audio contiguous, video never behind the audio by more than 3 ticks."""
+    import av
+
+    from streaming.outputs import OutputSpec, RtmpOutput
+
+    path = tmp_path / "out.flv"
+    out = RtmpOutput(OutputSpec("rtmp", "rtmp://127.0.0.1/live/x", str(path)), OutputConfig(), FPS)
+    missing = {37} | set(range(100, 150))  # one missed tick, then 2 s without pictures
+
+    def picture(k):
+        grey = np.full((256, 256, 3), 40 + (k * 37) % 180, np.uint8)
+        return av.VideoFrame.from_ndarray(grey, format="rgb24").reformat(format="yuv420p")
+
+    def sound(j):
+        x = (np.sin(np.arange(j * 960, (j + 1) * 960) * 2 * np.pi * 440 / 48000) * 8000).astype(np.int16)
+        f = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")
+        f.sample_rate = 48000
+        return f
+
+    async def main():
+        await out.start()
+        k0 = 1000  # ticks of a clock that started long ago
+        for k in range(k0, k0 + 250):
+            if k - k0 not in missing:
+                out.on_video(k, picture(k - k0))
+            for j in (2 * k, 2 * k + 1):  # 25 fps: two 20 ms audio frames per tick
+                out.on_audio(j, sound(j))
+            while len(out._items) > 20:  # let the writer keep up (the test is not real time)
+                await asyncio.sleep(0.01)
+        while out._items:
+            await asyncio.sleep(0.01)
+        await out.aclose()
+
+    asyncio.run(main())
+    assert out.connects == 1 and out.last_error is None
+    r = read_recording(path, mouth=False)
+    vp, ap = r["video_pts"], r["audio_pts"]
+    assert np.all(np.abs(np.diff(vp) - 0.04) <= 0.0011), np.unique(np.round(np.diff(vp), 3))
+    assert len(vp) >= 247 and out.frames_repeated == len(vp) - out.frames_out
+    assert np.all(np.abs(np.diff(ap) - 1024 / 48000) <= 0.0011)
+    assert abs((ap[-1] + 1024 / 48000) - (vp[-1] + 0.04)) <= 3 * 0.04 + 0.001
+    grey = np.array([f.mean() for f in r["frames"]])
+    assert abs(grey[37] - grey[36]) < 2 and abs(grey[38] - grey[36]) > 4  # tick 37: tick 36 again
+    assert np.all(np.abs(grey[100:150] - grey[99]) < 2) and abs(grey[150] - grey[99]) > 4
