@@ -486,3 +486,81 @@ def test_rtmp_writer_stamps_from_indices_keeps_25fps_and_never_lets_video_trail(
     grey = np.array([f.mean() for f in r["frames"]])
     assert abs(grey[37] - grey[36]) < 2 and abs(grey[38] - grey[36]) > 4  # tick 37: tick 36 again
     assert np.all(np.abs(grey[100:150] - grey[99]) < 2) and abs(grey[150] - grey[99]) > 4
+
+
+class _PushSink:
+    """What an audio input needs of a session: a media clock and `push_pcm`."""
+
+    def __init__(self):
+        from streaming.clock import MediaClock
+
+        self.clock = MediaClock(FPS)
+        self.closed = False
+        self.chunks: list = []  # (monotonic, nominal time or None, samples)
+
+    def push_pcm(self, pcm, at=None):
+        self.chunks.append((time.monotonic(), at, np.asarray(pcm).copy()))
+
+
+def test_file_input_is_paced_in_real_time_and_stamped_from_sample_counts(speech):
+    path, audio, _ = speech
+    sink = _PushSink()
+    src = open_input(str(path))
+    src.check()
+    asyncio.run(src.run(sink))
+    pcm = np.concatenate([c[2] for c in sink.chunks])
+    assert np.array_equal(pcm[:len(audio)], audio) and len(pcm) - len(audio) < 960
+    at = np.array([c[1] for c in sink.chunks])
+    assert np.allclose(np.diff(at), 0.02, atol=1e-9)  # the sample count's clock, exactly
+    wall = np.array([c[0] for c in sink.chunks])
+    assert wall[-1] - wall[0] > 0.95 * len(audio) / 48000  # real time, not as fast as it decodes
+    assert src.stats()["seconds"] >= len(audio) / 48000 - 0.02
+
+
+@needs_nginx
+def test_network_input_from_an_rtmp_stream(tmp_path):
+    """--audio-in rtmp://...: a live network source (here published to a local nginx), taken as it
+    arrives (it paces itself)."""
+    import av
+
+    with NginxRtmp(tmp_path / "nginx") as ng:
+        stop = threading.Event()
+
+        def publish():
+            c = av.open(ng.url("mic"), mode="w", format="flv")
+            s = c.add_stream("aac", rate=48000, layout="mono")
+            t0, j = time.monotonic(), 0
+            while not stop.is_set() and j < 500:
+                x = (np.sin(np.arange(j * 960, (j + 1) * 960) * 2 * np.pi * 440 / 48000) * 8000).astype(np.int16)
+                f = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")
+                f.sample_rate, f.pts = 48000, j * 960
+                for p in s.encode(f):
+                    c.mux(p)
+                j += 1
+                time.sleep(max(0.0, t0 + j * 0.02 - time.monotonic()))
+            c.close()
+
+        pub = threading.Thread(target=publish, daemon=True)
+        pub.start()
+        time.sleep(1.0)
+        src = open_input(ng.url("mic"))
+        assert not src.paced
+        src.check()
+        sink = _PushSink()
+
+        async def main():
+            task = asyncio.ensure_future(src.run(sink))
+            t0 = time.monotonic()
+            while sum(len(c[2]) for c in sink.chunks) < 48000 and time.monotonic() - t0 < 20:
+                await asyncio.sleep(0.05)
+            src.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        asyncio.run(main())
+        stop.set()
+        pub.join(10)
+    pcm = np.concatenate([c[2] for c in sink.chunks]).astype(np.float64)
+    assert len(pcm) >= 48000 and all(c[1] is None for c in sink.chunks)  # stamped on arrival
+    spec = np.abs(np.fft.rfft(pcm[-32768:] * np.hanning(32768)))
+    assert abs(np.argmax(spec) * 48000 / 32768 - 440) < 3  # the tone that was published
