@@ -564,3 +564,34 @@ def test_network_input_from_an_rtmp_stream(tmp_path):
     assert len(pcm) >= 48000 and all(c[1] is None for c in sink.chunks)  # stamped on arrival
     spec = np.abs(np.fft.rfft(pcm[-32768:] * np.hanning(32768)))
     assert abs(np.argmax(spec) * 48000 / 32768 - 440) < 3  # the tone that was published
+
+
+def test_terminal_keys_are_read_without_enter(monkeypatch):
+    """The keyboard reader on a real pseudo-terminal: cbreak mode, keys one by one, mode restored."""
+    import os
+    import sys
+    import termios
+
+    from streaming.live import _Terminal
+
+    master, slave = os.openpty()
+    tty = os.fdopen(slave, "r")
+    monkeypatch.setattr(sys, "stdin", tty)
+    before = termios.tcgetattr(slave)
+    keys = []
+
+    async def main():
+        with _Terminal(keys.append):
+            assert not termios.tcgetattr(slave)[3] & termios.ICANON  # no line buffering
+            os.write(master, b"2b ")
+            t0 = time.monotonic()
+            while len(keys) < 3 and time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+        assert keys == ["2", "b", " "]
+        assert termios.tcgetattr(slave)[3] == before[3]
+    finally:
+        tty.close()
+        os.close(master)
