@@ -478,7 +478,8 @@ class RtmpOutput(Output):
             it = self._take(0.2)
             if it is None and self._stop.is_set():
                 break
-        # end of stream: flush the encoders, close cleanly
+        # end of stream: pictures up to where the audio ends, then flush the encoders and close cleanly
+        repeat_until(origin.k0 + (origin.next_a - origin.a0) * self.fps // AUDIO_RATE)
         for s in (vs, as_):
             try:
                 self._mux(c, s.encode(None))
