@@ -434,13 +434,13 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
     await asyncio.to_thread(source.check)
     scfg = cfg.serve or ServeConfig()
     server = AvatarServer(scfg)
-    await server.start()
     stop = stop or asyncio.Event()
     runner = None
     session = None
     tasks = []
     loop = asyncio.get_running_loop()
     try:
+        await server.start()
         cls = _live_session_class()
         session = cls(LIVE_ID, None, clock=server.clock, scheduler=server.scheduler, pipeline=server.pipeline,
                       metrics=server.metrics, avatar_id=server.avatars.DEFAULT_ID,

@@ -15,7 +15,8 @@ stream stamped from wall-clock reads drifts by the ratio of two clocks; this one
   frames are dropped (oldest first), audio never is; a tick with no frame (the scheduler was late,
   or the queue dropped it) repeats the previous picture, so the stream stays constant frame rate.
   When the ingest goes away (a write fails) the writer reconnects with exponential backoff
-  (`reconnect_min_s` .. `reconnect_max_s`) and starts a new stream at the current frame.
+  (`reconnect_min_s` .. `reconnect_max_s`: 0.5 s, then every second) and starts a new stream at the
+  current frame.
 * `WhipOutput` (whip://, whips://, http(s)://.../whip): an aiortc peer connection with send-only
   audio and video, its offer POSTed as application/sdp (WHIP, RFC 9725), the answer applied; the
   resource is DELETEd on close. Reconnects with backoff if the connection fails.
@@ -60,7 +61,7 @@ class OutputConfig:
     gop_s: float = 2.0  # keyframe interval (Twitch / YouTube ask for 2 s)
     size: tuple[int, int] | None = None  # scale the video to (width, height); None: the model's size
     reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 2.0
+    reconnect_max_s: float = 1.0  # retry at least every second: back within ~1 s of the ingest
     io_timeout_s: float = 5.0  # a write to the ingest blocked this long counts as a broken connection
     max_video_queue: int = 25  # frames waiting for the encoder; more: the oldest are dropped
     max_audio_backlog_s: float = 5.0  # audio waiting longer than this: the ingest stalls, reconnect
@@ -846,6 +847,7 @@ class VirtualCameraOutput(Output):
 
     def _run(self) -> None:
         w, h = self.cam.width, self.cam.height
+        delay = self.mic.latency_ms / 1000 if isinstance(self.mic, PulseMic) else 0.0
         while True:
             with self._cond:
                 while self._slot is None and not self._audio and not self._stop.is_set():
@@ -861,6 +863,10 @@ class VirtualCameraOutput(Output):
                     self.audio_out += 1
                 if item is not None:
                     k, frame, t_tap = item
+                    # the voice waits in the sound server's buffer: hold the picture as long, so they meet
+                    wait = t_tap + delay - time.monotonic()
+                    if wait > 0 and self._stop.wait(wait):
+                        return
                     if (frame.width, frame.height) != (w, h) or frame.format.name != "rgb24":
                         frame = frame.reformat(width=w, height=h, format="rgb24")
                     self.cam.send(np.ascontiguousarray(frame.to_ndarray()))

@@ -595,3 +595,53 @@ def test_terminal_keys_are_read_without_enter(monkeypatch):
     finally:
         tty.close()
         os.close(master)
+
+
+def test_virtual_microphone_through_pactl_and_pacat(tmp_path, monkeypatch):
+    """The camera's voice: the null sink made with `pactl`, the samples written to `pacat` (both
+    stand-ins on PATH that record what they are asked: no PulseAudio here), the picture held for
+    pacat's buffer so the two leave together."""
+    import av
+    import os
+    import stat
+
+    pyvirtualcam = pytest.importorskip("pyvirtualcam")
+    from streaming.outputs import OutputSpec, PulseMic, VirtualCameraOutput
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    pcm_out = tmp_path / "pcm.raw"
+    for name, body in {"pactl": f'echo "pactl $*" >> {log}\n',
+                       "pacat": f'echo "pacat $*" >> {log}\ncat > {pcm_out}\n'}.items():
+        p = bin_dir / name
+        p.write_text("#!/bin/sh\n" + body)
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    pyvirtualcam.register_backend("marionette-test", _RecordingCamera)
+    _RecordingCamera.frames, _RecordingCamera.opened = [], []
+    assert PulseMic.available()
+    out = VirtualCameraOutput(OutputSpec("vcam", "vcam", ""), OutputConfig(camera_backend="marionette-test"), FPS)
+    tone = (np.sin(np.arange(960) * 0.1) * 5000).astype(np.int16)
+
+    async def main():
+        await out.start((256, 256))
+        for k in range(20):
+            f = av.VideoFrame.from_ndarray(np.full((256, 256, 3), k * 10, np.uint8), format="rgb24")
+            out.on_video(k, f)
+            for j in (2 * k, 2 * k + 1):
+                a = av.AudioFrame.from_ndarray(tone.reshape(1, -1), format="s16", layout="mono")
+                a.sample_rate = 48000
+                out.on_audio(j, a)
+            await asyncio.sleep(0.04)
+        await asyncio.sleep(0.2)
+        await out.aclose()
+
+    asyncio.run(main())
+    calls = log.read_text()
+    assert "module-null-sink sink_name=marionette" in calls and "module-remap-source" in calls
+    assert "pacat --playback --device=marionette --format=s16le --rate=48000 --channels=1" in calls
+    pcm = np.frombuffer(pcm_out.read_bytes(), "<i2")
+    assert len(pcm) == 40 * 960 and np.array_equal(pcm[:960], tone)
+    assert out.frames_out >= 15
+    assert out.stats()["added_latency_ms"]["p50"] >= 40  # held for pacat's 40 ms buffer
