@@ -143,11 +143,11 @@ def _base() -> TrainPreset:
 def _talk() -> TrainPreset:
     # The built-in model (see trainer.synthetic and README "The model"), sized for <= 2.5 h on 2 CPU cores.
     return TrainPreset(name="talk", model="talk", stages={
-        "render": StageConfig(steps=3000, batch_size=8, lr=1e-3, warmup=100, min_lr_ratio=0.05,
+        "render": StageConfig(steps=2400, batch_size=8, lr=1e-3, warmup=100, min_lr_ratio=0.05,
                               betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
         "state": StageConfig(steps=800, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
                              betas=(0.9, 0.99), weight_decay=0.0, pool=4096),
-        "audio": StageConfig(steps=2000, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.05,
+        "audio": StageConfig(steps=1500, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.05,
                              betas=(0.9, 0.99)),
         "idle": StageConfig(steps=1500, batch_size=32, lr=3e-3, warmup=100, min_lr_ratio=0.1,
                             betas=(0.9, 0.999), ref_frames=50, seq_frames=75),

@@ -9,8 +9,8 @@ the first minutes. So the renderer is in the training loop:
   each once as a source and ``per_id`` times as a target (E_app runs once per source, as at run time).
   Targets are either a fully random state or the source's state with one factor group changed (what
   disentanglement needs). Every latent is the ground truth in physical units (`engine.config.GT_DIMS`):
-  G is trained on z_target and z_source (the source's state: the ground truth plus an error the size of
-  the trained estimator's, as at run time E_mot estimates it once per avatar); head pose is the explicit
+  G is trained on z_target and z_source (the source's ground-truth state; at run time E_mot estimates it once
+  per avatar, so its error is a constant bias, not noise to hedge against); head pose is the explicit
   warp of `engine.geometry` and G learns a bounded residual. E_mot and its
   heads are regressed to the ground truth on sources and targets (appearance-augmented), so they are the
   per-avatar state estimator, the driving-video / webcam encoder and the evaluation's self-driving path
@@ -203,7 +203,7 @@ class RenderStage(StageModule):
 
     name = "render"
     REGION_WEIGHT = 4.0  # extra L1 weight inside the mouth and eye regions (where new pixels are made)
-    SOURCE_NOISE = 0.05  # sd of the error added to the source's ground-truth latents (1.5 deg of yaw)
+    SOURCE_NOISE = 0.0  # sd of an error added to the source's ground-truth latents (see forward: 0 is best)
     REG_WEIGHT = 1.0
     GRAD_WEIGHT = 2.0  # image-gradient L1 (sharpness)
     CHANGE_WEIGHT = 4.0  # extra L1 weight where the target has content the source lacks (PairRenderer "change")
@@ -217,11 +217,12 @@ class RenderStage(StageModule):
         gt = torch.cat([zs, zt])
         est, reg = state_regression(m, torch.cat([src, tgt]), gt, self.rng)
         logs["reg"] = reg.detach()
-        # the source state G is told: the ground truth with an error the size of the trained estimator's (at run
-        # time it is E_mot's estimate, ~1 degree off after the state stage). Feeding this stage's own, still
-        # coarse estimate (5 degrees at step 1000) made G distrust the warp and blur (PSNR fell below copy-source).
-        noise = torch.randn(zs.shape, generator=self.rng).to(zs.device) * self.SOURCE_NOISE
-        z_src = zs + noise * m.latent_mask
+        # the source state G is told: the ground truth. At run time it is E_mot's estimate, made once per avatar,
+        # so its error is a constant bias (the whole head sits a pixel off), not noise G should hedge against:
+        # feeding G this stage's own coarse estimate (5 degrees at step 1000), or the ground truth plus noise of
+        # 0.05 (1.5 degrees, 1 px), cost 3-6 dB at once and G answered with blur (PSNR fell to copy-source).
+        z_src = zs + (torch.randn(zs.shape, generator=self.rng).to(zs.device) * self.SOURCE_NOISE * m.latent_mask
+                      if self.SOURCE_NOISE > 0 else 0.0)
         feat_hi, feat_lo, app = m.e_app(src)
         if m.cfg.relative:
             app = torch.cat([app, z_src], dim=1)
