@@ -73,7 +73,7 @@ builtin: setup
 		--device $(DEVICE) --workers 1 --ckpt-every 250 $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
 		$$(test -d $(BUILTIN_RUN)/talk/state && echo --resume)
 	$(BIN)/marionette install-builtin --checkpoint $(BUILTIN_RUN)/talk/checkpoint --oracle $(BUILTIN_RUN)/oracle
-	$(BIN)/marionette evaluate --data $(BUILTIN_RUN)/eval256 --split all --device $(DEVICE) \
+	$(BIN)/marionette evaluate --data $(BUILTIN_RUN)/eval256 --split all --max-clips 6 --max-frames 75 --device $(DEVICE) \
 		--out benchmarks/results/quality.json
 
 builtin-time: setup
