@@ -83,7 +83,6 @@ def _mouth_dev(rec) -> np.ndarray:
 
 
 # ============================================================================================ RTMP
-@pytest.mark.slow  # real-time at 25 fps: not yet passed on the final code on a quiet machine (make test-slow)
 @needs_nginx
 def test_rtmp_stream_is_25fps_in_sync_and_complete(ckpt, speech, tmp_path):
     path, audio, spans = speech
@@ -166,7 +165,6 @@ def test_rtmp_reconnects_after_the_ingest_restarts(ckpt, speech, tmp_path):
 
 
 # ============================================================================================ WHIP
-@pytest.mark.slow  # real-time at 25 fps: not yet passed on the final code on a quiet machine (make test-slow)
 def test_whip_push_to_an_aiortc_receiver_and_http_controls(ckpt, speech):
     import aiohttp
 
@@ -272,7 +270,6 @@ class _FakeMic:
         pass
 
 
-@pytest.mark.slow  # real-time at 25 fps: not yet passed on the final code on a quiet machine (make test-slow)
 def test_virtual_camera_through_pyvirtualcam_interface(ckpt, speech, monkeypatch):
     pyvirtualcam = pytest.importorskip("pyvirtualcam")
     from streaming import outputs as O
@@ -318,7 +315,6 @@ def test_virtual_camera_missing_device_is_a_clear_error(ckpt, speech):
 
 
 # ===================================================================================== serve + outputs
-@pytest.mark.slow  # real-time at 25 fps: not yet passed on the final code on a quiet machine (make test-slow)
 @needs_nginx
 def test_serve_session_streams_to_rtmp_too(ckpt, speech, tmp_path):
     """POST /sessions/{id}/outputs on `serve`: the browser's avatar also goes to an RTMP ingest."""
