@@ -153,23 +153,14 @@ def _tensor_portrait(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_portrait(src: PortraitSource, size: int) -> torch.Tensor:
     """Portrait -> (1, 3, size, size) float32 in [0, 1] (see the module docstring for the rules)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     if isinstance(src, torch.Tensor):
         return _tensor_portrait(src, size)
-    what = _describe(src)
-    img = _array_to_pil(src, what) if isinstance(src, np.ndarray) else _open(src)
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not reject an otherwise fine image
-        pass
+    img, what = _open_upright(src)
     w, h = img.size
-    if min(w, h) < MIN_SIDE:
-        raise InputError(f"{what} is too small ({w}x{h}); the short side must be at least {MIN_SIDE} px")
     img = _to_rgb(img, what)
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
@@ -180,19 +171,10 @@ def load_portrait(src: PortraitSource, size: int) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def load_rgb(src: PortraitSource) -> np.ndarray:
-    """A photograph at its own resolution -> (H, W, 3) uint8 RGB, with load_portrait's rules (EXIF
-    orientation, transparency over BACKGROUND, any pixel format to RGB, MIN_SIDE); no crop, no resize.
-    Tensors are (3,H,W) or (1,3,H,W) in [0, 1]. What engine.face detects and aligns faces in."""
+def _open_upright(src) -> tuple:
+    """A path / bytes / array -> (PIL image upright by its EXIF, first frame; a description), MIN_SIDE checked."""
     from PIL import ImageOps
 
-    if isinstance(src, torch.Tensor):
-        x = src.detach().to(device="cpu", dtype=torch.float32)
-        if x.dim() == 4 and x.shape[0] == 1:
-            x = x[0]
-        if x.dim() != 3 or x.shape[0] not in (1, 3):
-            raise InputError(f"photo tensor must be (3,H,W) or (1,3,H,W) in [0, 1], got {tuple(src.shape)}")
-        src = x.expand(3, *x.shape[1:]).permute(1, 2, 0).numpy()
     what = _describe(src)
     img = _array_to_pil(src, what) if isinstance(src, np.ndarray) else _open(src)
     if getattr(img, "n_frames", 1) > 1:
@@ -204,4 +186,20 @@ def load_rgb(src: PortraitSource) -> np.ndarray:
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise InputError(f"{what} is too small ({w}x{h}); the short side must be at least {MIN_SIDE} px")
+    return img, what
+
+
+def load_rgb(src: PortraitSource) -> np.ndarray:
+    """A photograph at its own resolution -> (H, W, 3) uint8 RGB, with load_portrait's rules (EXIF
+    orientation, transparency over BACKGROUND, any pixel format to RGB, MIN_SIDE); no crop, no resize.
+    Tensors are (3,H,W) or (1,3,H,W) in [0, 1]. What engine.face detects and aligns faces in."""
+    if isinstance(src, torch.Tensor):
+        x = src.detach().to(device="cpu", dtype=torch.float32)
+        if x.dim() == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() != 3 or x.shape[0] not in (1, 3):
+            raise InputError(f"photo tensor must be (3,H,W) or (1,3,H,W) in [0, 1], got {tuple(src.shape)}")
+        src = x.expand(3, *x.shape[1:]).permute(1, 2, 0).numpy()
+    img, what = _open_upright(src)
+    w, h = img.size
     return np.ascontiguousarray(np.asarray(_to_rgb(img, what), dtype=np.uint8))

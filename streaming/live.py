@@ -487,7 +487,7 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
             def on_key(ch):
                 msgs = keys.messages(ch)
                 if msgs == []:
-                    print(KEY_HELP, file=sys.stderr)
+                    log.info(KEY_HELP)
                 if msgs:
                     try:
                         session.apply_controls(C.parse_controls(msgs, session.control_context()))
@@ -495,7 +495,7 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
                         log.warning("key %r: %s", ch, e)
 
             term = _Terminal(on_key).__enter__()
-            print(KEY_HELP, file=sys.stderr)
+            log.info(KEY_HELP)
         try:
             await _wait(stop, source, cfg, server.latency_s)
         finally:
