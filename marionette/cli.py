@@ -33,6 +33,35 @@ def _positive_float(s: str) -> float:
     return v
 
 
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+               "h": 3600.0, "hour": 3600.0}
+
+
+def _rate(s: str) -> tuple[int, float] | None:
+    """ "10/min" -> (10, 60.0); "off" -> None (no limit)."""
+    t = s.strip().lower()
+    if t in ("off", "none", "0"):
+        return None
+    n, _, unit = t.partition("/")
+    try:
+        count = int(n)
+    except ValueError:
+        count = 0
+    if count < 1 or unit.strip() not in _RATE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a rate like 10/min, 2/s or 100/hour (or off), got {s!r}")
+    return count, _RATE_UNITS[unit.strip()]
+
+
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {s!r}")
+    return v
+
+
 # ----------------------------------------------------------------------------------------- corpus
 def _corpus_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=(
@@ -157,7 +186,26 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--output-size", metavar="SIZE", default="512", help=(
         "frames of an aligned avatar: N (default 512: N x N around the face), WxH, original (the whole "
         "photo) or crop (the model's square crop)"))
+    sec = p.add_argument_group("security (docs/security.md)")
+    sec.add_argument("--token", default=os.environ.get("MARIONETTE_TOKEN") or None, help=(
+        "require 'Authorization: Bearer TOKEN' on every route but / and /healthz (default: $MARIONETTE_TOKEN; "
+        "the environment keeps it out of the process list); the page takes it as /?token=TOKEN"))
+    sec.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help=(
+        "let pages on this origin (scheme://host[:port], or *) call the API (repeatable); default: same-origin only"))
+    sec.add_argument("--offer-rate", type=_rate, default=_rate("30/min"), metavar="RATE",
+                     help="offers per client address, e.g. 30/min (the default), 2/s, off")
+    sec.add_argument("--upload-rate", type=_rate, default=_rate("10/min"), metavar="RATE",
+                     help="avatar uploads per client address (default 10/min; off: no limit)")
+    sec.add_argument("--max-upload-mpix", type=_positive_float, default=50.0, metavar="MP",
+                     help="largest avatar upload in megapixels, read from the image header (default 50)")
+    sec.add_argument("--metrics-host", metavar="ADDR",
+                     help="serve /metrics on this address (with --metrics-port; default 127.0.0.1) instead of "
+                          "the main one")
+    sec.add_argument("--metrics-port", type=_port, metavar="PORT",
+                     help="serve /metrics only on this port (of --metrics-host), not on the main address")
     a = p.parse_args(argv)
+    if a.metrics_host is not None and a.metrics_port is None:
+        p.error("--metrics-host needs --metrics-port")
     from streaming import require_serve_extra
 
     require_serve_extra()
@@ -167,7 +215,10 @@ def _cmd_serve(argv: list[str]) -> int:
                       backend=a.backend, fps=a.fps, ice_hosts=tuple(a.ice_host), ice_servers=tuple(a.ice_server),
                       max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
                       exported=a.exported, precision=a.precision, threads=a.threads, lead_ms=a.lead_ms,
-                      seed=a.seed, kernels=a.kernels, align=a.align, output_size=a.output_size)
+                      seed=a.seed, kernels=a.kernels, align=a.align, output_size=a.output_size,
+                      token=a.token, cors_origins=tuple(a.cors_origin), offer_rate=a.offer_rate,
+                      upload_rate=a.upload_rate, max_upload_pixels=int(a.max_upload_mpix * 1_000_000),
+                      metrics_host=a.metrics_host or "127.0.0.1", metrics_port=a.metrics_port)
     serve(cfg)
     return 0
 

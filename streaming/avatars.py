@@ -5,9 +5,61 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+
+# what an upload may be, recognised from its bytes (never from a file name or a declared content type)
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class UploadError(Exception):
+    """An upload refused before the engine sees it; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def sniff_format(data: bytes) -> str | None:
+    """"PNG", "JPEG" or "WEBP" from the file signature; None for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def check_upload(data: bytes, max_pixels: int) -> tuple[str, tuple[int, int]]:
+    """(format, (width, height)) of an uploaded image, read from its header only: no pixel is decoded
+    here, so an image claiming more than `max_pixels` (a decompression bomb) costs nothing. Raises
+    UploadError: 415 for anything but PNG/JPEG/WebP, 413 for too many pixels, 400 for a broken header."""
+    from PIL import Image, UnidentifiedImageError
+
+    kind = sniff_format(data)
+    if kind is None:
+        raise UploadError(415, f"not a PNG, JPEG or WebP image (the upload starts with {bytes(data[:8])!r})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours
+            img = Image.open(io.BytesIO(data), formats=[kind])  # the header only
+            size = img.size
+    except Image.DecompressionBombError as e:  # past twice PIL's own limit
+        raise UploadError(413, f"image too large in pixels ({e}; limit {max_pixels} pixels)") from None
+    except UnidentifiedImageError:
+        raise UploadError(400, f"malformed {kind} image: its header cannot be read (truncated or corrupt)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UploadError(400, f"malformed {kind} image ({type(e).__name__}: {e})") from None
+    w, h = size
+    if w < 1 or h < 1:
+        raise UploadError(400, f"malformed {kind} image ({w}x{h} pixels)")
+    if w * h > max_pixels:
+        raise UploadError(413, f"image too large: {w}x{h} = {w * h} pixels (limit {max_pixels})")
+    return kind, (w, h)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Routes
   GET  /                          the demo page
   GET  /info                      model, presets, fps, latency (what the page needs)
   POST /offer                     {"sdp", "type": "offer", "avatar"?, "controls"?}
-                                  -> {"sdp", "type": "answer", "session"}
+                                  -> {"sdp", "type": "answer", "session", "session_key"}
   GET  /sessions, GET /sessions/{id}                         stats
   POST /sessions/{id}/controls    one control object or a list (same JSON as the data channel)
   GET|POST /sessions/{id}/outputs, DELETE /sessions/{id}/outputs/{name}
@@ -13,7 +13,15 @@ Routes
   DELETE /sessions/{id}
   POST /avatars                   a portrait (raw image body or multipart), size-limited -> {"id"}
   GET  /avatars
-  GET  /healthz, GET /metrics     (Prometheus text)
+  GET  /healthz, GET /metrics     (Prometheus text; on its own address with metrics_port)
+
+Security (docs/security.md). With a token set, every route but / and /healthz needs
+`Authorization: Bearer TOKEN`, and the /sessions/{id}... routes need that session's own key (the
+"session_key" of its /offer answer) instead: a session's controls answer only to whoever made it.
+Uploads are checked for bytes, type (PNG/JPEG/WebP by content) and pixel count (from the header, before
+any pixel is decoded). Offers and uploads are rate-limited per client address (token buckets, a bounded
+table). Cross-origin browsers: no CORS headers unless origins are allowed, and state-changing requests
+from another origin are refused (403).
 
 Pipeline latency. Stream sample n (arriving at nominal time a(n)) is played, and shown as lips, at
 a(n) + L, with
@@ -30,12 +38,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
+import math
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -69,7 +81,16 @@ class ServeConfig:
     seed: int = 0
     lead_ms: float | None = None  # scheduler lead; None: from the warmup measurement
     threads: int | None = None  # inference threads; None: all cores but one
+    # security (docs/security.md). token: required as "Authorization: Bearer" on every route but / and /healthz
+    token: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()  # "scheme://host[:port]" or "*"; (): same-origin only, no CORS headers
+    offer_rate: tuple[int, float] | None = None  # (requests, per seconds) per client address; None: unlimited
+    upload_rate: tuple[int, float] | None = None
+    max_upload_pixels: int = 50_000_000  # width x height of an uploaded image, read from its header
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # /metrics on its own site (0: any free port) and not on the main one
     # not on the command line
+    rate_limit_clients: int = 4096  # client addresses each rate limiter remembers (least recently seen evicted)
     audio_margin_ms: float = 30.0
     peer_timeout_s: float = 5.0
     connect_timeout_s: float = 20.0
@@ -88,6 +109,93 @@ class ServeConfig:
 
 def _error(status: int, message: str, **extra) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
+
+
+def _unauthorized(message: str, invalid: bool) -> web.Response:
+    challenge = 'Bearer realm="marionette"' + (', error="invalid_token"' if invalid else "")
+    return web.json_response({"error": message}, status=401, headers={"WWW-Authenticate": challenge})
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, cred = request.headers.get("Authorization", "").strip().partition(" ")
+    cred = cred.strip()
+    return cred if scheme.lower() == "bearer" and cred else None
+
+
+def _matches(given: str | None, secret: str) -> bool:
+    """Constant-time comparison (the time taken says nothing about how much of the secret was right)."""
+    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
+
+
+def client_key(addr: str | None) -> str:
+    """The rate limiters' key for a peer address: IPv4 as it is, IPv6 by its /64 (one host's share)."""
+    try:
+        ip = ipaddress.ip_address((addr or "").split("%", 1)[0])
+    except ValueError:
+        return addr or "unknown"
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class RateLimiter:
+    """A token bucket per client address: `count` requests per `per_s` seconds, bursts up to `count`.
+    The table is bounded: past `max_clients` addresses the least recently seen is forgotten (a forgotten
+    address starts again with a full bucket, which it would have after `per_s` idle seconds anyway)."""
+
+    def __init__(self, count: int, per_s: float, max_clients: int = 4096, clock=time.monotonic):
+        if count < 1 or not per_s > 0 or max_clients < 1:
+            raise ValueError(f"rate {count}/{per_s}s: need at least 1 request per a positive period")
+        self.capacity = float(count)
+        self.rate = count / per_s  # tokens per second
+        self.max_clients = max_clients
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, addr: str | None) -> float:
+        """Spend one token for `addr`: 0.0 when allowed, else the seconds until one is available."""
+        key = client_key(addr)
+        now = self._clock()
+        tokens, at = self._buckets.pop(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def _normalise_origin(origin: str) -> str:
+    """ "https://Example.com:8443/" -> "https://example.com:8443"; InputError for anything but an origin."""
+    from yarl import URL
+
+    o = origin.strip()
+    if o == "*":
+        return o
+    try:
+        u = URL(o)
+    except ValueError:
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.host or u.path not in ("", "/") \
+            or u.query_string or u.fragment or u.user:
+        raise InputError(f"CORS origin {origin!r}: expected scheme://host[:port] (e.g. https://example.com) or *")
+    port = "" if u.explicit_port is None or u.is_default_port() else f":{u.port}"
+    host = f"[{u.host}]" if ":" in u.host else u.host
+    return f"{u.scheme}://{host.lower()}{port}"
+
+
+# who may call a route when a token is set: "public" anyone, "session" the session's own key, else the token
+_PUBLIC_ROUTES = frozenset({"/", "/healthz"})
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class AvatarServer:
@@ -109,6 +217,21 @@ class AvatarServer:
         except ValueError as e:
             raise InputError(str(e)) from None
         self.started = None
+        if cfg.token is not None and (not cfg.token or cfg.token != cfg.token.strip() or " " in cfg.token):
+            raise InputError("the token must be a non-empty string without spaces")
+        self._session_keys: dict[str, str] = {}  # session id -> its key (sessions made by /offer)
+        self._cors = frozenset(_normalise_origin(o) for o in cfg.cors_origins)
+        self._limits: dict[tuple[str, str], RateLimiter] = {}
+        for route, rate, what in (("/offer", cfg.offer_rate, "offer"), ("/avatars", cfg.upload_rate, "upload")):
+            if rate is not None:
+                try:
+                    self._limits[("POST", route)] = RateLimiter(int(rate[0]), float(rate[1]), cfg.rate_limit_clients)
+                except (ValueError, TypeError, IndexError) as e:
+                    raise InputError(f"{what} rate {rate!r}: {e}") from None
+        if cfg.max_upload_pixels < 1:
+            raise InputError(f"max_upload_pixels must be positive, got {cfg.max_upload_pixels}")
+        self.metrics_port: int | None = None  # where the separate /metrics site listens (metrics_port)
+        self._metrics_runner = None
 
     # =============================================================================== lifecycle
     async def start(self) -> None:
@@ -160,10 +283,36 @@ class AvatarServer:
         self.latency_s = period / 2 + mc.lookahead_ms / 1000 + overhang + cfg.audio_margin_ms / 1000 + lead
         self.metrics.pipeline_latency.set(self.latency_s)
         self.metrics.avatars.set(len(self.avatars))
+        if cfg.metrics_port is not None:
+            try:
+                await self._start_metrics_site()
+            except BaseException:
+                await self.stop()
+                raise
         self.started = time.time()
         log.info("model %s (%dpx, lookahead %d ms%s), %d fps, round %.1f ms -> lead %.0f ms, pipeline latency %.0f ms",
                  mc.name, mc.image_size, mc.lookahead_ms, ", random weights" if p.random_weights else "",
                  cfg.fps, 1000 * self.warmup_times.get(1, 0), 1000 * lead, 1000 * self.latency_s)
+
+    async def _start_metrics_site(self) -> None:
+        """/metrics alone on metrics_host:metrics_port (a private address a scraper reaches, not the public one)."""
+        cfg = self.cfg
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.metrics_host, cfg.metrics_port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise InputError(f"cannot listen for /metrics on {cfg.metrics_host}:{cfg.metrics_port}: "
+                             f"{e.strerror or e}") from None
+        self._metrics_runner = runner
+        socks = site._server.sockets if site._server else None
+        self.metrics_port = socks[0].getsockname()[1] if socks else cfg.metrics_port
+        host = f"[{cfg.metrics_host}]" if ":" in cfg.metrics_host else cfg.metrics_host
+        log.info("metrics on http://%s:%d/metrics (not on the main address)", host, self.metrics_port)
 
     async def _setup_faces(self, p) -> None:
         """Face alignment settings onto the pipeline; the detector loaded once, off the event loop."""
@@ -203,6 +352,9 @@ class AvatarServer:
         if self._ice is not None:
             self._ice.restore()
             self._ice = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
 
     # ==================================================================================== app
     def app(self) -> web.Application:
@@ -212,7 +364,8 @@ class AvatarServer:
         r.add_get("/", self.index)
         r.add_get("/info", self.info)
         r.add_get("/healthz", self.healthz)
-        r.add_get("/metrics", self.metrics_handler)
+        if self.cfg.metrics_port is None:  # else on its own site (_start_metrics_site)
+            r.add_get("/metrics", self.metrics_handler)
         r.add_post("/offer", self.offer)
         r.add_get("/sessions", self.list_sessions)
         r.add_get("/sessions/{id}", self.get_session)
@@ -227,21 +380,95 @@ class AvatarServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        try:
-            resp = await handler(request)
-        except web.HTTPRequestEntityTooLarge as e:
-            resp = _error(413, f"request body too large (limit {e.max_size} bytes)")
-        except web.HTTPException as e:
-            if e.status >= 400 and e.content_type != "application/json":
-                resp = _error(e.status, e.reason or e.text or "error")
-            else:
-                raise
-        except Exception:  # noqa: BLE001
-            log.exception("%s %s failed", request.method, request.path)
-            resp = _error(500, "internal server error")
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource else "unmatched"
+        origin = request.headers.get("Origin")
+        allowed = self._cors_allows(origin)
+        if request.method == "OPTIONS" and origin is not None and "Access-Control-Request-Method" in request.headers:
+            resp = self._preflight(origin, allowed)
+        else:
+            resp = self._guard(request, route if resource else None, origin, allowed)
+            if resp is None:
+                try:
+                    resp = await handler(request)
+                except web.HTTPRequestEntityTooLarge as e:
+                    resp = _error(413, f"request body too large (limit {e.max_size} bytes)")
+                except web.HTTPException as e:
+                    if e.status >= 400 and e.content_type != "application/json":
+                        resp = _error(e.status, e.reason or e.text or "error")
+                    else:
+                        raise
+                except Exception:  # noqa: BLE001
+                    log.exception("%s %s failed", request.method, request.path)
+                    resp = _error(500, "internal server error")
+        if allowed:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = "Retry-After, WWW-Authenticate"
+        if self._cors:
+            resp.headers.add("Vary", "Origin")
         self.metrics.http_requests.inc(route=route, status=str(resp.status))
         return resp
+
+    # ------------------------------------------------------------------------------ security
+    def _cors_allows(self, origin: str | None) -> bool:
+        if origin is None or not self._cors:
+            return False
+        if "*" in self._cors:
+            return True
+        try:
+            return _normalise_origin(origin) in self._cors
+        except InputError:
+            return False
+
+    def _preflight(self, origin: str, allowed: bool) -> web.Response:
+        if not allowed:
+            return _error(403, f"cross-origin requests from {origin} are not allowed "
+                               "(the server's --cors-origin lists the origins that are)")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, DELETE",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600"})
+
+    def _guard(self, request: web.Request, route: str | None, origin: str | None,
+               allowed: bool) -> web.Response | None:
+        """None when the request may go on; else the 403 / 429 / 401 that answers it."""
+        # a page on another origin can still send a "simple" POST (a form, multipart): refuse state changes
+        # unless the origin is this server's own or an allowed one (browsers always send Origin on a POST)
+        if origin is not None and request.method not in _SAFE_METHODS and not allowed \
+                and origin.partition("://")[2].lower() != request.host.lower():
+            return _error(403, f"cross-origin {request.method} from {origin} refused (same-origin only; "
+                               "the server's --cors-origin allows others)")
+        if route is None:  # no such route: its 404 / 405
+            return None
+        limiter = self._limits.get((request.method, route))
+        if limiter is not None:
+            wait = limiter.take(request.remote)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                if route == "/offer":
+                    self.metrics.sessions_rejected.inc(reason="429")
+                log.info("rate limit: %s %s from %s (retry in %d s)", request.method, route, request.remote, retry)
+                return web.json_response(
+                    {"error": f"too many requests to {request.method} {route} from your address; retry in {retry} s",
+                     "retry_after_s": retry}, status=429, headers={"Retry-After": str(retry)})
+        if self.cfg.token is None or route in _PUBLIC_ROUTES:
+            return None
+        given = _bearer(request)
+        sid = request.match_info.get("id") if route.startswith("/sessions/") else None
+        key = self._session_keys.get(sid) if sid is not None else None
+        if key is not None:  # a session made by /offer: its own key, and only that, reaches it
+            if _matches(given, key):
+                return None
+            return _unauthorized(f"session {sid!r} answers only to its own key: send \"Authorization: Bearer "
+                                 "SESSION_KEY\" with the session_key of its /offer answer", given is not None)
+        if sid is not None and sid not in self.sessions:
+            return None  # its 404
+        if _matches(given, self.cfg.token):
+            return None
+        if given is None:
+            return _unauthorized("this server requires a token: send \"Authorization: Bearer TOKEN\" "
+                                 "(the web page: open it as /?token=TOKEN)", False)
+        return _unauthorized("wrong token", True)
 
     async def _json_body(self, request: web.Request, limit: int):
         if request.content_type != "application/json":
@@ -258,7 +485,8 @@ class AvatarServer:
 
     # ================================================================================ routes
     async def index(self, request):
-        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache",
+                                                                "Referrer-Policy": "no-referrer"})
 
     async def info(self, request):
         p = self.pipeline
@@ -337,7 +565,8 @@ class AvatarServer:
         session = None
         try:
             pc = peer_connection(self._ice_servers)
-            sid = secrets.token_urlsafe(9)
+            sid = secrets.token_urlsafe(16)  # 128 random bits
+            key = secrets.token_urlsafe(32)  # the session's own credential for /sessions/{id}... (with a token)
             session = Session(
                 sid, pc, clock=self.clock, scheduler=self.scheduler, pipeline=self.pipeline,
                 metrics=self.metrics, avatar_id=entry.id, avatar=entry.state, latency_s=self.latency_s,
@@ -358,11 +587,12 @@ class AvatarServer:
             if initial:
                 session.apply_controls(initial)
             self.sessions[sid] = session
+            self._session_keys[sid] = key
             entry.uses += 1
             self.metrics.sessions_total.inc()
             session.start()
             return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
-                                      "session": sid})
+                                      "session": sid, "session_key": key})
         except BaseException:
             if session is not None and not session.closed:
                 await session.close("error while answering")
@@ -371,7 +601,9 @@ class AvatarServer:
             self._reserved -= 1
 
     def _session_closed(self, session) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.get(session.id) is session:
+            self.sessions.pop(session.id, None)
+            self._session_keys.pop(session.id, None)
 
     def _control_context(self) -> C.ControlContext:
         return C.ControlContext(presets=self.pipeline.presets, exp_dim=self.pipeline.cfg.latents.exp)
@@ -468,20 +700,26 @@ class AvatarServer:
         ctype = request.content_type
         data: bytes | None = None
         if ctype == "multipart/form-data":
-            reader = await request.multipart()
-            async for part in reader:
-                if part.filename is None and part.name not in ("image", "file", "avatar"):
-                    continue
-                buf = bytearray()
-                while True:
-                    chunk = await part.read_chunk(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if len(buf) > limit:
-                        return _error(413, f"upload too large (limit {limit} bytes)")
-                data = bytes(buf)
-                break
+            from aiohttp import BodyPartReader
+
+            try:
+                reader = await request.multipart()
+                async for part in reader:
+                    if not isinstance(part, BodyPartReader) or (
+                            part.filename is None and part.name not in ("image", "file", "avatar")):
+                        continue
+                    buf = bytearray()
+                    while True:
+                        chunk = await part.read_chunk(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                        if len(buf) > limit:
+                            return _error(413, f"upload too large (limit {limit} bytes)")
+                    data = bytes(buf)
+                    break
+            except (ValueError, AssertionError) as e:  # what aiohttp raises on a broken multipart body
+                return _error(400, f"malformed multipart upload: {e}")
             if data is None:
                 return _error(400, "multipart upload without an image part (name it \"image\")")
         elif ctype.startswith("image/") or ctype == "application/octet-stream":
@@ -495,10 +733,18 @@ class AvatarServer:
                     return _error(413, f"upload too large (limit {limit} bytes)")
             data = bytes(buf)
         else:
-            return _error(415, f"send the portrait as image/png, image/jpeg, application/octet-stream or "
-                               f"multipart/form-data, not {ctype or 'no content type'}")
+            return _error(415, f"send the portrait as image/png, image/jpeg, image/webp, application/octet-stream "
+                               f"or multipart/form-data, not {ctype or 'no content type'}")
         if not data:
             return _error(400, "empty upload")
+        # type and pixel count from the bytes' own header, before anything decodes a pixel; the image lives
+        # in memory under its content hash (a multipart part's file name is never used)
+        from streaming.avatars import UploadError, check_upload
+
+        try:
+            check_upload(data, self.cfg.max_upload_pixels)
+        except UploadError as e:
+            return _error(e.status, e.message)
         try:
             if self.pipeline.face_align != "off":
                 try:
@@ -545,6 +791,9 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
             pass
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else cfg.port
+    if cfg.token is None and not _is_loopback(cfg.host):
+        log.warning("listening on %s without a token: anyone who reaches it can start sessions, upload avatars "
+                    "and control every session (set --token or MARIONETTE_TOKEN; docs/security.md)", cfg.host)
     log.info("serving on http://%s:%d/ (model %s, %d fps, pipeline latency %.0f ms)", host, port,
              server.pipeline.cfg.name, cfg.fps, server.latency_s * 1000)
     if ready is not None:
@@ -554,6 +803,15 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
     finally:
         await runner.cleanup()
         await server.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -155,7 +155,7 @@ def test_avatar_upload_is_prepared_once_and_listed(server):
     assert "default" in ids and aid in ids and body2["id"] in ids
 
 
-@pytest.mark.parametrize("case,status", [("too-big", 413), ("not-an-image", 400), ("too-small", 400),
+@pytest.mark.parametrize("case,status", [("too-big", 413), ("not-an-image", 415), ("too-small", 400),
                                          ("wrong-type", 415), ("empty", 400)])
 def test_bad_avatar_uploads(server, case, status):
     headers = {"Content-Type": "image/png"}
