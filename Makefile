@@ -68,7 +68,7 @@ builtin: setup
 	@# the factor oracle that evaluates the model (rendered frames only)
 	test -f $(BUILTIN_RUN)/oracle/oracle.json || $(BIN)/marionette oracle --out $(BUILTIN_RUN)/oracle \
 		--steps 4000 --batch 32 --size 128 --device $(DEVICE)
-	@# render (E_app, E_mot + heads, G on pairs rendered on the fly) -> audio (E_aud) -> idle
+	@# render (E_app, E_mot + heads, G on pairs rendered on the fly) -> state -> patch (mouth/eye nets) -> audio -> idle
 	$(BIN)/marionette train --config talk --stage all --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/talk \
 		--device $(DEVICE) --workers 1 --ckpt-every 250 $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
 		$$(test -d $(BUILTIN_RUN)/talk/state && echo --resume)

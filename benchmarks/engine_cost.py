@@ -7,6 +7,7 @@ Stages:
   per avatar         e_app                      E_app on the portrait (cached in the AvatarState)
   per frame          e_aud                      E_aud on one mel window
                      g.flow / g.warp / g.refine the generator's three stages
+                     g.patch                    the local mouth / eye generators (models with patches)
                      generator                  G end to end
                      frame = e_aud + generator  what every output frame costs
   per driving frame  e_mot, heads, motion       E_mot, the four factor heads, both
@@ -60,12 +61,18 @@ def _inputs(model: Marionette, batch: int) -> dict[str, Any]:
 
 def _stages(model: Marionette, x: dict[str, Any]) -> dict[str, tuple[str, Callable[[], Any]]]:
     g = model.generator
+    patch = {}
+    if g.patch is not None:  # the local generators on G's frame (here: the portrait as a stand-in frame)
+        k = g.app_dim + g.z_total
+        z_src, a_s = x["app"][:, g.app_dim:k], x["app"][:, k:].reshape(-1, 3, 2)
+        patch["g.patch"] = ("per_frame", lambda: g.patch(x["img"], x["z"], z_src, x["flow"], a_s))
     return {
         "e_app": ("per_avatar", lambda: model.encode_avatar(x["img"])),
         "e_aud": ("per_frame", lambda: model.encode_audio(x["mel"])),
         "g.flow": ("per_frame", lambda: g.flow(x["z"], x["lo"], x["app"])),
         "g.warp": ("per_frame", lambda: g.warp(x["flow"], x["occ"], x["img"], x["hi"], x["lo"])),
         "g.refine": ("per_frame", lambda: g.refine(x["m"], x["w_lo"], x["w_hi"], x["w_src"])),
+        **patch,
         "generator": ("per_frame", lambda: g(x["z"], x["img"], x["hi"], x["lo"], x["app"])),
         "frame": ("per_frame", lambda: (model.encode_audio(x["mel"]), g(x["z"], x["img"], x["hi"], x["lo"], x["app"]))),
         "e_mot": ("per_driving_frame", lambda: model.e_mot(x["img"])),

@@ -114,6 +114,9 @@ class ModelConfig:
     # the local features that know "mouth corner here" meet "jaw this open" directly, not only through the flow
     # decoder's 8x8 bottleneck
     local_z: bool = False
+    # local generators for the mouth and the eyes on squares of G's frame that follow three anchors found in the
+    # portrait (engine.networks.PatchRefiner): where the source has no pixels (mouth opening, shut lids)
+    patches: bool = False
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -156,9 +159,10 @@ class ModelConfig:
                 mouth_channels=8)),
             # the built-in design: lite's networks with ground-truth latents, relative motion and the explicit
             # pose warp (trained on pairs rendered on the fly: `marionette train --config talk`)
-            "talk": cls(name="talk", lookahead_ms=40, gt_latents=True, relative=True, pose_warp=True, local_z=True),
+            "talk": cls(name="talk", lookahead_ms=40, gt_latents=True, relative=True, pose_warp=True, local_z=True,
+                        patches=True),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
-                             pose_warp=True, local_z=True, net=NetworkConfig(
+                             pose_warp=True, local_z=True, patches=True, net=NetworkConfig(
                                  app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
                                  motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
                                  refine_channels=8, mouth_channels=8)),

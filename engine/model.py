@@ -65,10 +65,13 @@ class Marionette(nn.Module):
     def encode_avatar(self, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """E_app: (B,3,S,S) in [-1,1] -> feat_hi (B,C1,S/2,S/2), feat_lo (B,C2,S/4,S/4), app (B,app_dim);
         with `cfg.relative`, app is [appearance (app_dim), the portrait's own state z_src (latents.total)],
-        z_src estimated by E_mot + heads (run once per avatar)."""
+        z_src estimated by E_mot + heads (run once per avatar); with `cfg.patches`, followed by the portrait's
+        three anchors (6: eyes and mouth, grid coordinates)."""
         feat_hi, feat_lo, app = self.e_app(portrait)
         if self.cfg.relative:
             app = torch.cat([app, self.source_state(portrait)], dim=1)
+        if self.cfg.patches:  # and where its eyes and mouth are (G.patch's anchors, (B,3,2) flattened)
+            app = torch.cat([app, self.generator.patch.source_anchors(feat_lo).flatten(1)], dim=1)
         return feat_hi, feat_lo, app
 
     def source_state(self, portrait: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,21 @@ MEL_CENTER = -5.0  # E_aud input normalisation of natural-log mel power: (mel - 
 MEL_SCALE = 3.0
 AUDIO_HIDDEN = 256  # E_aud's last hidden layer
 MOTION_POOL = 4  # E_mot pools its last feature map to at most 4 x 4 before the linear layer
+# patches (ModelConfig.patches): the local generators' squares, in units of the face scale d (the diagonal of
+# the eye-eye and eye-mid-to-mouth distances, ~72 px at 256^2); sized from the renderer's own bounds of what the
+# mouth painter (0.92 d wide, 0.25 d above to 0.60 d below the mouth centre, chin included) and each eye
+# painter (0.46 x 0.35 d, centred 0.04-0.07 d above the eye centre) can touch
+MOUTH_SIDE, MOUTH_DOWN = 1.04, 0.17  # side; centre below the mouth anchor
+EYE_SIDE, EYE_UP = 0.56, 0.05
+MOUTH_RES, EYE_RES = 3 / 16, 1 / 8  # patch resolution as a fraction of S (48 and 32 px at 256^2)
+PATCH_FEATHER = 0.2  # the pasted change fades to 0 over this outer fraction of each half-side
+ANCHOR_SHARPEN = 4.0  # the soft-argmax reads the anchor maps to this power: the map's faint mass far from its
+# peak (a mouth map at 0.05 over half the face) otherwise drags the mean tens of pixels off (measured)
+ANCHOR_ITERS = 4  # fixed-point steps that carry a source anchor through the backward flow
 
 __all__ = [
-    "AppearanceEncoder", "MotionEncoder", "FactorHead", "AudioEncoder", "Generator", "count_macs",
-    "grid_sample_macs",
+    "AppearanceEncoder", "MotionEncoder", "FactorHead", "AudioEncoder", "Generator", "PatchRefiner", "PatchNet",
+    "count_macs", "grid_sample_macs",
 ]
 
 
@@ -245,6 +256,7 @@ class Generator(nn.Module):
         self.register_buffer("pose_scale", torch.tensor([30.0, 20.0, 15.0, 0.08, 0.08, 0.1]), persistent=False)
         self.register_buffer("pose_offset", torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]), persistent=False)
         z_in = lat.total * (2 if cfg.relative else 1)  # relative: [z_target, z_source]
+        self.z_total = lat.total
         # --- flow/occlusion decoder (S/32 -> S/4)
         self.fc = nn.Linear(z_in + n.app_dim, fc * self.s0 * self.s0)
         self.dec16 = ConvAct(fc, fc)  # S/16
@@ -277,6 +289,8 @@ class Generator(nn.Module):
             self.head.bias.zero_()
             self.head.bias[12:16].fill_(ALPHA_INIT)  # pixel_shuffle: out channel c <- in channels 4c .. 4c+3
         self.rc = rc
+        # --- local generators for the mouth and the eyes (ModelConfig.patches)
+        self.patch = PatchRefiner(cfg) if cfg.patches else None
         # route warp + concatenations through kernels.warp (set by TorchRuntime; off for training and export)
         self.use_kernels = False
         for k, n_ in (("grid_lo", s // 4), ("grid_hi", s // 2), ("grid_full", s)):
@@ -287,8 +301,8 @@ class Generator(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = z.shape[0]
         zin = [z]
-        if self.relative:  # app = [appearance (app_dim), source state (latents.total)]
-            z_src = app[:, self.app_dim:]
+        if self.relative:  # app = [appearance (app_dim), source state (latents.total) (, anchors (6))]
+            z_src = app[:, self.app_dim:self.app_dim + self.z_total]
             zin.append(z_src)
             app = app[:, : self.app_dim]
         h = F.leaky_relu(self.fc(torch.cat(zin + [app], dim=1)), LEAK)
@@ -350,12 +364,18 @@ class Generator(nn.Module):
         return alpha * w_src + (1 - alpha) * rgb  # (B,3,S,S)
 
     def forward(self, z: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor, feat_lo: torch.Tensor,
-                app: torch.Tensor) -> torch.Tensor:
+                app: torch.Tensor, patches: bool = True) -> torch.Tensor:
         flow, occ, m = self.flow(z, feat_lo, app)
         if self.use_kernels:
-            return self._forward_fused(flow, occ, m, source, feat_hi, feat_lo)
-        w_lo, w_hi, w_src = self.warp(flow, occ, source, feat_hi, feat_lo)
-        return self.refine(m, w_lo, w_hi, w_src)
+            frame, w_src = self._forward_fused(flow, occ, m, source, feat_hi, feat_lo)
+        else:
+            w_lo, w_hi, w_src = self.warp(flow, occ, source, feat_hi, feat_lo)
+            frame = self.refine(m, w_lo, w_hi, w_src)
+        if self.patch is not None and patches:  # patches=False: the warping generator alone (its training stage)
+            k = self.app_dim + self.z_total
+            anchors = app[:, k:k + 2 * PatchRefiner.N_ANCHORS].reshape(-1, PatchRefiner.N_ANCHORS, 2)
+            frame = self.patch(frame, z, app[:, self.app_dim:k], flow, anchors, w_src)
+        return frame
 
     def _forward_fused(self, flow: torch.Tensor, occ: torch.Tensor, m: torch.Tensor, source: torch.Tensor,
                        feat_hi: torch.Tensor, feat_lo: torch.Tensor) -> torch.Tensor:
@@ -365,7 +385,188 @@ class Generator(nn.Module):
         r = self._refine_lo(x_lo)  # (B,2rc,S/4,S/4)
         x_hi = warp_cat(feat_hi, flow, occ, r, extra_first=True)  # (B,2rc+C1,S/2,S/2) = cat([up(r), w_hi])
         w_src = warp_cat(source, flow)  # (B,3,S,S)
-        return self._refine_hi(r, x_hi, w_src)
+        return self._refine_hi(r, x_hi, w_src), w_src
+
+
+# =================================================================================== local generators
+class PatchNet(nn.Module):
+    """One local generator: a square of the frame (B,3,n,n) and its conditioning (B,k) -> the change to paste
+    (B,3,n,n). A two-level U-net: conv at n, stride-2 conv to n/2 where the conditioning joins (twice), up,
+    merged with the full-resolution skip by a 1x1, and a zero-initialised output conv (a fresh net changes
+    nothing)."""
+
+    def __init__(self, k: int, c: int):
+        super().__init__()
+        self.inp = ConvAct(3, c)
+        self.down = ConvAct(c, 2 * c, stride=2)
+        self.mid1 = ConvAct(2 * c + k, 2 * c)
+        self.mid2 = ConvAct(2 * c + k, 2 * c)
+        self.merge = ConvAct(3 * c, c, k=1)
+        self.out = conv(c, 3)
+        # Kaiming (fan-in, LeakyReLU) inside: PyTorch's default init shrinks the signal ~3x per layer, so the
+        # conditioning reached the output ~30x weaker than the patch; the output conv starts at zero
+        for mod in (self.inp, self.down, self.mid1, self.mid2, self.merge):
+            nn.init.kaiming_normal_(mod[0].weight, a=LEAK, mode="fan_in", nonlinearity="leaky_relu")
+            nn.init.zeros_(mod[0].bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x0 = self.inp(x)  # (B,c,n,n)
+        h = self.down(x0)  # (B,2c,n/2,n/2)
+        cm = cond[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B,k,n/2,n/2)
+        h = self.mid1(torch.cat([h, cm], dim=1))
+        h = self.mid2(torch.cat([h, cm], dim=1))
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B,2c,n,n)
+        return self.out(self.merge(torch.cat([h, x0], dim=1)))  # (B,3,n,n)
+
+
+class PatchRefiner(nn.Module):
+    """P: new content where the source has no pixels for it (the mouth opening, teeth, closing lids, a moved
+    iris), made by two small local generators on squares of G's frame that follow the face.
+
+    Geometry is computed, not learned, except where the three anchors are in the portrait:
+      * ``source_anchors(feat_lo)``: a small head on E_app's S/4 features -> soft-argmax -> (B,3,2) grid
+        coordinates of [eye at the image's left (subject's right), eye at the image's right, mouth centre]
+        (supervised with the renderer's ground truth); run once per avatar, carried at the end of `app`;
+      * ``target_anchors(a_s, flow)``: where G's backward flow carries them in the frame (p = a_s - flow(p),
+        a few fixed-point steps);
+      * ``boxes(a_t)``: squares from the anchors: axis along the eye line, side from the face scale d;
+      * ``apply(frame, z_t, z_s, a_t)``: each square is sampled (the right-hand eye mirrored, so one eye net
+        serves both), its net turns [square, target and source factor values] into a change, and the change
+        is pasted back through the inverse map with a feathered edge: frame + sum_k W_k * change_k.
+    The mouth net is told lip [jaw, width, rounding] and expression of target and source; the eye net the
+    eye's lid, gaze and expression of target and source. Needs ``gt_latents`` and ``relative``."""
+
+    N_ANCHORS = 3
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not (cfg.gt_latents and cfg.relative):
+            raise ValueError("ModelConfig.patches needs gt_latents and relative")
+        from engine.config import GT_DIMS
+
+        s = cfg.image_size
+        c2 = cfg.net.app_channels[2]
+        sl = cfg.latents.slices()
+        self.lip = list(range(sl["lip"].start, sl["lip"].start + GT_DIMS["lip"]))
+        self.exp = list(range(sl["exp"].start, sl["exp"].start + GT_DIMS["exp"]))
+        e = sl["eye"].start  # [gaze_x, gaze_y, lid_left, lid_right]
+        self.gaze_x, self.gaze_y, self.lid = e, e + 1, (e + 3, e + 2)  # lid of the image-left / image-right eye
+        k_m = 2 * (len(self.lip) + len(self.exp))
+        k_e = 2 * (3 + len(self.exp))
+        c = max(8, cfg.net.mouth_channels * 2 // 3)
+        self.mouth_res = max(8, int(round(s * MOUTH_RES / 2)) * 2)
+        self.eye_res = max(4, int(round(s * EYE_RES / 2)) * 2)
+        # per avatar (its output travels in the avatar's `app` vector), so it can afford a few 3x3 layers
+        self.anchor = nn.Sequential(ConvAct(c2, 32), ConvAct(32, 32), conv(32, self.N_ANCHORS))
+        self.mouth_net = PatchNet(k_m, c)
+        self.eye_net = PatchNet(k_e, c)
+        n = s // 4
+        self.register_buffer("grid_lo", _base_grid(n), persistent=False)  # (1,n,n,2)
+        self.register_buffer("grid_full", _base_grid(s), persistent=False)
+        self.register_buffer("grid_mouth", _base_grid(self.mouth_res), persistent=False)
+        self.register_buffer("grid_eye", _base_grid(self.eye_res), persistent=False)
+
+    # ---- anchors
+    def anchor_maps(self, feat_lo: torch.Tensor) -> torch.Tensor:
+        """feat_lo (B,C2,S/4,S/4) -> (B,3,S/4*S/4) log-probabilities of each anchor's position."""
+        logit = self.anchor(feat_lo)  # (B,3,n,n)
+        b, k, n, _ = logit.shape
+        return torch.log_softmax(logit.reshape(b, k, n * n), dim=-1)
+
+    def source_anchors(self, feat_lo: torch.Tensor, logp: torch.Tensor | None = None) -> torch.Tensor:
+        """feat_lo (B,C2,S/4,S/4) -> (B,3,2) anchor coordinates in the portrait (soft-argmax of the head's
+        maps). Run once per avatar (`Marionette.encode_avatar`)."""
+        if logp is None:
+            logp = self.anchor_maps(feat_lo)
+        p = torch.softmax(logp * ANCHOR_SHARPEN, dim=-1)  # (B,3,n*n)
+        g = self.grid_lo.reshape(1, -1, 2)  # (1,n*n,2)
+        return torch.einsum("bkp,qpc->bkc", p, g)  # (B,3,2)
+
+    @staticmethod
+    def target_anchors(a_s: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """Source anchors (B,3,2) -> frame anchors: the points p with p + flow(p) = a_s (flow (B,2,n,n) backward,
+        as G.warp uses it)."""
+        p = a_s
+        for _ in range(ANCHOR_ITERS):
+            f = F.grid_sample(flow, p.unsqueeze(2), mode="bilinear", padding_mode="border",
+                              align_corners=False)  # (B,2,3,1)
+            p = a_s - f[..., 0].transpose(1, 2)
+        return p
+
+    @staticmethod
+    def boxes(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Anchors (B,3,2) -> centres (B,3,2), half-sides (B,3), unit axes u (B,2) along the eye line and v (B,2)
+        down the face; squares in the order [image-left eye, image-right eye, mouth]."""
+        e0, e1, mo = a[:, 0], a[:, 1], a[:, 2]
+        ee = e1 - e0
+        ln = ee.norm(dim=-1, keepdim=True).clamp(min=1e-4)
+        u = ee / ln  # (B,2)
+        v = torch.stack([-u[:, 1], u[:, 0]], dim=-1)  # (B,2) y is down
+        em = (mo - 0.5 * (e0 + e1)).norm(dim=-1, keepdim=True)
+        d = (ln * ln + em * em).sqrt()  # (B,1) face scale
+        c0 = e0 - EYE_UP * d * v
+        c1 = e1 - EYE_UP * d * v
+        cm = mo + MOUTH_DOWN * d * v
+        half = torch.cat([d * (EYE_SIDE / 2), d * (EYE_SIDE / 2), d * (MOUTH_SIDE / 2)], dim=1)  # (B,3)
+        return torch.stack([c0, c1, cm], dim=1), half, u, v
+
+    # ---- the local generators
+    def conditions(self, z_t: torch.Tensor, z_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> mouth (B,k_m), image-left eye (B,k_e), image-right eye (B,k_e, gaze x mirrored)."""
+        mouth = torch.cat([z_t[:, self.lip], z_s[:, self.lip], z_t[:, self.exp], z_s[:, self.exp]], dim=1)
+        eyes = []
+        for k, sign in ((0, 1.0), (1, -1.0)):
+            lid = self.lid[k]
+            eyes.append(torch.cat([z_t[:, lid:lid + 1], z_s[:, lid:lid + 1],
+                                   sign * z_t[:, self.gaze_x:self.gaze_x + 1], z_t[:, self.gaze_y:self.gaze_y + 1],
+                                   sign * z_s[:, self.gaze_x:self.gaze_x + 1], z_s[:, self.gaze_y:self.gaze_y + 1],
+                                   z_t[:, self.exp], z_s[:, self.exp]], dim=1))
+        return mouth, eyes[0], eyes[1]
+
+    def apply(self, frame: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, a_t: torch.Tensor,
+              base: torch.Tensor | None = None, with_window: bool = False):
+        """frame (B,3,S,S) in [-1,1], z_t, z_s (B,total), frame anchors a_t (B,3,2) -> refined frame (and, with
+        `with_window`, the union (B,1,S,S) of the feathered paste windows). Inside each square the frame
+        becomes base + the net's change, base (default: the frame) being what the net reads: G's pose-warped
+        source image at run time (sharp, the source's own mouth and eyes at the target pose), the renderer's
+        source-moved-to-the-target-pose in training."""
+        if base is None:
+            base = frame
+        centre, half, u, v = self.boxes(a_t)
+        cond = self.conditions(z_t, z_s)
+        out = frame
+        win_all = []
+        for k in range(3):
+            g = self.grid_mouth if k == 2 else self.grid_eye  # (1,n,n,2)
+            net = self.mouth_net if k == 2 else self.eye_net
+            sx = -1.0 if k == 1 else 1.0  # the image-right eye is sampled mirrored
+            c, h = centre[:, k], half[:, k].view(-1, 1, 1, 1)  # (B,2), (B,1,1,1)
+            px, py = g[..., :1] * sx, g[..., 1:]  # (1,n,n,1)
+            grid = c.view(-1, 1, 1, 2) + h * (px * u.view(-1, 1, 1, 2) + py * v.view(-1, 1, 1, 2))  # (B,n,n,2)
+            patch = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            delta = net(patch, cond[0] if k == 2 else cond[1 + k])  # (B,3,n,n)
+            # back: frame pixel q -> patch coordinates ((q - c).u / h * sx, (q - c).v / h)
+            q = self.grid_full - c.view(-1, 1, 1, 2)  # (B,S,S,2)
+            qx = (q * u.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h * sx
+            qy = (q * v.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h
+            back = F.grid_sample(delta, torch.cat([qx, qy], dim=-1), mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)  # (B,3,S,S)
+            edge = torch.maximum(qx.abs(), qy.abs()).permute(0, 3, 1, 2)  # (B,1,S,S): 1 on the square's border
+            win = ((1.0 - edge) / PATCH_FEATHER).clamp(0.0, 1.0)
+            out = out + win * (base - out + back)
+            win_all.append(win)
+        out = out.clamp(-1.0, 1.0)
+        if with_window:
+            return out, torch.stack(win_all, 0).amax(0)
+        return out
+
+    def forward(self, frame: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, flow: torch.Tensor,
+                a_s: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """G's frame (B,3,S,S), z_target, z_source (B,total), G's flow (B,2,S/4,S/4), the portrait's anchors
+        a_s (B,3,2), G's warped source image `base` (B,3,S,S) -> frame."""
+        return self.apply(frame, z_t, z_s, self.target_anchors(a_s, flow), base=base)
 
 
 # =================================================================================== cost accounting

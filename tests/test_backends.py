@@ -246,8 +246,10 @@ def test_ort_avatars_interchange_with_torch(tiny_export, reference):
 def test_split_at_grid_sample(tiny_export):
     gen = onnx.load(str(tiny_export / "generator.onnx"))
     sp = split_at_grid_sample(gen)
-    assert sp is not None and len(sp.warps) == 3
-    assert not any(n.op_type == "GridSample" for n in (*sp.head.graph.node, *sp.tail.graph.node))
+    # level 1: the three warps of G; then the patch refiner's anchor steps, squares and paste-back
+    assert sp is not None and len(sp.levels[0]) == 3 + 1 and len(sp.warps) == 3 + 4 + 3 + 3
+    assert len(sp.segments) == len(sp.levels) + 1 and sp.segments[-1] is not None
+    assert not any(n.op_type == "GridSample" for s in sp.segments if s is not None for n in s.model.graph.node)
     assert sp.outputs == ["frame"]
     assert split_at_grid_sample(onnx.load(str(tiny_export / "audio_encoder.onnx"))) is None
 

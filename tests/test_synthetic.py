@@ -85,11 +85,14 @@ def test_ground_truth_latents_zero_their_unused_dimensions():
         assert (z[:, mask == 0] == 0).all() and (z[:, mask == 1] != 0).any()
         lip = m.encode_audio(torch.randn(2, cfg.audio.n_mels, cfg.mel_window))
         assert (lip[:, GT_DIMS["lip"]:] == 0).all()
-        # relative: the avatar's app vector carries the portrait's own state after the appearance vector
+        # relative: the avatar's app vector carries the portrait's own state after the appearance vector, and
+        # (patches) where its eyes and mouth are
         portrait = torch.rand(1, 3, 64, 64) * 2 - 1
         hi, lo, app = m.encode_avatar(portrait)
-        assert app.shape == (1, cfg.net.app_dim + cfg.latents.total)
-        assert torch.allclose(app[:, cfg.net.app_dim:], m.source_state(portrait))
+        k = cfg.net.app_dim + cfg.latents.total
+        assert app.shape == (1, k + 6)
+        assert torch.allclose(app[:, cfg.net.app_dim:k], m.source_state(portrait))
+        assert torch.allclose(app[:, k:], m.generator.patch.source_anchors(lo).flatten(1))
 
 
 def test_generator_uses_the_source_state_and_the_pose_warp():
@@ -105,7 +108,7 @@ def test_generator_uses_the_source_state_and_the_pose_warp():
     sl = cfg.latents.slices()["pose"]
     z_src = torch.zeros(1, cfg.latents.total)
     z_src[:, sl.start] = 0.5  # the portrait looks 15 degrees to its left
-    app_rel = torch.cat([app, z_src], 1)
+    app_rel = torch.cat([app, z_src, m.generator.patch.source_anchors(lo).flatten(1)], 1)
     with torch.no_grad():
         same = m.generator(z_src, src, hi, lo, app_rel)
         turned = m.generator(torch.zeros(1, cfg.latents.total), src, hi, lo, app_rel)
@@ -173,3 +176,62 @@ def test_serve_without_its_extra_refuses_naming_it():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert "`serve` extra" in p.stderr and "aiortc" in p.stderr
+
+
+def test_anchors_land_on_the_eyes_and_the_mouth_at_any_pose():
+    """The renderer's anchors (what the patch stage teaches the anchor head) sit inside its own eye and mouth
+    region masks, for every target pose the pair sampler draws."""
+    import dataclasses
+
+    from trainer.synthetic import PairRenderer
+
+    cfg = dataclasses.replace(ModelConfig.preset("talk-tiny"), image_size=128)
+    mk = PairRenderer(cfg, n_ids=4, per_id=4, seed=11)
+    b = mk(0)
+    from trainer.corpus.face import FaceRenderer, anchor_points, sample_identity
+
+    rng = np.random.default_rng(3)
+    from trainer.synthetic import sample_pair_states
+
+    ident = np.stack([sample_identity(rng) for _ in range(16)]).astype(np.float32)
+    _, tgt = sample_pair_states(rng, 16, 1)
+    r = FaceRenderer(128)
+    a = anchor_points(ident, tgt["pose"])  # (16,3,2)
+    col = ((a[..., 0] + 1) * 64 - 0.5).round().long().clamp(0, 127)
+    row = ((a[..., 1] + 1) * 64 - 0.5).round().long().clamp(0, 127)
+    eyes = r.region_mask(ident, tgt["pose"], "eyes")[:, 0]
+    mouth = r.region_mask(ident, tgt["pose"], "mouth")[:, 0]
+    i = torch.arange(16)
+    assert eyes[i, row[:, 0], col[:, 0]].all() and eyes[i, row[:, 1], col[:, 1]].all()
+    assert mouth[i, row[:, 2], col[:, 2]].all()
+    assert (a[:, 0, 0] < a[:, 1, 0]).all() and (a[:, 2, 1] > a[:, :2, 1].amax(1)).all()
+    assert b["anchor_source"].shape == (4, 3, 2) and b["anchor_target"].shape == (16, 3, 2)
+
+
+def test_patch_refiner_follows_the_flow_and_pastes_only_inside_its_squares():
+    from engine.networks import PatchRefiner
+
+    cfg = ModelConfig.preset("talk-tiny")
+    torch.manual_seed(0)
+    P = PatchRefiner(cfg).eval()
+    # a constant backward flow t: the anchors move by -t
+    a_s = torch.tensor([[[-0.2, -0.1], [0.2, -0.1], [0.0, 0.25]]])
+    t = torch.tensor([0.05, -0.03])
+    flow = t.view(1, 2, 1, 1).expand(1, 2, 16, 16).contiguous()
+    assert torch.allclose(P.target_anchors(a_s, flow), a_s - t, atol=1e-5)
+    frame = torch.rand(1, 3, 64, 64) * 2 - 1
+    z = torch.zeros(1, cfg.latents.total)
+    with torch.no_grad():
+        same, win = P.apply(frame, z, z, a_s, with_window=True)  # fresh nets: zero-initialised outputs
+        assert torch.equal(same, frame.clamp(-1, 1))
+        P.mouth_net.out.bias.fill_(0.5)
+        moved = P.apply(frame, z, z, a_s)
+    diff = (moved - frame).abs().amax(1)[0]  # (64,64)
+    col, row = [int(round(float((v + 1) * 32 - 0.5))) for v in a_s[0, 2]]
+    assert diff[row, col] > 0.3  # at the mouth anchor
+    centre, half, u, v = P.boxes(a_s)
+    ys, xs = torch.nonzero(diff > 1e-6, as_tuple=True)
+    gx, gy = (xs.float() + 0.5) / 32 - 1, (ys.float() + 0.5) / 32 - 1
+    assert ((gx - centre[0, 2, 0]).abs().max() <= half[0, 2] + 1e-3)  # nothing outside the mouth square
+    assert ((gy - centre[0, 2, 1]).abs().max() <= half[0, 2] + 1e-3)
+    assert win.amax() == 1.0 and win.amin() == 0.0

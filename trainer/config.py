@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 STAGES: tuple[str, ...] = ("motion", "factors", "expression", "idle")  # the progressive recipe (PD-FGC)
-SYNTHETIC_STAGES: tuple[str, ...] = ("render", "state", "audio", "idle")  # the built-in recipe (trainer.synthetic)
+SYNTHETIC_STAGES: tuple[str, ...] = ("render", "state", "patch", "audio", "idle")  # the built-in recipe (trainer.synthetic)
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,8 @@ def _talk() -> TrainPreset:
                               betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
         "state": StageConfig(steps=800, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
                              betas=(0.9, 0.99), weight_decay=0.0, pool=4096),
+        "patch": StageConfig(steps=3000, batch_size=8, lr=1e-3, warmup=50, min_lr_ratio=0.05,
+                             betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
         "audio": StageConfig(steps=1500, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.05,
                              betas=(0.9, 0.99)),
         "idle": StageConfig(steps=1500, batch_size=32, lr=3e-3, warmup=100, min_lr_ratio=0.1,
@@ -161,6 +163,8 @@ def _talk_tiny() -> TrainPreset:
                               per_id=2),
         "state": StageConfig(steps=80, batch_size=16, lr=2e-3, warmup=0, min_lr_ratio=0.3, betas=(0.9, 0.99),
                              pool=128),
+        "patch": StageConfig(steps=30, batch_size=4, lr=2e-3, warmup=0, min_lr_ratio=0.5, betas=(0.9, 0.99),
+                             per_id=2),
         "audio": StageConfig(steps=30, batch_size=16, lr=2e-3, warmup=0, min_lr_ratio=0.5, betas=(0.9, 0.99)),
         "idle": StageConfig(steps=20, batch_size=8, lr=3e-3, warmup=0, min_lr_ratio=0.3, betas=(0.9, 0.999),
                             ref_frames=15, seq_frames=30),

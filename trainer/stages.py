@@ -57,13 +57,14 @@ TRAINS: dict[str, tuple[str, ...]] = {
     # the built-in recipe (trainer.synthetic)
     "render": ("e_app", "e_mot", "e_lip", "e_pose", "e_eye", "e_exp", "generator"),
     "state": ("e_mot", "e_lip", "e_pose", "e_eye", "e_exp"),
+    "patch": ("generator.patch",),
     "audio": ("e_aud",),
 }
 USES_DISC = {"motion": True, "factors": False, "expression": True, "idle": False}
 # the supervised losses whose sum the short runs check for a fall (the adversarial terms need not fall)
 MAIN_LOSSES = {"motion": ("l1", "ssim", "motion"), "factors": ("lip_nce", "eye_nce", "pose", "eye_reg"),
                "expression": ("l1", "ssim", "decor"), "idle": ("nll",), "render": ("reg",), "state": ("reg",),
-               "audio": ("lip_reg",)}
+               "patch": ("anchor", "l1"), "audio": ("lip_reg",)}
 
 
 class StageModule(nn.Module):

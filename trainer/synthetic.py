@@ -21,6 +21,11 @@ the first minutes. So the renderer is in the training loop:
 * ``state`` stage (`StateStage`, data from `StatePool`): E_mot + heads alone, regressed to the ground truth on
   a pool of rendered frames (cheaper per image than fresh renders): the per-avatar state estimator must be
   accurate, because relative motion moves the head by (target - estimated source).
+* ``patch`` stage (`PatchStage`): the local generators for the mouth and the eyes
+  (`engine.networks.PatchRefiner`) on the frozen G's frames: squares that follow three anchors (found in the
+  portrait by a small head on E_app's features, carried into the frame by G's flow) are turned into the target's
+  mouth opening, lids and irises. Concentrating generation there, at about native resolution, is what made new
+  content learnable in minutes (G alone barely changed the mouth in 2400 steps: README "The model").
 * ``audio`` stage (`AudioStage`): E_aud regresses the ground-truth mouth [jaw, width, rounding] of each
   video frame from its mel window (corpus clips: espeak speech with phoneme-timed visemes).
 * ``idle``: the idle-motion model as in the progressive recipe (`trainer.stages.IdleStage`).
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model import Marionette
+from engine.networks import MOUTH_SIDE
 from trainer import losses as L
 from trainer.config import StageConfig
 from trainer.corpus import factors as _factors
@@ -115,7 +121,8 @@ class PairRenderer:
 
     Returns {"source" (n_ids,3,S,S), "target" (B,3,S,S) in [-1,1], "z_source" (n_ids,total), "z_target" (B,total),
     "region" (B,1,S,S) mouth-or-eyes mask, "change" (B,1,S,S) where the target has content the source lacks,
-    "src_index" (B,), "step" ()}."""
+    "src_index" (B,), "anchor_source" (n_ids,3,2), "anchor_target" (B,3,2) (`trainer.corpus.face.anchor_points`),
+    "step" ()}."""
 
     def __init__(self, model_cfg, n_ids: int, per_id: int, seed: int, device: torch.device | str = "cpu",
                  identity_pool: int = 0):
@@ -151,7 +158,11 @@ class PairRenderer:
         moved = r.render(ident_t, tgt["pose"], rep["eyes"], rep["mouth"], rep["expression"])
         change = ((t_img - moved).abs().amax(dim=1, keepdim=True) > CHANGE_THRESHOLD).float()
         change = F.max_pool2d(change, 5, stride=1, padding=2)
-        return {"source": s_img * 2 - 1, "target": t_img * 2 - 1, "change": change,
+        from trainer.corpus.face import anchor_points
+
+        return {"anchor_source": anchor_points(ident, src["pose"]),
+                "anchor_target": anchor_points(ident_t, tgt["pose"]), "moved": moved * 2 - 1,
+                "source": s_img * 2 - 1, "target": t_img * 2 - 1, "change": change,
                 "z_source": torch.from_numpy(latents_from_factors(src, self.cfg)),
                 "z_target": torch.from_numpy(latents_from_factors(tgt, self.cfg)),
                 "region": region.float(), "src_index": torch.arange(self.n_ids).repeat_interleave(self.per_id),
@@ -226,7 +237,7 @@ class RenderStage(StageModule):
         feat_hi, feat_lo, app = m.e_app(src)
         if m.cfg.relative:
             app = torch.cat([app, z_src], dim=1)
-        out = m.generator(zt, src[idx], feat_hi[idx], feat_lo[idx], app[idx])
+        out = m.generator(zt, src[idx], feat_hi[idx], feat_lo[idx], app[idx], patches=False)
         err = (out - tgt).abs()
         l1 = err.mean()
         reg_l1 = (err * batch["region"]).sum() / (batch["region"].sum() * 3).clamp(min=1.0)
@@ -245,6 +256,86 @@ class RenderStage(StageModule):
             sl = m.cfg.latents.slices()
             logs["pose_err"] = (est[:, sl["pose"]][:, :3] - gt[:, sl["pose"]][:, :3]).abs().mean() * 20.0
         return {"loss": loss_img + self.REG_WEIGHT * reg, "logs": logs, "fake": None, "real": None}
+
+
+class PatchStage(StageModule):
+    """The local generators (`engine.networks.PatchRefiner`) and the anchor head, with everything else frozen.
+
+    At run time each square shows the net's change on top of G's pose-warped source image (sharp, with the
+    source's own mouth and eyes at the target pose). Here the net reads the renderer's exact counterpart, the
+    source's identity and factors at the target's pose ("moved", which `PairRenderer` renders for the change
+    mask anyway), and learns to make the target's mouth opening, lids and irises from it at the ground-truth
+    target anchors, jittered by ANCHOR_JITTER of the face scale (the run-time anchors are estimates). Reading
+    G's own frame instead, the nets did not improve on it at all in 250 steps (the change-region L1 moved by
+    +0.0004), reading "moved" they cut it by 9 % (/tmp experiment, recorded in the README's model section).
+    The anchor head learns the source anchors (cross-entropy to a Gaussian at the truth + L1 of its
+    soft-argmax). Loss: L1 inside the paste windows, more where the target has content the source lacks
+    ("change"), plus image-gradient L1 there. Logged: the run-time anchor path's error (predicted source
+    anchors carried by G's flow) in pixels. FROM_MOVED = False trains on G's frames (needs G's forward)."""
+
+    name = "patch"
+    ANCHOR_WEIGHT = 20.0
+    ANCHOR_CE_WEIGHT = 0.1
+    ANCHOR_SIGMA = 1.0  # cells of the S/4 map
+    FROM_MOVED = True
+    L1_WEIGHT = 1.0
+    MSE_WEIGHT = 0.0
+    ANCHOR_JITTER = 0.04  # sd, in units of the face scale d (the run-time path is ~6 px = 0.08 d off)
+    CHANGE_WEIGHT = 4.0
+    GRAD_WEIGHT = 2.0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict:
+        m: Marionette = self.model
+        G = m.generator
+        P = G.patch
+        src, tgt = batch["source"], batch["target"]
+        zs, zt, idx = batch["z_source"], batch["z_target"], batch["src_index"]
+        with torch.no_grad():
+            feat_hi, feat_lo, app = m.e_app(src)
+            app = torch.cat([app, zs], dim=1)
+            flow, occ, mm = G.flow(zt, feat_lo[idx], app[idx])  # for the anchor path's error (a log)
+            if self.FROM_MOVED:  # the net reads the renderer's source moved to the target pose (see the doc)
+                frame = base = batch["moved"]
+            else:  # G's frame and warped source, as at run time
+                w_lo, w_hi, base = G.warp(flow, occ, src[idx], feat_hi[idx], feat_lo[idx])
+                frame = G.refine(mm, w_lo, w_hi, base)
+        # the anchor head: cross-entropy against a Gaussian at the true position (a strong signal from the
+        # first step, where the soft-argmax's own gradient is ~1/n^2) plus L1 of the soft-argmax
+        logp = P.anchor_maps(feat_lo)  # (n_ids,3,n*n)
+        a_s = P.source_anchors(feat_lo, logp)
+        g = P.grid_lo.reshape(1, 1, -1, 2)
+        n = P.grid_lo.shape[1]
+        d2 = ((g - batch["anchor_source"].unsqueeze(2)) ** 2).sum(-1) * (n / 2) ** 2  # (n_ids,3,n*n) cells^2
+        target = torch.softmax(-d2 / (2 * self.ANCHOR_SIGMA ** 2), dim=-1)
+        anchor = (a_s - batch["anchor_source"]).abs().mean()
+        anchor_ce = -(target * logp).sum(-1).mean()
+        a_t = batch["anchor_target"]
+        _, half, _, _ = P.boxes(a_t)
+        d = half[:, 2:3, None] * (2.0 / MOUTH_SIDE)  # (B,1,1) face scale
+        jit = torch.randn(a_t.shape, generator=self.rng).to(a_t.device) * self.ANCHOR_JITTER * d
+        out, win = P.apply(frame, zt, zs[idx], a_t + jit, base=base, with_window=True)
+        err = (out - tgt).abs()
+        wsum = (win.sum() * 3).clamp(min=1.0)
+        l1 = (err * win).sum() / wsum
+        chg = batch["change"] * win
+        chg_l1 = (err * chg).sum() / (chg.sum() * 3).clamp(min=1.0)
+        gx = ((out[..., :, 1:] - out[..., :, :-1]) - (tgt[..., :, 1:] - tgt[..., :, :-1])).abs() * win[..., :, 1:]
+        gy = ((out[..., 1:, :] - out[..., :-1, :]) - (tgt[..., 1:, :] - tgt[..., :-1, :])).abs() * win[..., 1:, :]
+        grad = (gx.sum() + gy.sum()) / wsum
+        mse = (err.square() * win).sum() / wsum
+        chg_mse = (err.square() * chg).sum() / (chg.sum() * 3).clamp(min=1.0)
+        loss = (self.L1_WEIGHT * (l1 + self.CHANGE_WEIGHT * chg_l1 + self.GRAD_WEIGHT * grad)
+                + self.MSE_WEIGHT * (mse + self.CHANGE_WEIGHT * chg_mse) + self.ANCHOR_WEIGHT * anchor
+                + self.ANCHOR_CE_WEIGHT * anchor_ce)
+        logs = {"l1": l1.detach(), "change_l1": chg_l1.detach(), "grad_l1": grad.detach(), "anchor": anchor.detach()}
+        with torch.no_grad():
+            e0 = (frame - tgt).abs()
+            logs["l1_g"] = (e0 * win).sum() / wsum
+            logs["change_l1_g"] = (e0 * chg).sum() / (chg.sum() * 3).clamp(min=1.0)
+            px = 0.5 * m.cfg.image_size  # grid units -> pixels
+            logs["anchor_src_px"] = anchor.detach() * px
+            logs["anchor_tgt_px"] = (P.target_anchors(a_s.detach()[idx], flow) - a_t).norm(dim=-1).mean() * px
+        return {"loss": loss, "logs": logs, "fake": None, "real": None}
 
 
 class StatePool:
@@ -350,4 +441,6 @@ def build(name: str, model: Marionette, scfg: StageConfig, oracle=None, vgg=None
         return AudioStage(model, scfg, oracle, vgg)
     if name == "state":
         return StateStage(model, scfg, oracle, vgg)
+    if name == "patch":
+        return PatchStage(model, scfg, oracle, vgg)
     raise ValueError(f"unknown synthetic stage {name!r}")

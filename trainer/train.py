@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,8 @@ class TrainConfig:
         return C.preset(self.config).order[0]
 
 
-SYNTHETIC = ("render", "state", "audio")  # stages of trainer.synthetic (the others: trainer.stages)
-NEEDS_CORPUS = ("motion", "factors", "expression", "idle", "audio")  # "render", "state" draw their own data
+SYNTHETIC = ("render", "state", "patch", "audio")  # stages of trainer.synthetic (the others: trainer.stages)
+NEEDS_CORPUS = ("motion", "factors", "expression", "idle", "audio")  # "render", "state", "patch" draw their own
 
 
 def _to_dev(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
@@ -160,6 +161,16 @@ def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -
                              f"{mcfg.lookahead_ms} ms (its audio encoder's window differs): start a new run, or "
                              "retrain only the audio encoder (--stage audio)")
         model, meta = load_checkpoint(src)
+        if mcfg.patches and not ck_cfg.patches and stage == "patch":  # a checkpoint from before the patch stage
+            from trainer.nets import init_weights
+
+            torch.manual_seed(cfg.seed + 5)
+            fresh = init_weights(Marionette(dataclasses.replace(ck_cfg, patches=True)))
+            missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("generator.patch.") for k in missing):
+                raise InputError(f"checkpoint {src} does not match --config {cfg.config} beyond its patch nets")
+            log.info("stage patch: new local generators on %s (its checkpoint had none)", src)
+            model = fresh
         if ck_cfg.lookahead_ms != mcfg.lookahead_ms:  # the audio stage: a new E_aud for the new window
             from trainer.nets import init_weights
 
@@ -257,7 +268,7 @@ def train(cfg: TrainConfig) -> Path:
         model.to(dev)
         model.requires_grad_(False)
         for name in TRAINS[stage]:
-            getattr(model, name).requires_grad_(True)
+            operator.attrgetter(name)(model).requires_grad_(True)
         broadcast_module(model, d)
 
         idle = None
@@ -293,10 +304,10 @@ def train(cfg: TrainConfig) -> Path:
             ds.motion_table = pseudo_motion_table(model, store, ds.clips, dev)
         if stage == "idle" and state is None:
             stage_mod.prepare(ds, dev)
-        trained = ({"idle": idle} if stage == "idle" else {n: getattr(model, n) for n in TRAINS[stage]})
+        trained = ({"idle": idle} if stage == "idle" else {n: operator.attrgetter(n)(model) for n in TRAINS[stage]})
 
         def data(start: int, ds=ds, scfg=scfg, stage=stage):
-            if stage == "render":  # pairs rendered on the fly (on the GPU in this process, on a CPU in workers)
+            if stage in ("render", "patch"):  # pairs rendered on the fly (on the GPU in this process, on a CPU in workers)
                 from trainer.synthetic import PairRenderer, render_batches
 
                 n_ids = max(1, scfg.batch_size // scfg.per_id)

@@ -10,9 +10,9 @@ What makes the per-frame path fast here (each measured by benchmarks/backends.py
   patterns on (session creation is < 1 s for all four lite graphs, so no optimized-model cache);
 * **GridSample offload**: ONNX Runtime's CPU GridSample kernel is ~10x slower than torch's grid_sample on
   the generator's three warps (17 of the 40 ms of a `lite` frame on one core). The generator graph is cut
-  at its GridSample nodes into a head graph (everything the warps do not depend on: the flow decoder and
-  the sampling grids) and a tail graph (refine net), both run by ONNX Runtime; the warps in between run
-  with torch.nn.functional.grid_sample on the same arrays (zero-copy). The exported file itself is
+  at its GridSample nodes into levels: ORT segments (the flow decoder and the sampling grids; the refine net;
+  with patches, the anchor steps and the squares' nets) with the warps between them run by
+  torch.nn.functional.grid_sample on the same arrays (zero-copy). The exported file itself is
   untouched (TensorRT has a fast native GridSample). `grid_sample="onnxruntime"` keeps the single graph;
 * avatar tensors of a batch (one avatar repeated, or one per row) are assembled once and reused while
   the same avatars come back (the server asks for the same sessions tick after tick);
@@ -101,17 +101,29 @@ class _Warp:
 
 
 @dataclass
-class SplitGraph:
-    """A graph cut at its GridSample nodes: head (ORT) -> warps (torch) -> tail (ORT)."""
+class Segment:
+    """One ONNX Runtime piece of a split graph: its model (onnx.ModelProto) and the names it reads and writes."""
 
-    head: Any  # onnx.ModelProto
-    head_inputs: list[str]
-    head_outputs: list[str]
-    warps: list[_Warp]
-    constants: dict[str, np.ndarray]  # initializers the warps read directly
-    tail: Any
-    tail_inputs: list[str]
+    model: Any
+    inputs: list[str]
     outputs: list[str]
+
+
+@dataclass
+class SplitGraph:
+    """A graph cut at its GridSample nodes into levels: segments[0] (ORT) -> levels[0] (torch warps) ->
+    segments[1] -> levels[1] -> ... -> segments[-1]. A warp of level k reads what segments <= k and earlier
+    levels made; the patch refiner's sampling (anchors carried by the flow, squares cut from the frame and
+    pasted back) makes later levels. A segment may be None (nothing to run between two levels)."""
+
+    segments: list[Segment | None]
+    levels: list[list[_Warp]]
+    constants: dict[str, np.ndarray]  # initializers the warps read directly
+    outputs: list[str]
+
+    @property
+    def warps(self) -> list[_Warp]:
+        return [w for lv in self.levels for w in lv]
 
 
 _TORCH_GS_MODE = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
@@ -119,8 +131,9 @@ _TORCH_GS_MODE = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "near
 
 
 def split_at_grid_sample(model) -> SplitGraph | None:
-    """Cut `model` (onnx.ModelProto) into head / GridSample warps / tail, or None where that cannot be done
-    (no GridSample, a GridSample that depends on another, subgraphs, a graph output made by a warp)."""
+    """Cut `model` (onnx.ModelProto) at its GridSample nodes into ORT segments and torch warp levels, or None
+    where that cannot be done (no GridSample, no node after one, subgraphs, a graph output made by a warp).
+    A node's level is the number of GridSample nodes on its longest input path."""
     import onnx  # noqa: PLC0415
     from onnx import helper  # noqa: PLC0415
 
@@ -133,34 +146,27 @@ def split_at_grid_sample(model) -> SplitGraph | None:
     graph_inputs = [i.name for i in g.input if i.name not in inits]
     outputs = [o.name for o in g.output]
 
-    tainted: set[str] = set()
-    head_nodes, tail_nodes, warp_nodes = [], [], []
-    for n in g.node:
+    depth: dict[str, int] = {}
+    seg_nodes: dict[int, list] = {}
+    warp_nodes: dict[int, list] = {}
+    for n in g.node:  # ONNX graphs are topologically sorted
         ins = [i for i in n.input if i]
+        d = max((depth.get(i, 0) for i in ins), default=0)
         if n.op_type == "GridSample" and n.domain in ("", "ai.onnx"):
-            if any(i in tainted for i in ins):
-                return None
-            warp_nodes.append(n)
-            tainted.update(n.output)
-        elif any(i in tainted for i in ins):
-            tail_nodes.append(n)
-            tainted.update(n.output)
+            d += 1
+            warp_nodes.setdefault(d, []).append(n)
         else:
-            head_nodes.append(n)
-    if not warp_nodes or not tail_nodes:
+            seg_nodes.setdefault(d, []).append(n)
+        for o in n.output:
+            depth[o] = d
+    if not warp_nodes:
         return None
-    warp_outs = {o for n in warp_nodes for o in n.output}
+    n_levels = max(warp_nodes)
+    if not seg_nodes.get(n_levels):
+        return None
+    warp_outs = {o for ns in warp_nodes.values() for n in ns for o in n.output}
     if warp_outs & set(outputs):
         return None
-
-    head_made = {o for n in head_nodes for o in n.output}
-    rest_needs = [i for n in (*warp_nodes, *tail_nodes) for i in n.input if i]
-    head_outputs = list(dict.fromkeys([i for i in rest_needs if i in head_made] +
-                                      [o for o in outputs if o in head_made]))
-    tail_needs = list(dict.fromkeys(i for n in tail_nodes for i in n.input if i))
-    tail_inputs = [i for i in tail_needs if i in head_made or i in warp_outs or i in graph_inputs]
-    head_needs = list(dict.fromkeys(i for n in head_nodes for i in n.input if i))
-    head_inputs = [i for i in graph_inputs if i in head_needs]
 
     def value_info(name: str):
         v = vinfo.get(name)
@@ -168,19 +174,33 @@ def split_at_grid_sample(model) -> SplitGraph | None:
             raise ValueError(f"no type for {name}")
         return v
 
+    def needs_after(k: int) -> set[str]:  # what warps of level > k and segments > k read
+        later = [n for lv, ns in warp_nodes.items() if lv > k for n in ns]
+        later += [n for lv, ns in seg_nodes.items() if lv > k for n in ns]
+        return {i for n in later for i in n.input if i}
+
+    segments: list[Segment | None] = []
     try:
-        def make(nodes, ins, outs, name):
+        for k in range(n_levels + 1):
+            nodes = seg_nodes.get(k, [])
+            if not nodes:
+                segments.append(None)
+                continue
+            made = {o for n in nodes for o in n.output}
+            reads = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in inits))
+            later = needs_after(k)
+            outs = list(dict.fromkeys([o for n in nodes for o in n.output if o in later or o in outputs]))
             used = {i for n in nodes for i in n.input}
-            graph = helper.make_graph(nodes, name, [value_info(i) for i in ins], [value_info(o) for o in outs],
-                                      initializer=[t for k, t in inits.items() if k in used])
+            graph = helper.make_graph(nodes, f"{g.name}_{k}", [value_info(i) for i in reads],
+                                      [value_info(o) for o in outs],
+                                      initializer=[t for name, t in inits.items() if name in used])
             m = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
             onnx.checker.check_model(m)
-            return m
-
-        head = make(head_nodes, head_inputs, head_outputs, g.name + "_head")
-        tail = make(tail_nodes, tail_inputs, [o for o in outputs if o not in head_made], g.name + "_tail")
+            segments.append(Segment(m, reads, outs))
     except (ValueError, onnx.checker.ValidationError) as e:
         log.debug("cannot split the graph at GridSample: %s", e)
+        return None
+    if any(o not in segments[-1].outputs for o in outputs):
         return None
 
     def attr(n, key, default):
@@ -190,16 +210,20 @@ def split_at_grid_sample(model) -> SplitGraph | None:
                 return v.decode() if isinstance(v, bytes) else v
         return default
 
-    warps = []
-    for n in warp_nodes:
-        mode = attr(n, "mode", "bilinear")
-        pad = attr(n, "padding_mode", "zeros")
-        if mode not in _TORCH_GS_MODE or pad not in ("zeros", "border", "reflection"):
-            return None
-        warps.append(_Warp(n.input[0], n.input[1], n.output[0], _TORCH_GS_MODE[mode], pad,
-                           bool(attr(n, "align_corners", 0))))
-    consts = {k: onnx.numpy_helper.to_array(inits[k]) for w in warps for k in (w.x, w.grid) if k in inits}
-    return SplitGraph(head, head_inputs, head_outputs, warps, consts, tail, tail_inputs, list(outputs))
+    levels: list[list[_Warp]] = []
+    for k in range(1, n_levels + 1):
+        lv = []
+        for n in warp_nodes.get(k, []):
+            mode = attr(n, "mode", "bilinear")
+            pad = attr(n, "padding_mode", "zeros")
+            if mode not in _TORCH_GS_MODE or pad not in ("zeros", "border", "reflection"):
+                return None
+            lv.append(_Warp(n.input[0], n.input[1], n.output[0], _TORCH_GS_MODE[mode], pad,
+                            bool(attr(n, "align_corners", 0))))
+        levels.append(lv)
+    consts = {k: onnx.numpy_helper.to_array(inits[k]) for lv in levels for w in lv for k in (w.x, w.grid)
+              if k in inits}
+    return SplitGraph(segments, levels, consts, list(outputs))
 
 
 # ------------------------------------------------------------------------------------------- runtime
@@ -251,8 +275,8 @@ class OrtRuntime:
             if self._split is None:
                 log.info("generator has no GridSample to offload; running it as one graph")
         if self._split is not None:
-            self._head = self._session(self._split.head.SerializeToString())
-            self._tail = self._session(self._split.tail.SerializeToString())
+            self._segs = [None if sg is None else self._session(sg.model.SerializeToString())
+                          for sg in self._split.segments]
             self._gen = None
         else:
             self._gen = self._session(gen_path)
@@ -357,15 +381,23 @@ class OrtRuntime:
     def _run_split(self, feeds: dict[str, np.ndarray], out: np.ndarray) -> None:
         sp = self._split
         env = dict(feeds)
-        env.update(zip(sp.head_outputs, self._head.run(sp.head_outputs, {k: feeds[k] for k in sp.head_inputs})))
         env.update(sp.constants)
-        with torch.inference_mode():
-            for w in sp.warps:
-                y = torch.nn.functional.grid_sample(torch.from_numpy(env[w.x]), torch.from_numpy(env[w.grid]),
-                                                    mode=w.mode, padding_mode=w.padding_mode,
-                                                    align_corners=w.align_corners)
-                env[w.out] = y.numpy()
-        _run_into(self._tail, {k: env[k] for k in sp.tail_inputs}, sp.outputs[0], out)
+        last = len(sp.segments) - 1
+        for k, (seg, sess) in enumerate(zip(sp.segments, self._segs)):
+            if k > 0:
+                with torch.inference_mode():
+                    for w in sp.levels[k - 1]:
+                        y = torch.nn.functional.grid_sample(torch.from_numpy(env[w.x]), torch.from_numpy(env[w.grid]),
+                                                            mode=w.mode, padding_mode=w.padding_mode,
+                                                            align_corners=w.align_corners)
+                        env[w.out] = y.numpy()
+            if seg is None:
+                continue
+            ins = {i: env[i] for i in seg.inputs}
+            if k == last:
+                _run_into(sess, ins, sp.outputs[0], out)
+            else:
+                env.update(zip(seg.outputs, sess.run(seg.outputs, ins)))
 
     def encode_audio(self, mel_windows) -> torch.Tensor:
         """(B, n_mels, mel_window) log-mel -> lip latents (B, lip) float32."""

@@ -1194,3 +1194,22 @@ class FaceRenderer:
         hit = _region(p, group, p["o_head"], dh, self._pix)
         # one more pixel of dilation for screen-space anti-aliasing of silhouettes
         return torch.nn.functional.max_pool2d(hit.float().unsqueeze(1), 3, 1, 1) > 0.5
+
+
+def anchor_points(ident: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """(B,3,2) grid_sample coordinates (x right, y down, -1..1 over the image) of three anchors at `pose`:
+    the eye at x = -eye_spacing (subject's right, lid_right), the eye at +eye_spacing (subject's left,
+    lid_left), and the mouth centre; each on the face's front surface. ident (B,F), pose (B,6) as `render`."""
+    ident = torch.as_tensor(ident, dtype=torch.float32)
+    pose = torch.as_tensor(pose, dtype=torch.float32)
+    p = _derive(ident, pose)
+    f = p["f"]
+    b = ident.shape[0]
+    pts = []
+    for x, y in ((-f("eye_spacing"), f("eye_y")), (f("eye_spacing"), f("eye_y")),
+                 (torch.zeros_like(f("mouth_y")), f("mouth_y"))):
+        pts.append(torch.cat([x, y, _surface_zmax(p, x, x, y, y) - 0.03], -1).view(b, 3))
+    pts = torch.stack(pts, 1)  # (B,3,3) head space
+    world = p["centre"].view(b, 1, 3) + p["scale"].view(b, 1, 1) * torch.einsum("bij,bkj->bki", p["R"], pts)
+    depth = (CAM_Z - world[..., 2]).clamp(min=1e-3) * TAN
+    return torch.stack([world[..., 0] / depth, -world[..., 1] / depth], -1)
