@@ -1,0 +1,17 @@
+"""Marionette inside voice-agent frameworks, self-hosted (the model runs in the agent's own process).
+
+* `marionette_integrations.avatar.TalkingHead`: the framework-neutral part. Speech audio in (any sample rate,
+  mono or stereo int16, in chunks as a TTS makes it), `AvatarFrame`s out at the avatar's frame rate on one
+  clock: each frame's picture together with the original audio it shows, idle motion with the mouth shut
+  when there is no speech, `interrupt()` to drop what is pending, expression / gaze / pose controls.
+* `marionette_integrations.pipecat.MarionetteVideoService`: a Pipecat FrameProcessor between the TTS and the
+  transport output (`pip install 'marionette[pipecat]'`).
+* `marionette_integrations.livekit.MarionetteVideoGenerator`: a LiveKit Agents `VideoGenerator` for
+  `AvatarRunner` (`pip install 'marionette[livekit]'`).
+
+See docs/integrations.md.
+"""
+
+from marionette_integrations.avatar import AvatarFrame, TalkingHead, TalkingHeadConfig
+
+__all__ = ["AvatarFrame", "TalkingHead", "TalkingHeadConfig"]

@@ -1,0 +1,282 @@
+"""The Pipecat video service in a real Pipecat pipeline, in-process: a source pushing espeak-ng speech as
+TTS audio frames (24 kHz, 20 ms chunks, faster than real time as a TTS does), `MarionetteVideoService`, and
+a sink collecting what leaves it.
+
+The model is the engine's `lite` network with the z-responsive fixture weights
+(`streaming.fixtures.responsive_checkpoint`), as in tests/test_streaming_e2e.py: a freshly initialised
+model ignores z, so the mouth could not be seen to move. These tests use `realtime=False` (every frame
+rendered; the clock slips when this shared 2-core machine renders slower than real time): what they check
+is the content and the timeline (pts), not the wall-clock pace; `test_realtime_pace` checks the pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pipecat")
+if shutil.which("espeak-ng") is None:
+    pytest.skip("espeak-ng is not installed", allow_module_level=True)
+
+from pipecat.frames.frames import (EndFrame, Frame, InterruptionFrame, OutputImageRawFrame,  # noqa: E402
+                                   StartFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame)
+from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
+
+try:  # pipecat >= 1.3
+    from pipecat.pipeline.worker import PipelineWorker as PipelineTask
+    from pipecat.workers.runner import WorkerRunner as PipelineRunner
+    NEW_RUNNER = True
+except ImportError:  # older pipecat
+    from pipecat.pipeline.runner import PipelineRunner
+    from pipecat.pipeline.task import PipelineTask
+    NEW_RUNNER = False
+
+from marionette_integrations import TalkingHead, TalkingHeadConfig  # noqa: E402
+from marionette_integrations.pipecat import MarionetteControlFrame, MarionetteVideoService  # noqa: E402
+from streaming.fixtures import STATIC_HEAD, espeak, mouth_region, responsive_checkpoint  # noqa: E402
+
+RATE = 24000
+NS = 1_000_000_000
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from streaming.pipeline import Pipeline as EnginePipeline
+
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "responsive", "lite")
+    return EnginePipeline.load(ck, config="lite", backend="torch", threads=1)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return espeak("Hello, how are you?", rate=RATE)
+
+
+class Sink(FrameProcessor):
+    """Collects what the avatar service sends downstream, with arrival times."""
+
+    def __init__(self):
+        super().__init__()
+        self.items: list[tuple[float, Frame]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        self.items.append((time.monotonic(), frame))
+        await self.push_frame(frame, direction)
+
+    def of(self, cls):
+        return [f for _, f in self.items if isinstance(f, cls)]
+
+    def images(self):
+        return self.of(OutputImageRawFrame)
+
+    def speaking_images(self):
+        return [f for f in self.images() if f.pts in {a.pts for a in self.of(TTSAudioRawFrame)}]
+
+
+class TTSSource(FrameProcessor):
+    """Pushes speech as a TTS service does: TTSStartedFrame, TTSAudioRawFrames of 20 ms, TTSStoppedFrame."""
+
+    def __init__(self):
+        super().__init__()
+
+    async def speak(self, samples: np.ndarray, rate: int = RATE, chunk_ms: int = 20, pace: float = 0.0):
+        await self.push_frame(TTSStartedFrame())
+        n = rate * chunk_ms // 1000
+        for i in range(0, len(samples), n):
+            await self.push_frame(TTSAudioRawFrame(samples[i:i + n].tobytes(), rate, 1, context_id="c1"))
+            if pace:
+                await asyncio.sleep(pace)
+        await self.push_frame(TTSStoppedFrame())
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+
+
+def frame_arrays(images) -> np.ndarray:
+    w, h = images[0].size
+    return np.stack([np.frombuffer(f.image, np.uint8).reshape(h, w, 3) for f in images])
+
+
+def mouth_dev(frames: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    return np.abs(np.stack([mouth_region(f) for f in frames]) - mouth_region(rest)).mean(axis=(1, 2, 3))
+
+
+async def run(service, script, timeout=120):
+    """Run source -> service -> sink in a PipelineTask while `script(source, sink, task)` runs."""
+    src, sink = TTSSource(), Sink()
+    task = PipelineTask(Pipeline([src, service, sink]), enable_rtvi=False, idle_timeout_secs=None)
+    runner = PipelineRunner(handle_sigint=False)
+    if NEW_RUNNER:
+        await runner.add_workers(task)
+
+    async def drive():
+        while not sink.images():
+            await asyncio.sleep(0.01)
+        await script(src, sink, task)
+        await task.queue_frame(EndFrame())
+
+    await asyncio.wait_for(asyncio.gather(runner.run() if NEW_RUNNER else runner.run(task), drive()), timeout)
+    return sink
+
+
+def make_service(pipeline, realtime=False, static_head=True, **kw):
+    """The service on a TalkingHead sharing the module's model. static_head: pose and gaze held still (as
+    tests/test_streaming_e2e.py does), so the mouth region changes only with the lips (the idle sway and
+    the nods that follow speech energy move it too)."""
+    head = TalkingHead(TalkingHeadConfig(realtime=realtime, controls=STATIC_HEAD if static_head else (), **kw),
+                       pipeline=pipeline)
+    return MarionetteVideoService(talking_head=head), head
+
+
+def test_speech_in_aligned_video_and_audio_out_mouth_moves_then_rests(pipeline, speech):
+    service, head = make_service(pipeline)
+
+    async def script(src, sink, task):
+        while len(sink.images()) < 4:  # idle first
+            await asyncio.sleep(0.01)
+        await src.speak(speech)
+        while not sink.of(TTSStoppedFrame):  # held back until the utterance's last frame went out
+            await asyncio.sleep(0.02)
+        n = len(sink.images())
+        while len(sink.images()) < n + 6:  # idle after
+            await asyncio.sleep(0.02)
+
+    t = time.monotonic()
+    sink = asyncio.run(run(service, script))
+    wall = time.monotonic() - t
+    images, audio = sink.images(), sink.of(TTSAudioRawFrame)
+    # 25 fps on the media clock: consecutive pts 40 ms apart, no gap, no repeat
+    pts = np.array([f.pts for f in images])
+    assert (np.diff(pts) == NS // 25).all(), np.unique(np.diff(pts))
+    assert images[0].size == (256, 256) and images[0].format == "RGB" and images[0].sync_with_audio
+    # every audio frame follows the image of the same instant and carries exactly its 40 ms (at 24 kHz)
+    order = [(type(f).__name__, f.pts) for _, f in sink.items if isinstance(f, (OutputImageRawFrame, TTSAudioRawFrame))]
+    for i, (kind, p) in enumerate(order):
+        if kind == "TTSAudioRawFrame":
+            assert order[i - 1] == ("OutputImageRawFrame", p)
+    assert all(a.sample_rate == RATE and a.num_frames == RATE // 25 for a in audio)
+    # the audio out is the original speech, whole, in order (the last frame padded with silence)
+    out = np.concatenate([np.frombuffer(a.audio, np.int16) for a in audio])
+    assert len(out) == -(-len(speech) // (RATE // 25)) * (RATE // 25)
+    assert np.array_equal(out[:len(speech)], speech) and not out[len(speech):].any()
+    # TTSStoppedFrame leaves after the last audio frame
+    idx = {id(f): i for i, (_, f) in enumerate(sink.items)}
+    assert idx[id(sink.of(TTSStoppedFrame)[0])] > idx[id(audio[-1])]
+    # the mouth: moving while the speech plays, shut before it and after it
+    frames = frame_arrays(images)
+    speaking = np.isin(pts, [a.pts for a in audio])
+    first, last = np.flatnonzero(speaking)[[0, -1]]
+    assert first >= 4 and last <= len(images) - 6
+    dev = mouth_dev(frames, frames[0])
+    loud = np.array([np.abs(np.frombuffer(a.audio, np.int16)).max() > 1000 for a in audio])
+    sp = dev[speaking][loud]
+    quiet = np.r_[dev[:first], dev[last + 2:]]
+    print(f"\n{len(images)} frames ({speaking.sum()} with speech) in {wall:.1f} s; mouth deviation: "
+          f"speech {sp.mean():.1f}, silence {quiet.mean():.2f} (max {quiet.max():.2f}); {head.stats}")
+    assert sp.mean() > 6 and sp.mean() > 5 * quiet.mean()
+    assert quiet.max() < 3
+    assert head.stats["repeated"] == 0 and head.stats["underruns"] == 0
+
+
+def test_interruption_flushes_within_one_frame_then_idle(pipeline, speech):
+    long = np.concatenate([speech, speech, speech])
+    service, head = make_service(pipeline)
+    seen = {}
+
+    async def script(src, sink, task):
+        await src.speak(long)
+        while len(sink.speaking_images()) < 6:
+            await asyncio.sleep(0.005)
+        seen["last_pts"] = sink.images()[-1].pts
+        await task.queue_frame(InterruptionFrame())
+        while head.last_interrupt_frame is None:
+            await asyncio.sleep(0.005)
+        n = len(sink.images())
+        while len(sink.images()) < n + 6:
+            await asyncio.sleep(0.02)
+        # controls through a frame and through methods still act after the interruption
+        seen["controls_at"] = head._next_out
+        await task.queue_frame(MarionetteControlFrame({"type": "expression", "preset": "happy"}))
+        service.set_pose(yaw=20, hold=True)
+        n = len(sink.images())
+        while len(sink.images()) < n + 10:
+            await asyncio.sleep(0.02)
+
+    sink = asyncio.run(run(service, script))
+    images, audio = sink.images(), sink.of(TTSAudioRawFrame)
+    cut = head.last_interrupt_frame
+    k_seen = seen["last_pts"] * 25 // NS
+    # the flush point is at most one frame after the last one the sink had when it sent the interruption
+    assert cut <= k_seen + 2, (cut, k_seen)
+    pts_audio = [a.pts * 25 // NS for a in audio]
+    assert max(pts_audio) < cut  # no speech audio after it...
+    assert sum(len(a.audio) for a in audio) // 2 < len(long)  # (most of the speech was dropped)
+    frames = frame_arrays(images)
+    k = np.array([f.pts * 25 // NS for f in images])
+    dev = mouth_dev(frames, frames[0])
+    before = dev[(k >= cut - 4) & (k < cut - 1)]
+    after = dev[(k >= cut) & (k < seen["controls_at"])]
+    print(f"\ninterrupt at frame {cut} (sink had {k_seen}); mouth before {np.round(before, 1)}, after "
+          f"{np.round(after, 1)}; {head.stats}")
+    assert before.mean() > 6
+    assert len(after) >= 5 and after.max() < 3  # ...and the mouth is shut from that frame on
+    # the expression and the held pose changed the picture afterwards
+    assert np.abs(frames[-1].astype(np.float32) - frames[k == cut + 4][0]).mean() > 2
+
+
+def test_idle_without_audio(pipeline):
+    """No TTS audio: idle frames at 25 fps on the media clock, no audio, the lips never opened, and the head
+    keeps moving (the idle sway; nothing held still here)."""
+    service, head = make_service(pipeline, static_head=False)
+
+    async def script(src, sink, task):
+        while len(sink.images()) < 16:
+            await asyncio.sleep(0.02)
+
+    sink = asyncio.run(run(service, script))
+    images = sink.images()
+    pts = np.array([f.pts for f in images])
+    assert (np.diff(pts) == NS // 25).all() and not sink.of(TTSAudioRawFrame)
+    assert head.stats["speech_frames"] == 0
+    frames = frame_arrays(images).astype(np.float32)
+    moved = np.abs(frames[1:] - frames[0]).mean(axis=(1, 2, 3))
+    print(f"\nidle: {len(images)} frames, mean change from the first {np.round(moved[::4], 2)}")
+    assert moved[-5:].mean() > 0.2
+
+
+def test_realtime_pace(pipeline, speech):
+    """realtime=True: images leave at 25 per second of wall time whatever the render speed (a late frame
+    repeats the previous picture), the audio is never dropped, and every audio frame still has its image."""
+    service, head = make_service(pipeline, realtime=True)
+    t = {}
+
+    async def script(src, sink, task):
+        await asyncio.sleep(0.5)
+        t["speak"] = time.monotonic()
+        await src.speak(speech[:RATE], pace=0.005)
+        await asyncio.sleep(1.8)
+
+    sink = asyncio.run(run(service, script, timeout=60))
+    arr = [(ts, f) for ts, f in sink.items if isinstance(f, OutputImageRawFrame)]
+    tt = np.array([ts for ts, _ in arr])
+    pts = np.array([f.pts for _, f in arr])
+    assert (np.diff(pts) == NS // 25).all()
+    span = tt[-1] - tt[0]
+    rate = (len(tt) - 1) / span
+    # wall-clock pace: each image leaves at its due time (a busy event loop may delay a few)
+    late = (tt - tt[0]) - (pts - pts[0]) / NS
+    print(f"\nrealtime: {len(tt)} images in {span:.2f} s ({rate:.1f} fps); lateness p50 "
+          f"{1000 * np.median(late):.1f} ms, p95 {1000 * np.percentile(late, 95):.1f} ms; {head.stats}")
+    assert 23 <= rate <= 26.5
+    assert np.percentile(late, 95) < 0.06
+    audio = sink.of(TTSAudioRawFrame)
+    out = np.concatenate([np.frombuffer(a.audio, np.int16) for a in audio])
+    assert np.array_equal(out[:RATE], speech[:RATE])  # every sample, in order
+    assert {a.pts for a in audio} <= set(pts.tolist())
