@@ -4,9 +4,10 @@ a sink collecting what leaves it.
 
 The model is the engine's `lite` network with the z-responsive fixture weights
 (`streaming.fixtures.responsive_checkpoint`), as in tests/test_streaming_e2e.py: a freshly initialised
-model ignores z, so the mouth could not be seen to move. These tests use `realtime=False` (every frame
+model ignores z, so the mouth could not be seen to move. Most tests use `realtime=False` (every frame
 rendered; the clock slips when this shared 2-core machine renders slower than real time): what they check
-is the content and the timeline (pts), not the wall-clock pace; `test_realtime_pace` checks the pace.
+is the content and the timeline (pts); the last one checks the wall-clock pace and the alignment at
+Pipecat's own output transport with `realtime=True`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ if shutil.which("espeak-ng") is None:
 from pipecat.frames.frames import (EndFrame, Frame, InterruptionFrame, OutputImageRawFrame,  # noqa: E402
                                    StartFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame)
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.transports.base_output import BaseOutputTransport  # noqa: E402
+from pipecat.transports.base_transport import TransportParams  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 
 try:  # pipecat >= 1.3
@@ -108,10 +111,36 @@ def mouth_dev(frames: np.ndarray, rest: np.ndarray) -> np.ndarray:
     return np.abs(np.stack([mouth_region(f) for f in frames]) - mouth_region(rest)).mean(axis=(1, 2, 3))
 
 
-async def run(service, script, timeout=120):
-    """Run source -> service -> sink in a PipelineTask while `script(source, sink, task)` runs."""
+class DeviceOutput(BaseOutputTransport):
+    """Pipecat's own output transport (its media sender: audio chunking, the audio queue, `sync_with_audio`,
+    the video task) writing to a stand-in device that plays audio in real time (a write returns after the
+    chunk's duration) and records when each chunk finished and which image was drawn when."""
+
+    def __init__(self, width: int, height: int):
+        super().__init__(TransportParams(audio_out_enabled=True, video_out_enabled=True, video_out_is_live=False,
+                                         video_out_framerate=25, video_out_width=width, video_out_height=height))
+        self.audio_log: list[tuple[float, int]] = []  # (time the chunk finished playing, bytes)
+        self.video_log: list[tuple[float, int | None]] = []  # (time drawn, pts of the image)
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame) -> bool:
+        await asyncio.sleep(len(frame.audio) / 2 / frame.num_channels / frame.sample_rate)
+        self.audio_log.append((time.monotonic(), len(frame.audio)))
+        return True
+
+    async def write_video_frame(self, frame) -> bool:
+        self.video_log.append((time.monotonic(), frame.pts))
+        return True
+
+
+async def run(service, script, timeout=120, output=None):
+    """Run source -> service -> sink [-> output] in a PipelineTask while `script(source, sink, task)` runs."""
     src, sink = TTSSource(), Sink()
-    task = PipelineTask(Pipeline([src, service, sink]), enable_rtvi=False, idle_timeout_secs=None)
+    procs = [src, service, sink] + ([output] if output is not None else [])
+    task = PipelineTask(Pipeline(procs), enable_rtvi=False, idle_timeout_secs=None)
     runner = PipelineRunner(handle_sigint=False)
     if NEW_RUNNER:
         await runner.add_workers(task)
@@ -251,32 +280,52 @@ def test_idle_without_audio(pipeline):
     assert moved[-5:].mean() > 0.2
 
 
-def test_realtime_pace(pipeline, speech):
-    """realtime=True: images leave at 25 per second of wall time whatever the render speed (a late frame
-    repeats the previous picture), the audio is never dropped, and every audio frame still has its image."""
+def test_realtime_pace_and_alignment_at_pipecats_output_transport(pipeline, speech):
+    """realtime=True, through Pipecat's own output transport (non-live video, images `sync_with_audio`) to a
+    device playing the audio in real time. The service sends 25 images per second of wall time whatever the
+    render speed (a late frame repeats the previous picture), never drops audio, and whenever the transport
+    draws a picture the audio played so far is that picture's own 40 ms (within one frame of its sound)."""
     service, head = make_service(pipeline, realtime=True)
-    t = {}
+    out = DeviceOutput(256, 256)
 
     async def script(src, sink, task):
-        await asyncio.sleep(0.5)
-        t["speak"] = time.monotonic()
-        await src.speak(speech[:RATE], pace=0.005)
-        await asyncio.sleep(1.8)
+        await asyncio.sleep(0.3)
+        await src.speak(speech, pace=0.005)  # 20 ms chunks, faster than real time
+        while not sink.of(TTSStoppedFrame):
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
 
-    sink = asyncio.run(run(service, script, timeout=60))
+    sink = asyncio.run(run(service, script, timeout=60, output=out))
+    audio = sink.of(TTSAudioRawFrame)  # what the service sent the transport
+    k0 = min(a.pts for a in audio) * 25 // NS  # the first frame with speech
+    t_audio = np.array([t for t, _ in out.audio_log])
+    # frames of speech played by then (the transport plays at its own rate: it resampled our 24 kHz)
+    played = np.cumsum([n // 2 for _, n in out.audio_log]) / (out.sample_rate / 25)
+    offsets = []
+    for t, pts in out.video_log:
+        k_img = None if pts is None else pts * 25 // NS
+        if k_img is None or not k0 <= k_img < k0 + len(audio):
+            continue  # a picture of silence (before or after the speech; the transport ends with silence)
+        i = np.searchsorted(t_audio, t, side="right") - 1
+        offsets.append(k0 + (played[i] if i >= 0 else 0) - k_img)  # audio played (frames) - the picture's frame: in [0, 1] when aligned
+    offsets = np.array(offsets)
+    print(f"\nat the transport: {len(out.video_log)} draws, {len(offsets)} during speech; audio played minus "
+          f"picture: min {offsets.min():.2f}, median {np.median(offsets):.2f}, max {offsets.max():.2f} frames; "
+          f"{head.stats}; the transport at {out.sample_rate} Hz")
+    assert len(offsets) >= 20
+    assert offsets.min() >= -0.05 and offsets.max() <= 1.05
+    # the pace out of the service (the sink sits between it and the transport)
     arr = [(ts, f) for ts, f in sink.items if isinstance(f, OutputImageRawFrame)]
     tt = np.array([ts for ts, _ in arr])
     pts = np.array([f.pts for _, f in arr])
     assert (np.diff(pts) == NS // 25).all()
-    span = tt[-1] - tt[0]
-    rate = (len(tt) - 1) / span
-    # wall-clock pace: each image leaves at its due time (a busy event loop may delay a few)
+    rate = (len(tt) - 1) / (tt[-1] - tt[0])
     late = (tt - tt[0]) - (pts - pts[0]) / NS
-    print(f"\nrealtime: {len(tt)} images in {span:.2f} s ({rate:.1f} fps); lateness p50 "
-          f"{1000 * np.median(late):.1f} ms, p95 {1000 * np.percentile(late, 95):.1f} ms; {head.stats}")
+    print(f"realtime: {len(tt)} images in {tt[-1] - tt[0]:.2f} s ({rate:.1f} fps), "
+          f"{head.stats['frames'] - head.stats['repeated']} rendered in time; lateness p50 "
+          f"{1000 * np.median(late):.1f} ms, p95 {1000 * np.percentile(late, 95):.1f} ms")
     assert 23 <= rate <= 26.5
     assert np.percentile(late, 95) < 0.06
-    audio = sink.of(TTSAudioRawFrame)
-    out = np.concatenate([np.frombuffer(a.audio, np.int16) for a in audio])
-    assert np.array_equal(out[:RATE], speech[:RATE])  # every sample, in order
+    out_pcm = np.concatenate([np.frombuffer(a.audio, np.int16) for a in audio])
+    assert np.array_equal(out_pcm[:len(speech)], speech)  # every sample, in order
     assert {a.pts for a in audio} <= set(pts.tolist())
