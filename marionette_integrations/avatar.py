@@ -141,8 +141,8 @@ class _Segment:
         self.s16 = _Grow((), np.float32)  # mono 16 kHz (mel, gate)
         self.mel = _Grow((audio_cfg.n_mels,), np.float32)
         self._mel_stream = MelStream(audio_cfg)
-        layout = "mono" if self.channels == 1 else "stereo"
-        self._layout = layout
+        # the 16 kHz copy: mono and stereo through FFmpeg's resampler as they are, more channels averaged first
+        self._layout = "stereo" if self.channels == 2 else "mono"
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE16)
         self.closed = False
         self.ends_utterance = False  # closed by end_segment (not by an underrun or an interrupt)
@@ -164,6 +164,8 @@ class _Segment:
         import av
 
         self.pcm.append(pcm)
+        if self.channels > 2:
+            pcm = pcm.mean(axis=1).astype(np.int16)
         f = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16", layout=self._layout)
         f.sample_rate = self.rate
         self._feed16([g.to_ndarray().reshape(-1) for g in self._resampler.resample(f)])
@@ -264,7 +266,8 @@ class TalkingHead:
 
     # ------------------------------------------------------------------------------------ speech
     def push_audio(self, pcm, sample_rate: int, channels: int = 1) -> None:
-        """Speech (int16 samples: bytes or an array, interleaved when stereo) at any sample rate (event loop)."""
+        """Speech (int16 samples: bytes or an array, interleaved when there are several channels; float arrays
+        in [-1, 1] are converted) at any sample rate (event loop)."""
         x = np.frombuffer(pcm, np.int16) if isinstance(pcm, (bytes, bytearray, memoryview)) else np.asarray(pcm)
         if x.dtype != np.int16:
             x = (np.clip(np.asarray(x, np.float32), -1, 1) * 32767).astype(np.int16)

@@ -186,8 +186,11 @@ class MarionetteVideoService(FrameProcessor):
         img.pts = f.pts_ns
         await self.push_frame(img)
         if f.audio is not None:
-            a = TTSAudioRawFrame(audio=f.audio.tobytes(), sample_rate=f.sample_rate, num_channels=f.channels,
-                                 context_id=self._context_id)
+            try:
+                a = TTSAudioRawFrame(audio=f.audio.tobytes(), sample_rate=f.sample_rate, num_channels=f.channels,
+                                     context_id=self._context_id)
+            except TypeError:  # pipecat releases whose TTSAudioRawFrame has no context_id
+                a = TTSAudioRawFrame(audio=f.audio.tobytes(), sample_rate=f.sample_rate, num_channels=f.channels)
             a.pts = f.pts_ns
             await self.push_frame(a)
         self.frames_out += 1
