@@ -131,8 +131,10 @@ class Received:
 class AvatarClient:
     def __init__(self, base_url: str, *, keep_frames: bool = True, on_video: Callable | None = None,
                  on_audio: Callable | None = None, keep_audio: bool = False, audio_prefetch: int | None = 1,
-                 decode_video: bool = True):
+                 decode_video: bool = True, token: str | None = None):
         self.base_url = base_url.rstrip("/")
+        self.token = token  # the server's bearer token (`serve --token`), if it has one
+        self.session_key: str | None = None  # this session's own key (its /sessions/{id} routes want it)
         self.pc = peer_connection()  # no STUN/TURN, max-bundle
         self.session: str | None = None
         self.channel = None
@@ -198,12 +200,14 @@ class AvatarClient:
             body["avatar"] = avatar
         if controls is not None:
             body["controls"] = controls
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         async with aiohttp.ClientSession() as http:
-            async with http.post(self.base_url + "/offer", json=body) as r:
+            async with http.post(self.base_url + "/offer", json=body, headers=headers) as r:
                 answer = await r.json()
                 if r.status != 200:
                     raise RuntimeError(f"offer refused: {r.status} {answer}")
         self.session = answer["session"]
+        self.session_key = answer.get("session_key")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         await asyncio.wait_for(self._channel_open.wait(), timeout)
         return answer

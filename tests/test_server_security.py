@@ -335,3 +335,29 @@ def test_bad_security_settings_are_refused_before_loading_anything():
                {"token": ""}, {"token": "two words"}, {"offer_rate": (0, 60.0)}, {"max_upload_pixels": 0}):
         with pytest.raises(InputError):
             AvatarServer(ServeConfig(**kw))
+
+
+def test_the_python_client_streams_from_a_server_with_a_token(secure):
+    """streaming.client.AvatarClient(token=...) is let in, streams, and holds its session's key."""
+    from streaming.client import AvatarClient
+
+    async def go():
+        c = AvatarClient(secure.url, token=TOKEN)
+        try:
+            await c.connect()
+            await c.wait_first_frame(20.0)
+            return c.session, c.session_key
+        finally:
+            await c.close()
+
+    async def refused():
+        c = AvatarClient(secure.url, token="wrong")
+        try:
+            await c.connect(timeout=5.0)
+        finally:
+            await c.close()
+
+    sid, key = asyncio.run(go())
+    assert sid and key and len(key) >= 43
+    with pytest.raises(RuntimeError, match="401"):
+        asyncio.run(refused())
