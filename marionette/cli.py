@@ -178,6 +178,9 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--kernels", action="store_true", help="torch on CUDA: fused Triton warp kernels (opt-in)")
     p.add_argument("--lead-ms", type=_positive_float,
                    help="how early the scheduler starts a frame before its tick (default: from the warmup)")
+    p.add_argument("--latency", choices=["low", "balanced", "safe"], default="balanced", help=(
+        "low: the smallest margins (an idle machine, a quiet network); balanced (default); safe: a frame period "
+        "more of audio margin and scheduler lead (a loaded machine, a jittery network)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(
         "real photos (--avatar and uploads): require (default) finds and aligns the face and streams it pasted "
@@ -215,7 +218,7 @@ def _cmd_serve(argv: list[str]) -> int:
                       backend=a.backend, fps=a.fps, ice_hosts=tuple(a.ice_host), ice_servers=tuple(a.ice_server),
                       max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
                       exported=a.exported, precision=a.precision, threads=a.threads, lead_ms=a.lead_ms,
-                      seed=a.seed, kernels=a.kernels, align=a.align, output_size=a.output_size,
+                      latency=a.latency, seed=a.seed, kernels=a.kernels, align=a.align, output_size=a.output_size,
                       token=a.token, cors_origins=tuple(a.cors_origin), offer_rate=a.offer_rate,
                       upload_rate=a.upload_rate, max_upload_pixels=int(a.max_upload_mpix * 1_000_000),
                       metrics_host=a.metrics_host or "127.0.0.1", metrics_port=a.metrics_port)

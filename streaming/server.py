@@ -32,6 +32,8 @@ a(n) + L, with
 The lead defaults to 1.5 x the measured 90th-percentile round time for one session (+5 ms),
 between 15 ms and two frame periods: a machine that computes slowly or unevenly (a busy one) buys
 smooth video with up to one extra frame period of latency; rounds then run up to a tick ahead.
+`--latency low|balanced|safe` (LATENCY_LEVELS) moves the margin and the lead together: low for an idle
+machine on a quiet network, safe for a loaded one or a jittery network.
 """
 
 from __future__ import annotations
@@ -63,6 +65,31 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 
 @dataclass(frozen=True)
+class LatencyLevel:
+    """What `--latency` trades: the arrival margin for inbound audio (network jitter the mouth can absorb
+    without a stall) and the scheduler lead (how early a round starts before its tick, from the measured
+    90th-percentile round time p90: lead = clamp(factor * p90 + add, lo, hi x frame period))."""
+
+    audio_margin_ms: float
+    lead_factor: float
+    lead_add_ms: float
+    lead_min_ms: float
+    lead_max_periods: float
+
+
+LATENCY_LEVELS: dict[str, LatencyLevel] = {
+    # an idle machine on a quiet network: every margin near its floor
+    "low": LatencyLevel(audio_margin_ms=15.0, lead_factor=1.2, lead_add_ms=3.0, lead_min_ms=10.0, lead_max_periods=1.5),
+    # the default: what the server always did
+    "balanced": LatencyLevel(audio_margin_ms=30.0, lead_factor=1.5, lead_add_ms=5.0, lead_min_ms=15.0,
+                             lead_max_periods=2.0),
+    # a loaded machine or a jittery network: a frame period more of both
+    "safe": LatencyLevel(audio_margin_ms=60.0, lead_factor=2.0, lead_add_ms=10.0, lead_min_ms=40.0,
+                         lead_max_periods=3.0),
+}
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -79,7 +106,8 @@ class ServeConfig:
     precision: str = "fp32"
     kernels: bool = False  # torch on CUDA: the fused Triton warp kernels (opt-in)
     seed: int = 0
-    lead_ms: float | None = None  # scheduler lead; None: from the warmup measurement
+    lead_ms: float | None = None  # scheduler lead; None: from the warmup measurement and the latency level
+    latency: str = "balanced"  # low | balanced | safe (LATENCY_LEVELS): margins traded for robustness to load
     threads: int | None = None  # inference threads; None: all cores but one
     # security (docs/security.md). token: required as "Authorization: Bearer" on every route but / and /healthz
     token: str | None = field(default=None, repr=False)
@@ -91,7 +119,7 @@ class ServeConfig:
     metrics_port: int | None = None  # /metrics on its own site (0: any free port) and not on the main one
     # not on the command line
     rate_limit_clients: int = 4096  # client addresses each rate limiter remembers (least recently seen evicted)
-    audio_margin_ms: float = 30.0
+    audio_margin_ms: float | None = None  # arrival margin for inbound audio; None: the latency level's
     peer_timeout_s: float = 5.0
     connect_timeout_s: float = 20.0
     stats_interval_s: float = 1.0
@@ -243,6 +271,8 @@ class AvatarServer:
         cfg = self.cfg
         if cfg.fps <= 0 or 90000 % cfg.fps:
             raise InputError(f"--fps {cfg.fps}: must divide 90000 (e.g. 20, 24, 25, 30)")
+        if cfg.latency not in LATENCY_LEVELS:
+            raise InputError(f"--latency {cfg.latency!r}: valid: {', '.join(LATENCY_LEVELS)}")
         if cfg.ice_hosts:
             try:
                 self._ice = restrict_host_candidates(cfg.ice_hosts)
@@ -272,15 +302,20 @@ class AvatarServer:
         self.avatars.set_builtin(state, source)
         self.warmup_times = await asyncio.wrap_future(self.scheduler.submit(p.warmup, state))
         period = self.clock.period
+        level = LATENCY_LEVELS[cfg.latency]
         if cfg.lead_ms is not None:
             lead = cfg.lead_ms / 1000
         else:
-            lead = min(2 * period, max(0.015, 1.5 * self.warmup_times.get(1, period) + 0.005))
+            p90 = self.warmup_times.get(1, period)
+            lead = min(level.lead_max_periods * period,
+                       max(level.lead_min_ms / 1000, level.lead_factor * p90 + level.lead_add_ms / 1000))
         self.lead_s = lead
         self.scheduler.lead_s = lead
         mc = p.cfg
         overhang = mc.audio.right_overhang / mc.audio.sample_rate
-        self.latency_s = period / 2 + mc.lookahead_ms / 1000 + overhang + cfg.audio_margin_ms / 1000 + lead
+        margin = level.audio_margin_ms if cfg.audio_margin_ms is None else cfg.audio_margin_ms
+        self.audio_margin_s = margin / 1000
+        self.latency_s = period / 2 + mc.lookahead_ms / 1000 + overhang + margin / 1000 + lead
         self.metrics.pipeline_latency.set(self.latency_s)
         self.metrics.avatars.set(len(self.avatars))
         if cfg.metrics_port is not None:
@@ -493,6 +528,8 @@ class AvatarServer:
         return web.json_response({
             "model": p.cfg.name, "image_size": p.cfg.image_size, "fps": self.cfg.fps,
             "lookahead_ms": p.cfg.lookahead_ms, "latency_ms": round(self.latency_s * 1000, 1),
+            "latency_level": self.cfg.latency, "lead_ms": round(self.lead_s * 1000, 1),
+            "audio_margin_ms": round(self.audio_margin_s * 1000, 1),
             "random_weights": p.random_weights, "presets": sorted(p.presets),
             "exp_dim": p.cfg.latents.exp, "max_sessions": self.cfg.max_sessions,
             "avatars": self.avatars.list(),
