@@ -104,25 +104,37 @@ class AvatarFrame:
 
 
 class _Grow:
-    """An append-only array (capacity doubles)."""
+    """An append-only array addressed by absolute row index, whose oldest rows can be dropped (`drop_before`),
+    so a long utterance keeps only the rows still needed."""
 
     def __init__(self, tail: tuple[int, ...], dtype):
         self.buf = np.zeros((1024, *tail), dtype)
-        self.n = 0
+        self.n = 0  # rows appended so far (absolute)
+        self.base = 0  # absolute index of buf[0]
 
     def append(self, rows: np.ndarray) -> None:
         k = len(rows)
         if not k:
             return
-        if self.n + k > len(self.buf):
-            new = np.zeros((max(2 * len(self.buf), self.n + k), *self.buf.shape[1:]), self.buf.dtype)
-            new[: self.n] = self.buf[: self.n]
+        used = self.n - self.base
+        if used + k > len(self.buf):
+            new = np.zeros((max(2 * len(self.buf), used + k), *self.buf.shape[1:]), self.buf.dtype)
+            new[:used] = self.buf[:used]
             self.buf = new
-        self.buf[self.n:self.n + k] = rows
+        self.buf[used:used + k] = rows
         self.n += k
 
     def view(self, lo: int, hi: int) -> np.ndarray:
-        return self.buf[max(0, lo):min(hi, self.n)]
+        lo, hi = max(lo, self.base), min(hi, self.n)
+        return self.buf[lo - self.base:max(lo, hi) - self.base]
+
+    def drop_before(self, i: int) -> None:
+        """Forget rows before absolute index i (amortised: the buffer is compacted when half of it is stale)."""
+        i = min(i, self.n)
+        if i - self.base > len(self.buf) // 2:
+            used = self.n - i
+            self.buf[:used] = self.buf[i - self.base:self.n - self.base].copy()
+            self.base = i
 
 
 class _Segment:
@@ -170,6 +182,16 @@ class _Segment:
         f.sample_rate = self.rate
         self._feed16([g.to_ndarray().reshape(-1) for g in self._resampler.resample(f)])
         self.last_push = time.monotonic()
+
+    def trim(self, i: int, mcfg) -> None:
+        """Drop what frames before local frame i no longer need (the worker only renders later frames)."""
+        if i <= 0:
+            return
+        from engine.audio import window_starts
+
+        self.pcm.drop_before(self.bounds(i)[0])
+        self.s16.drop_before(i * RATE16 // self.fps)
+        self.mel.drop_before(int(window_starts(mcfg, 1, self.fps, start=i)[0]))
 
     def close(self, ends_utterance: bool = False) -> None:
         if self.closed:
@@ -557,6 +579,7 @@ class TalkingHead:
                     rate, channels, speaking = seg.rate, seg.channels, True
                 if seg.closed and i == seg.n_frames() - 1 and seg.ends_utterance:
                     seg_end = True
+                seg.trim(i - 2, self.pipeline.cfg)  # frames before i - 1 are never read again
             elif self._utterance_end_pending:
                 seg_end = True
             if seg_end:
