@@ -54,7 +54,8 @@ MOTION_POOL = 4  # E_mot pools its last feature map to at most 4 x 4 before the 
 # painter (0.46 x 0.35 d, centred 0.04-0.07 d above the eye centre) can touch
 MOUTH_SIDE, MOUTH_DOWN = 1.04, 0.17  # side; centre below the mouth anchor
 EYE_SIDE, EYE_UP = 0.56, 0.05
-MOUTH_RES, EYE_RES = 3 / 16, 1 / 8  # patch resolution as a fraction of S (48 and 32 px at 256^2)
+MOUTH_RES, EYE_RES = 1 / 4, 1 / 8  # patch resolution as a fraction of S (64 and 32 px at 256^2: ~1.2 frame px
+# per patch px for the mouth; at 48 px its thin openings were blurred away)
 PATCH_FEATHER = 0.2  # the pasted change fades to 0 over this outer fraction of each half-side
 ANCHOR_SHARPEN = 4.0  # the soft-argmax reads the anchor maps to this power: the map's faint mass far from its
 # peak (a mouth map at 0.05 over half the face) otherwise drags the mean tens of pixels off (measured)
@@ -392,8 +393,8 @@ class Generator(nn.Module):
 class PatchNet(nn.Module):
     """One local generator: a square of the frame (B,3,n,n) and its conditioning (B,k) -> the change to paste
     (B,3,n,n). A two-level U-net: conv at n, stride-2 conv to n/2 where the conditioning joins (twice), up,
-    merged with the full-resolution skip by a 1x1, and a zero-initialised output conv (a fresh net changes
-    nothing)."""
+    merged with the full-resolution skip and the conditioning by a 1x1, and a zero-initialised output conv
+    (a fresh net changes nothing)."""
 
     def __init__(self, k: int, c: int):
         super().__init__()
@@ -401,7 +402,8 @@ class PatchNet(nn.Module):
         self.down = ConvAct(c, 2 * c, stride=2)
         self.mid1 = ConvAct(2 * c + k, 2 * c)
         self.mid2 = ConvAct(2 * c + k, 2 * c)
-        self.merge = ConvAct(3 * c, c, k=1)
+        self.merge = ConvAct(3 * c + k, c, k=1)  # the conditioning joins at full resolution too (a thin opening
+        # is a line one or two pixels tall: the n/2 bottleneck alone gave "shut below jaw 0.45")
         self.out = conv(c, 3)
         # Kaiming (fan-in, LeakyReLU) inside: PyTorch's default init shrinks the signal ~3x per layer, so the
         # conditioning reached the output ~30x weaker than the patch; the output conv starts at zero
@@ -418,7 +420,8 @@ class PatchNet(nn.Module):
         h = self.mid1(torch.cat([h, cm], dim=1))
         h = self.mid2(torch.cat([h, cm], dim=1))
         h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B,2c,n,n)
-        return self.out(self.merge(torch.cat([h, x0], dim=1)))  # (B,3,n,n)
+        cf = cond[:, :, None, None].expand(-1, -1, x0.shape[2], x0.shape[3])  # (B,k,n,n)
+        return self.out(self.merge(torch.cat([h, x0, cf], dim=1)))  # (B,3,n,n)
 
 
 class PatchRefiner(nn.Module):
@@ -511,6 +514,16 @@ class PatchRefiner(nn.Module):
         cm = mo + MOUTH_DOWN * d * v
         half = torch.cat([d * (EYE_SIDE / 2), d * (EYE_SIDE / 2), d * (MOUTH_SIDE / 2)], dim=1)  # (B,3)
         return torch.stack([c0, c1, cm], dim=1), half, u, v
+
+    def square(self, img: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
+        """Square k (0, 1: eyes, the right one mirrored; 2: mouth) of `img` (B,3,S,S) at anchors a (B,3,2), at
+        its net's resolution (B,3,n,n) (training: the mouth discriminator's input)."""
+        centre, half, u, v = self.boxes(a)
+        g = self.grid_mouth if k == 2 else self.grid_eye
+        sx = -1.0 if k == 1 else 1.0
+        c, h = centre[:, k], half[:, k].view(-1, 1, 1, 1)
+        grid = c.view(-1, 1, 1, 2) + h * (g[..., :1] * sx * u.view(-1, 1, 1, 2) + g[..., 1:] * v.view(-1, 1, 1, 2))
+        return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     # ---- the local generators
     def conditions(self, z_t: torch.Tensor, z_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ TRAINS: dict[str, tuple[str, ...]] = {
     "patch": ("generator.patch",),
     "audio": ("e_aud",),
 }
-USES_DISC = {"motion": True, "factors": False, "expression": True, "idle": False}
+USES_DISC = {"motion": True, "factors": False, "expression": True, "idle": False, "patch": True}
 # the supervised losses whose sum the short runs check for a fall (the adversarial terms need not fall)
 MAIN_LOSSES = {"motion": ("l1", "ssim", "motion"), "factors": ("lip_nce", "eye_nce", "pose", "eye_reg"),
                "expression": ("l1", "ssim", "decor"), "idle": ("nll",), "render": ("reg",), "state": ("reg",),

@@ -283,7 +283,8 @@ def train(cfg: TrainConfig) -> Path:
         disc = None
         if USES_DISC.get(stage, False) and scfg.lr_d > 0:
             torch.manual_seed(cfg.seed + 1)
-            disc = Discriminator.for_model(mcfg.name, mcfg.image_size).to(dev)
+            disc = (Discriminator(model.generator.patch.mouth_res, base=32) if stage == "patch"  # mouth squares
+                    else Discriminator.for_model(mcfg.name, mcfg.image_size)).to(dev)
             if state is not None:
                 disc.load_state_dict({k[5:]: v for k, v in state[0].items() if k.startswith("disc.")})
         if stage in SYNTHETIC:
@@ -311,8 +312,11 @@ def train(cfg: TrainConfig) -> Path:
                 from trainer.synthetic import PairRenderer, render_batches
 
                 n_ids = max(1, scfg.batch_size // scfg.per_id)
+                from trainer.synthetic import PATCH_ONE_FACTOR, PATCH_SMALL_JAW
+
+                extra = ({"one_factor": PATCH_ONE_FACTOR, "small_jaw": PATCH_SMALL_JAW} if stage == "patch" else {})
                 make = PairRenderer(mcfg, n_ids, scfg.per_id, seed=cfg.seed * 7919 + d.rank,
-                                    device=dev if dev.type == "cuda" else "cpu")
+                                    device=dev if dev.type == "cuda" else "cpu", **extra)
                 return render_batches(make, start, 0 if dev.type == "cuda" else min(cfg.workers, 1))
             if stage == "state":  # a pool of rendered frames, rendered once (on the training device)
                 from trainer.synthetic import StatePool
