@@ -54,6 +54,9 @@ MOTION_POOL = 4  # E_mot pools its last feature map to at most 4 x 4 before the 
 # painter (0.46 x 0.35 d, centred 0.04-0.07 d above the eye centre) can touch
 MOUTH_SIDE, MOUTH_DOWN = 1.04, 0.17  # side; centre below the mouth anchor
 EYE_SIDE, EYE_UP = 0.56, 0.05
+# d outside this (grid units; the corpus framing gives ~0.57) means the anchors are not a face's: the squares keep a
+# sane size instead of collapsing to a point (where tiny numeric differences between runtimes blow up)
+FACE_SCALE_MIN, FACE_SCALE_MAX = 0.15, 1.5
 MOUTH_RES, EYE_RES = 1 / 4, 1 / 8  # patch resolution as a fraction of S (64 and 32 px at 256^2: ~1.2 frame px
 # per patch px for the mouth; at 48 px its thin openings were blurred away)
 PATCH_FEATHER = 0.2  # the pasted change fades to 0 over this outer fraction of each half-side
@@ -508,7 +511,7 @@ class PatchRefiner(nn.Module):
         u = ee / ln  # (B,2)
         v = torch.stack([-u[:, 1], u[:, 0]], dim=-1)  # (B,2) y is down
         em = (mo - 0.5 * (e0 + e1)).norm(dim=-1, keepdim=True)
-        d = (ln * ln + em * em).sqrt()  # (B,1) face scale
+        d = (ln * ln + em * em).sqrt().clamp(FACE_SCALE_MIN, FACE_SCALE_MAX)  # (B,1) face scale
         c0 = e0 - EYE_UP * d * v
         c1 = e1 - EYE_UP * d * v
         cm = mo + MOUTH_DOWN * d * v

@@ -74,3 +74,26 @@ def test_render_opens_the_mouth_with_real_speech_and_shuts_it_in_the_pauses(tmp_
     r = mouth_vs_speech(jaw, load_audio(wav, SAMPLE_RATE), fps)
     assert r["pause_frames"] >= 20 and r["speech_frames"] >= 20, r
     assert r["ratio"] >= 2.0 and r["pause_shut_fraction"] >= 0.5, r
+
+
+def test_the_builtin_exports_and_onnxruntime_matches_torch(tmp_path):
+    """The default CPU path (`--backend auto` -> ONNX Runtime): the built-in exports (the export checks each
+    graph against torch within 1e-3) and a frame of the bundled portrait, lips open, agrees with torch."""
+    import torch
+
+    from engine.image import BUILTIN_AVATAR
+    from engine.runtimes.ort import OrtRuntime
+    from engine.runtimes.torch_runtime import TorchRuntime
+    from marionette.cli import main as cli_main
+
+    out = tmp_path / "onnx"
+    assert cli_main(["export", "--checkpoint", str(BUILTIN), "--format", "onnx", "--out", str(out)]) == 0
+    ort = OrtRuntime(out, threads=2)
+    model, _ = load_checkpoint(BUILTIN)
+    ref = TorchRuntime(model.eval())
+    a_ort, a_ref = ort.prepare_avatar(BUILTIN_AVATAR), ref.prepare_avatar(BUILTIN_AVATAR)
+    z = torch.zeros(1, model.cfg.latents.total)
+    z[:, 0] = 0.6  # the jaw open: the mouth net's square is in play
+    got, want = ort.generate(a_ort, z), ref.generate(a_ref, z)
+    assert got.shape == want.shape == (1, 3, model.cfg.image_size, model.cfg.image_size)
+    assert float((got - want).abs().max()) < 0.01
