@@ -117,12 +117,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency", default="balanced", help="the server's --latency level: low | balanced | safe")
     ap.add_argument("--backend", default="torch", help="the server's --backend (auto: ONNX Runtime on a CPU)")
+    ap.add_argument("--threads", type=int, help="the server's inference threads (default: its own)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "glass_to_glass.json")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         ck, what = (a.checkpoint, str(a.checkpoint)) if a.checkpoint else default_checkpoint(Path(tmp), a.config)
         cfg = ServeConfig(checkpoint=ck, config=a.config, ice_hosts=("127.0.0.1",), latency=a.latency,
-                          backend=a.backend)
+                          backend=a.backend, threads=a.threads)
         with ServerThread(cfg) as st:
             t0 = time.time()
             res = asyncio.run(run(st.url, st, a.onsets, a.seed))
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                         "image_size": st.server.pipeline.cfg.image_size,
                         "lookahead_ms": st.server.pipeline.cfg.lookahead_ms,
                         "lead_ms": 1000 * st.server.lead_s, "duration_s": time.time() - t0,
-                        "latency_level": a.latency, "backend": a.backend,
+                        "latency_level": a.latency, "backend": a.backend, "threads": st.server.pipeline.threads,
                         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()}})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))

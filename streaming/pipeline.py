@@ -64,13 +64,17 @@ class Pipeline:
         from engine.checkpoint import load_model
         from engine.runtimes.backend import choose_backend, open_backend
 
+        kind, device = choose_backend(backend)
         if not threads:
-            # leave a core to the event loop and the video encoders (torch's own default takes all
-            # cores, and its spinning workers starve everything else on a small machine)
-            threads = max(1, (os.cpu_count() or 2) - 1)
+            # torch: leave a core to the event loop and the video encoders (its own default takes all cores, and
+            # its spinning workers starve everything else on a small machine). ONNX Runtime's sessions do not
+            # spin (engine.runtimes.ort), and on 2 cores one thread is too few for the built-in model at 256^2:
+            # 38.9 ms a frame with one thread, 26.4 with two; glass_to_glass (25 onsets, load ~1.2) counted 105
+            # late ticks with one thread, 26 with two
+            cores = os.cpu_count() or 2
+            threads = cores if kind == "onnxruntime" else max(1, cores - 1)
         torch.set_num_threads(int(threads))
         model, meta = load_model(checkpoint, config=config, seed=seed)
-        device = choose_backend(backend)[1]
         rt = open_backend(backend, checkpoint=checkpoint, config=config, seed=seed, threads=threads,
                           exported=exported, precision=precision, device=device, model=(model, meta),
                           kernels=kernels)
