@@ -176,6 +176,24 @@ WORDS = ["hello", "yes", "banana", "open the door", "thank you", "good morning",
          "one two three", "okay", "wonderful", "bottle", "marionette", "fine", "see you"]
 
 
+def offer_sdp() -> str:
+    """A real aiortc offer (send/receive audio, receive video) for tests that talk to /offer by hand."""
+    import asyncio
+
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async def make():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
 def mouth_region(frame: np.ndarray) -> np.ndarray:
     """The lower-middle region of a frame (H, W, 3) where the mouth is, as float32."""
     s = frame.shape[0]

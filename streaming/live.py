@@ -423,11 +423,9 @@ def validate(cfg: LiveConfig) -> None:
 async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=None) -> dict:
     """Run `marionette live` until `stop`, SIGINT/SIGTERM, `duration_s`, or the end of a file input.
     Returns the session's final stats."""
-    from aiohttp import web
-
     from streaming import controls as C
     from streaming.outputs import attach
-    from streaming.server import AvatarServer, ServeConfig
+    from streaming.server import AvatarServer, ServeConfig, listen
 
     validate(cfg)
     source = open_input(cfg.audio_in, loop=cfg.loop)
@@ -457,15 +455,8 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
             app = server.app()
             app.router.add_post("/controls", _alias(server, "post_controls"))
             app.router.add_get("/stats", _alias(server, "get_session"))
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, scfg.host, scfg.port)
-            try:
-                await site.start()
-            except OSError as e:
-                raise InputError(f"control endpoint: cannot listen on {scfg.host}:{scfg.port}: "
-                                 f"{e.strerror or e} (choose another --control-port, or --no-control)") from None
-            port = site._server.sockets[0].getsockname()[1]
+            runner, port = await listen(app, scfg.host, scfg.port, "control endpoint",
+                                        " (choose another --control-port, or --no-control)")
             log.info("controls: POST http://%s:%d/controls (the data channel's JSON); stats: GET /stats",
                      scfg.host, port)
         session.start()

@@ -334,18 +334,7 @@ class AvatarServer:
         cfg = self.cfg
         app = web.Application()
         app.router.add_get("/metrics", self.metrics_handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.metrics_host, cfg.metrics_port)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise InputError(f"cannot listen for /metrics on {cfg.metrics_host}:{cfg.metrics_port}: "
-                             f"{e.strerror or e}") from None
-        self._metrics_runner = runner
-        socks = site._server.sockets if site._server else None
-        self.metrics_port = socks[0].getsockname()[1] if socks else cfg.metrics_port
+        self._metrics_runner, self.metrics_port = await listen(app, cfg.metrics_host, cfg.metrics_port, "/metrics")
         host = f"[{cfg.metrics_host}]" if ":" in cfg.metrics_host else cfg.metrics_host
         log.info("metrics on http://%s:%d/metrics (not on the main address)", host, self.metrics_port)
 
@@ -806,19 +795,31 @@ class _HttpError(Exception):
 
 
 # ==================================================================================== serve
-async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=None) -> None:
-    """Start the server, serve until `stop` is set (or SIGINT/SIGTERM), then shut down cleanly."""
-    server = AvatarServer(cfg)
-    await server.start()
-    runner = web.AppRunner(server.app(), access_log=None)
+async def listen(app: web.Application, host: str, port: int | None, what: str,
+                 hint: str = "") -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0: any free port) -> (its runner, the bound port); a port that cannot be
+    had is an InputError naming `what` (plus `hint`), with nothing left running."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
+        raise InputError(f"{what}: cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    socks = site._server.sockets if site._server else None
+    return runner, (socks[0].getsockname()[1] if socks else port)
+
+
+async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=None) -> None:
+    """Start the server, serve until `stop` is set (or SIGINT/SIGTERM), then shut down cleanly."""
+    server = AvatarServer(cfg)
+    await server.start()
+    try:
+        runner, port = await listen(server.app(), cfg.host, cfg.port, "the server")
+    except InputError:
         await server.stop()
-        raise InputError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+        raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -827,7 +828,6 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
             pass
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else cfg.port
     if cfg.token is None and not _is_loopback(cfg.host):
         log.warning("listening on %s without a token: anyone who reaches it can start sessions, upload avatars "
                     "and control every session (set --token or MARIONETTE_TOKEN; docs/security.md)", cfg.host)

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("aiortc")
 aiohttp = pytest.importorskip("aiohttp")
 
-from streaming.fixtures import ServerThread  # noqa: E402
+from streaming.fixtures import ServerThread, offer_sdp  # noqa: E402
 from streaming.server import ServeConfig  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests"
@@ -59,21 +59,6 @@ def http(method, url, token=None, **kw):
     return asyncio.run(_http(method, url, token, **kw))
 
 
-def _offer_sdp() -> str:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    async def make():
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("audio", direction="sendrecv")
-        pc.addTransceiver("video", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
-
-
 def _png(size=(96, 96), colour=(200, 150, 120)) -> bytes:
     from PIL import Image
 
@@ -95,7 +80,7 @@ def _png_claiming(w: int, h: int) -> bytes:
 
 # ------------------------------------------------------------------------------------------- token
 def test_token_required_on_the_api_and_not_on_the_page(secure):
-    sdp = _offer_sdp()
+    sdp = offer_sdp()
     calls = [("GET", "/info", {}), ("POST", "/offer", {"json": {"sdp": sdp, "type": "offer"}}),
              ("GET", "/avatars", {}), ("POST", "/avatars", {"data": _png(), "headers": {"Content-Type": "image/png"}}),
              ("GET", "/sessions", {})]
@@ -117,7 +102,7 @@ def test_token_required_on_the_api_and_not_on_the_page(secure):
 
 
 def test_sessions_answer_only_to_their_own_key(secure):
-    sdp = _offer_sdp()
+    sdp = offer_sdp()
     st, a, _ = http("POST", secure.url + "/offer", token=TOKEN, json={"sdp": sdp, "type": "offer"})
     assert st == 200 and a["type"] == "answer", a
     st, b, _ = http("POST", secure.url + "/offer", token=TOKEN, json={"sdp": sdp, "type": "offer"})

@@ -18,7 +18,7 @@ pytest.importorskip("aiortc")
 aiohttp = pytest.importorskip("aiohttp")
 
 from streaming.client import AvatarClient, PcmSource  # noqa: E402
-from streaming.fixtures import PeerProcess, ServerThread  # noqa: E402
+from streaming.fixtures import PeerProcess, ServerThread, offer_sdp  # noqa: E402
 from streaming.server import ServeConfig  # noqa: E402
 
 
@@ -54,21 +54,6 @@ def http(method, url, **kw):
     return asyncio.run(_http(method, url, **kw))
 
 
-def _offer_sdp() -> str:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    async def make():
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("audio", direction="sendrecv")
-        pc.addTransceiver("video", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
-
-
 # ---------------------------------------------------------------------------------- plain routes
 def test_health_info_metrics_and_page(server):
     st, body, _ = http("GET", server.url + "/healthz")
@@ -90,7 +75,7 @@ def test_health_info_metrics_and_page(server):
 @pytest.mark.parametrize("case", ["content-type", "not-json", "not-object", "type", "no-sdp", "garbage-sdp",
                                   "broken-sdp", "unknown-field", "bad-controls", "unknown-avatar", "oversized"])
 def test_bad_offers_get_4xx_with_a_message(server, case):
-    sdp = _offer_sdp()
+    sdp = offer_sdp()
     url = server.url + "/offer"
     kw = {"json": {"sdp": sdp, "type": "offer"}}
     want = 400
