@@ -60,6 +60,7 @@ FRAMED_SCALE, FRAMED_DEG, FRAMED_PX = 0.15, 5.0, 16.0  # transform_for: "already
 SECOND_LOOK_OFFSET = -0.35  # dlib: when nothing scores >= the threshold, look again this much lower ...
 SECOND_LOOK_MIN_SIDE_FRAC = 0.3  # ... keeping only boxes at least this fraction of the image's short side
 DETECT_MAX_SIDE = 800     # the detection pass runs on the photo scaled to at most this (landmarks: full size)
+HOG_WINDOW_PX = 80        # dlib's HOG detector finds faces down to about its 80 px window (half that upsampled)
 DETECTORS = ("dlib", "opencv")
 
 PHOTO_TYPES = "a path, encoded bytes, a PIL image or an HxWx3 uint8 array"
@@ -840,26 +841,59 @@ class FaceTracker:
     encoder reads it as pose; larger drifts (a camera pan, a person walking) are followed.
 
     `update(frame)` -> FaceTransform, or None until a face has been seen (the caller then uses the whole
-    frame). `lost` counts frames where no face was found (the last framing is held)."""
+    frame). `lost` counts frames where no face was found (the last framing is held).
+
+    After each `update`: `face` is the face followed in that frame (None: lost), `detected` whether a full
+    detection ran on it and `faces` what that detection found (largest first; empty when none ran).
+    `confirmed` whether the face was found by that detection (not followed by landmarks alone).
+    `strict` (training data, `trainer.ingest`): a detector miss is retried on each following frame (the
+    landmarks keep following meanwhile), and after `max_miss` misses in a row the face is gone: no
+    following the last box's landmarks for ever, which a shape model fits to anything; without a face the
+    tracker detects on every frame until one is back. `update(frame, detect=True)` forces a full
+    detection; `reset()` forgets the face and the framing (a shot cut)."""
 
     def __init__(self, detector: str | Detector | None = None, crop_size: int = CROP_SIZE, detect_every: int = 10,
-                 smooth: float = 0.5, hold: tuple[float, float, float] = (0.06, 1.08, 12.0)):
+                 smooth: float = 0.5, hold: tuple[float, float, float] = (0.06, 1.08, 12.0), strict: bool = False,
+                 max_miss: int = 5, min_face: int | None = None):
         self.det = get_detector(detector)
         self.crop_size = crop_size
         self.detect_every = max(1, int(detect_every))
         self.smooth = float(smooth)
         self.hold = hold
+        self.strict = bool(strict)
+        self.max_miss = max(0, int(max_miss))
+        # faces smaller than this (frame pixels) are of no interest: dlib's detector then skips its 2x
+        # upsampled pass when they are still >= its 80 px window at the detection scale (4x less work)
+        self.min_face = min_face
+        self.misses = 0  # strict: detector misses in a row while the landmarks still follow a face
+        self.confirmed = False
         self.n = 0
         self.lost = 0
         self.detections = 0
+        self.face: Face | None = None
+        self.holding = False  # strict: no face in this frame, but the framing is held while misses are retried
+        self.detected = False
+        self.faces: list[Face] = []
         self._box = None
         self._p = None  # smoothed per-frame params
         self._ref = None  # the framing in use
         self._size = None
 
+    def reset(self) -> None:
+        """Forget the followed face and the framing: the next frame is detected afresh (a shot cut)."""
+        self._box = self._p = self._ref = None
+        self.face = None
+        self.misses = 0
+
     def _detect(self, frame: np.ndarray) -> Face | None:
         self.detections += 1
-        faces = self.det.detect(frame)
+        self.detected = True
+        up = None
+        if self.min_face is not None:
+            h, w = frame.shape[:2]
+            up = 0 if self.min_face * min(1.0, DETECT_MAX_SIDE / max(h, w)) >= HOG_WINDOW_PX else None
+        faces = self.det.detect(frame, upsample=up)
+        self.faces = list(faces)
         if not faces:
             return None
         if self._box is not None and len(faces) > 1:  # keep following the same person
@@ -867,20 +901,28 @@ class FaceTracker:
             faces.sort(key=lambda f: (f.box[0] + f.box[2] - 2 * cx) ** 2 + (f.box[1] + f.box[3] - 2 * cy) ** 2)
         return faces[0]
 
-    def update(self, frame: np.ndarray) -> FaceTransform | None:
+    def update(self, frame: np.ndarray, detect: bool = False) -> FaceTransform | None:
         frame = np.ascontiguousarray(frame)
         h, w = frame.shape[:2]
         self._size = (w, h)
-        face = None
-        # detect: on the first frames, every detect_every frames, and (when the face was lost) again at
-        # the next detect_every boundary; in between, landmarks follow the last box
-        if self.n % self.detect_every == 0 or (self._box is None and self.n < 3):
-            face = self._detect(frame)
-        if face is None and self._box is not None:
-            face = self.det.refine(frame, self._box)
-            if face is not None and not self._plausible(face):
+        self.detected, self.faces, self.confirmed = False, [], False
+        if self.strict:
+            face = self._strict_face(frame, detect)
+        else:
+            face = None
+            # detect: on the first frames, every detect_every frames, and (when the face was lost) again at
+            # the next detect_every boundary; in between, landmarks follow the last box
+            if detect or self.n % self.detect_every == 0 or (self._box is None and self.n < 3):
                 face = self._detect(frame)
+                self.confirmed = face is not None
+            if face is None and self._box is not None:
+                face = self.det.refine(frame, self._box)
+                if face is not None and not self._plausible(face):
+                    face = self._detect(frame)
+                    self.confirmed = face is not None
         self.n += 1
+        self.face = face
+        self.holding = face is None and self._box is not None
         if face is None:
             self.lost += 1
             if self._ref is None:
@@ -898,6 +940,29 @@ class FaceTracker:
             self._ref = self._follow(self._ref, self._p)
         return FaceTransform.from_params(self._ref, self.crop_size, (w, h), face)
 
+    def _strict_face(self, frame: np.ndarray, detect: bool) -> Face | None:
+        """strict: detect on schedule, after a miss and without a face; follow with landmarks in between.
+        A miss (a detection finding nothing) is retried on the next frames while the landmarks follow, or
+        the framing is held when they do not fit (`holding`); `max_miss` misses in a row lose the face."""
+        face = None
+        if detect or self.n % self.detect_every == 0 or self.misses > 0 or self._box is None:
+            face = self._detect(frame)
+            self.confirmed = face is not None
+        if face is None and self._box is not None:
+            f = self.det.refine(frame, self._box)
+            if f is not None and self._plausible(f):
+                face = f
+            elif not self.detected:
+                face = self._detect(frame)
+                self.confirmed = face is not None
+        if self.confirmed:
+            self.misses = 0
+        elif self.detected:
+            self.misses += 1
+            if self.misses > self.max_miss or self._box is None:
+                self._box, face, self.misses = None, None, 0
+        return face
+
     def _plausible(self, face: Face) -> bool:
         if face.landmarks is None:
             return True
@@ -908,7 +973,10 @@ class FaceTracker:
         bw = x1 - x0
         inside = lx0 > x0 - 0.3 * bw and lx1 < x1 + 0.3 * bw and ly0 > y0 - 0.3 * bw and ly1 < y1 + 0.3 * bw
         d_eye = float(np.hypot(*(face.eyes[1] - face.eyes[0])))
-        return bool(inside and 0.2 * bw < d_eye < 0.7 * bw)
+        # the box is 1.1x the last landmarks' extent: a fit that shrinks or grows by more than ~25% in one
+        # frame is the shape model collapsing (it fits a face to anything), not the head moving
+        ext = float(max(lx1 - lx0, ly1 - ly0))
+        return bool(inside and 0.2 * bw < d_eye < 0.7 * bw and 0.7 * bw < ext < 1.2 * bw)
 
     @staticmethod
     def _box_from(face: Face):

@@ -105,6 +105,56 @@ def _cmd_corpus(argv: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- ingest
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {v}")
+    return v
+
+
+def _cmd_ingest(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="marionette ingest", description=(
+        "Real talking-head videos -> the corpus layout `marionette train` reads: face-tracked 256x256 crops at "
+        "25 fps in the model's framing, 16 kHz mono wav, per-frame landmarks and estimated head pose, split "
+        "train/val/test by speaker. Shots without a face, with several faces, and cuts are split or skipped and "
+        "listed in OUT/ingest_report.json. Resumable: finished videos are skipped on a rerun."))
+    p.add_argument("videos", nargs="+", type=Path, metavar="VIDEO",
+                   help="video files (any container FFmpeg reads) or folders searched for videos")
+    p.add_argument("--out", type=Path, required=True, help="corpus folder (created; a rerun continues it)")
+    p.add_argument("--speaker-from", default="file", metavar="file|folder|folder2|re:REGEX", help=(
+        "who speaks in a video: file (default: one speaker per video, named after it), folder (the video's "
+        "folder), folder2 (the folder above it: VoxCeleb2's id/video/clip.mp4) or re:REGEX (the first group "
+        "of REGEX searched in the path, e.g. 're:([A-Za-z]+)_[0-9]+[.]mp4$')"))
+    p.add_argument("--val", type=_fraction, default=0.1, dest="val_fraction",
+                   help="fraction of speakers held out for validation (by a hash of the name; default 0.1)")
+    p.add_argument("--test", type=_fraction, default=0.1, dest="test_fraction",
+                   help="fraction of speakers held out for testing (default 0.1)")
+    p.add_argument("--min-seconds", type=_positive_float, default=2.0, help="skip shorter pieces (default 2)")
+    p.add_argument("--max-seconds", type=_positive_float, default=20.0,
+                   help="cut longer pieces into clips of at most this (default 20)")
+    p.add_argument("--min-face", type=_positive_int, default=80,
+                   help="smallest face kept, its width in source pixels (default 80)")
+    p.add_argument("--detect-every", type=_positive_int, default=10,
+                   help="full face detection at least every N frames; landmarks follow in between (default 10)")
+    p.add_argument("--detector", default="dlib", help="face detector: dlib (default) | opencv")
+    a = p.parse_args(argv)
+    from trainer.ingest import IngestConfig, ingest
+
+    cfg = IngestConfig(videos=tuple(a.videos), out=a.out, speaker_from=a.speaker_from,
+                       val_fraction=a.val_fraction, test_fraction=a.test_fraction, min_seconds=a.min_seconds,
+                       max_seconds=a.max_seconds, min_face=a.min_face, detect_every=a.detect_every,
+                       detector=a.detector)
+    s = ingest(cfg)
+    print(json.dumps({"out": str(a.out), "videos": s.videos, "ingested": s.done, "already_done": s.skipped_done,
+                      "failed": s.failed, "clips": s.clips, "frames_in": s.frames_in, "frames_kept": s.frames_out,
+                      "frames_per_s": round(s.frames_per_s, 2)}))
+    return 0 if s.failed == 0 else 1
+
+
 # ----------------------------------------------------------------------------------------- render
 def _cmd_render(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="marionette render", description=(
@@ -425,6 +475,7 @@ COMMANDS = {
     "serve": (_cmd_serve, "the WebRTC avatar server (main job)"),
     "live": (_cmd_live, "headless: mic/file -> the avatar to RTMP, WHIP or a virtual camera"),
     "corpus": (_cmd_corpus, "render the synthetic talking-head corpus (and `corpus preview`)"),
+    "ingest": (_cmd_ingest, "real talking-head videos -> the corpus layout the trainer reads"),
     "render": (_cmd_render, "offline render: portrait + audio -> talking-head mp4"),
 }
 

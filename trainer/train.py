@@ -76,6 +76,7 @@ class TrainConfig:
 
 SYNTHETIC = ("render", "state", "patch", "audio")  # stages of trainer.synthetic (the others: trainer.stages)
 NEEDS_CORPUS = ("motion", "factors", "expression", "idle", "audio")  # "render", "state", "patch" draw their own
+NEEDS_LABELS = ("audio",)  # stages that read the synthetic corpus' per-frame factor tables (.npz)
 
 
 def _to_dev(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
@@ -234,6 +235,14 @@ def train(cfg: TrainConfig) -> Path:
     clips = list_clips(cfg.data, "train") if any(st in NEEDS_CORPUS for st in stages) else []
     if not clips and any(st in NEEDS_CORPUS for st in stages):
         raise InputError(f"no training clips under {cfg.data} (expected {cfg.data}/train/<identity>/<clip>.mp4)")
+    labelled = [st for st in stages if st in NEEDS_LABELS]
+    if labelled and not any(c.factors is not None for c in clips):
+        # real video (`marionette ingest`) has no per-frame ground truth: say so before any stage runs
+        raise InputError(
+            f"stage {', '.join(labelled)} needs per-frame ground-truth factor tables (<clip>.npz, written by "
+            f"`marionette corpus`); {cfg.data} has none (real video, e.g. from `marionette ingest`). On real video "
+            "run --config tiny|lite|base (motion, factors, expression, idle: no labels needed), or with "
+            "--config talk only --stage render, state, patch or idle")
     store = ClipStore(mcfg, cache_dir=run.dir / "cache", lru=preset.clip_cache)
     oracle = None
     if cfg.oracle is not None:
