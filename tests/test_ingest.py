@@ -304,3 +304,91 @@ def test_bad_inputs_are_listed_not_fatal(tmp_path):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "x.txt").write_text("x")
         ingest(IngestConfig(videos=(mute,), out=tmp_path / "other", progress=False))
+
+
+def make_simple_video(path: Path, seconds: float, x0: float = 240.0) -> None:
+    """The astronaut photo swaying, with speech: one plain talking-head shot."""
+    astro = F.load_photo(ASTRO)
+    speech = _speech()
+    n = int(round(seconds * SRC_FPS))
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=SRC_FPS)
+        v.width, v.height, v.pix_fmt = W, H, "yuv420p"
+        v.options = {"preset": "veryfast"}
+        a = c.add_stream("aac", rate=16000)
+        a.layout = "mono"
+        for i in range(n):
+            m = _similarity(3.0 * math.sin(i / 9), 1.45, ASTRO_EYES.mean(0), (x0 + 6 * math.sin(i / 7), 150))
+            f = av.VideoFrame.from_ndarray(F.warp_affine(astro, F._invert(m), W, H, fill=(40, 60, 80)), format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, SRC_FPS)
+            for p in v.encode(f):
+                c.mux(p)
+        pcm = (speech[: int(seconds * 16000)] * 32767).astype(np.int16)
+        for i in range(0, len(pcm), 1024):
+            fr = av.AudioFrame.from_ndarray(pcm[None, i:i + 1024], format="s16", layout="mono")
+            fr.sample_rate, fr.pts, fr.time_base = 16000, i, Fraction(1, 16000)
+            for p in a.encode(fr):
+                c.mux(p)
+        for p in v.encode(None):
+            c.mux(p)
+        for p in a.encode(None):
+            c.mux(p)
+
+
+@pytest.mark.slow
+def test_killed_ingest_leaves_only_complete_clips_and_resumes(tmp_path):
+    """SIGKILL in the middle of the second of three videos: the trainer sees only complete clips of the
+    first, the manifest lists only them; the rerun skips the first and finishes the others, no duplicates."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer.data import list_clips
+
+    videos = []
+    for i, name in enumerate(("anna", "bert", "carl")):
+        p = tmp_path / f"{name}.mp4"
+        make_simple_video(p, 6.0, x0=200.0 + 30 * i)
+        videos.append(p)
+    out = tmp_path / "corpus"
+    cmd = [sys.executable, "-m", "marionette", "ingest", *map(str, videos), "--out", str(out), "--val", "0",
+           "--test", "0", "--max-seconds", "2.5", "--min-seconds", "1.8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parents[1])
+    t_end = time.monotonic() + 120
+    killed = False
+    try:
+        while time.monotonic() < t_end and proc.poll() is None:
+            done = list((out / ".ingest" / "videos").glob("*.json")) if (out / ".ingest" / "videos").is_dir() else []
+            part = list((out / ".ingest" / "partial").glob("bert-*/*.mp4")) if done else []
+            if done and part:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and not killed:
+            proc.kill()
+        proc.wait()
+    assert killed, "the ingest finished before it could be killed"
+    clips = list_clips(out, "train")
+    assert clips and {c.identity for c in clips} == {"anna"}, [c.key for c in clips]
+    for c in clips:  # every clip the trainer lists is complete
+        assert c.audio is not None and c.video.with_suffix(".face.npz").is_file() and c.meta is not None
+        with av.open(str(c.video)) as cont:
+            assert cont.streams.video[0].frames > 0 or sum(1 for _ in cont.decode(video=0)) > 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert {c["identity"] for c in man["clips"]} == {"anna"} and len(man["clips"]) == len(clips)
+    first = {c.key for c in clips}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["last_run"]["already_done"] == 1 and report["last_run"]["ingested"] == 2
+    clips = list_clips(out, "train")
+    assert {c.identity for c in clips} == {"anna", "bert", "carl"}
+    assert first <= {c.key for c in clips}
+    per = {s: [c for c in clips if c.identity == s] for s in ("anna", "bert", "carl")}
+    assert all(len(v) == len(per["anna"]) for v in per.values()), {k: len(v) for k, v in per.items()}
+    assert not (out / ".ingest" / "partial").exists()
