@@ -195,6 +195,7 @@ def main(argv=None) -> int:
         port = free_port()
         cfg = {"host": "127.0.0.1", "port": port, "checkpoint": str(ck), "config": a.config,
                "ice_hosts": ["127.0.0.1"], "max_sessions": a.max_sessions + 1, "threads": a.threads,
+               "admission": False,  # measured past the point where admission control would refuse
                "backend": a.backend}
         proc = subprocess.Popen([sys.executable, "-c", _SERVER, json.dumps(cfg)], cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,

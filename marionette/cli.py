@@ -239,6 +239,15 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--output-size", metavar="SIZE", default="512", help=(
         "frames of an aligned avatar: N (default 512: N x N around the face), WxH, original (the whole "
         "photo) or crop (the model's square crop)"))
+    ops = p.add_argument_group("overload and shutdown (docs/operations.md)")
+    ops.add_argument("--round-budget-ms", type=_positive_float, metavar="MS", help=(
+        "admission control: refuse an offer (503) when the round one more session would need, predicted from "
+        "the measured round times, exceeds this (default: the frame period minus 4 ms)"))
+    ops.add_argument("--no-admission", action="store_true",
+                     help="no admission control from the round time: only --max-sessions limits sessions")
+    ops.add_argument("--drain-timeout", type=float, default=10.0, metavar="S", help=(
+        "on SIGTERM/SIGINT: refuse new offers, say goodbye to every session and wait up to S seconds for them "
+        "to leave (default 10); a second signal closes everything at once"))
     sec = p.add_argument_group("security (docs/security.md)")
     sec.add_argument("--token", default=os.environ.get("MARIONETTE_TOKEN") or None, help=(
         "require 'Authorization: Bearer TOKEN' on every route but / and /healthz (default: $MARIONETTE_TOKEN; "
@@ -271,7 +280,9 @@ def _cmd_serve(argv: list[str]) -> int:
                       latency=a.latency, seed=a.seed, kernels=a.kernels, align=a.align, output_size=a.output_size,
                       token=a.token, cors_origins=tuple(a.cors_origin), offer_rate=a.offer_rate,
                       upload_rate=a.upload_rate, max_upload_pixels=int(a.max_upload_mpix * 1_000_000),
-                      metrics_host=a.metrics_host or "127.0.0.1", metrics_port=a.metrics_port)
+                      metrics_host=a.metrics_host or "127.0.0.1", metrics_port=a.metrics_port,
+                      round_budget_ms=a.round_budget_ms, admission=not a.no_admission,
+                      drain_timeout_s=max(0.0, a.drain_timeout))
     serve(cfg)
     return 0
 

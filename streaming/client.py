@@ -156,7 +156,9 @@ class AvatarClient:
         self.rtp_origin: dict[str, int] = {}  # decoded frames' pts count from the first RTP timestamp
 
     async def connect(self, mic: MediaStreamTrack | None = None, webcam: MediaStreamTrack | None = None,
-                      avatar: str | None = None, controls=None, timeout: float = 20.0) -> dict:
+                      avatar: str | None = None, controls=None, timeout: float = 20.0, relay=None) -> dict:
+        """Offer, answer, wait for the control channel. `relay`: a `streaming.netem.UdpRelay` (or anything
+        with `offer(sdp)` and `answer(sdp)`) that the media then crosses."""
         import aiohttp
 
         pc = self.pc
@@ -195,7 +197,8 @@ class AvatarClient:
                 self._tasks.append(asyncio.ensure_future(self._pull_audio(track)))
 
         await pc.setLocalDescription(await pc.createOffer())
-        body = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        offer = pc.localDescription.sdp
+        body = {"sdp": relay.offer(offer) if relay is not None else offer, "type": "offer"}
         if avatar is not None:
             body["avatar"] = avatar
         if controls is not None:
@@ -208,7 +211,8 @@ class AvatarClient:
                     raise RuntimeError(f"offer refused: {r.status} {answer}")
         self.session = answer["session"]
         self.session_key = answer.get("session_key")
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        sdp = relay.answer(answer["sdp"]) if relay is not None else answer["sdp"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=answer["type"]))
         await asyncio.wait_for(self._channel_open.wait(), timeout)
         return answer
 
@@ -334,6 +338,11 @@ class AvatarClient:
         self.send({**msg, "id": mid})
         return await self.wait_message(lambda m: m.get("id") == mid, timeout)
 
+    def vanish(self) -> None:
+        """Go silent without a goodbye, as a killed process would: from now on nothing this peer sends
+        leaves (no RTP, RTCP, consent, DTLS close, SCTP abort); `close()` afterwards frees it locally."""
+        vanish(self.pc)
+
     async def close(self) -> None:
         await self.pc.close()
         for t in self._tasks:
@@ -342,3 +351,18 @@ class AvatarClient:
         self._tasks.clear()
 
 
+def vanish(pc) -> None:
+    """Make an aiortc peer connection send nothing more (see `AvatarClient.vanish`): every datagram its ICE
+    sockets would send is dropped. aioice sends through `StunProtocol.send_data` / `send_stun` only."""
+
+    def drop(*args, **kwargs):
+        return None
+
+    async def adrop(*args, **kwargs):
+        return None
+
+    for t in list(getattr(pc, "_RTCPeerConnection__iceTransports", ())):
+        conn = getattr(getattr(t, "_connection", None), "_protocols", None)  # aioice.Connection
+        for proto in list(conn or ()):
+            proto.send_data = adrop
+            proto.send_stun = drop

@@ -86,11 +86,12 @@ class ServerThread:
             st.url; st.server (the AvatarServer); st.call(coroutine_function, *args)
     """
 
-    def __init__(self, cfg, host: str = "127.0.0.1"):
+    def __init__(self, cfg, host: str = "127.0.0.1", pipeline=None):
         import dataclasses
         import threading
 
         self.cfg = dataclasses.replace(cfg, host=host, port=0)
+        self.pipeline = pipeline  # a streaming.pipeline.Pipeline already loaded (None: the server loads cfg's)
         self.server = None
         self.loop = None
         self.port = None
@@ -131,7 +132,7 @@ class ServerThread:
         from streaming.server import AvatarServer
 
         self._stop = asyncio.Event()
-        self.server = AvatarServer(self.cfg)
+        self.server = AvatarServer(self.cfg, self.pipeline)
         await self.server.start()
         runner = web.AppRunner(self.server.app(), access_log=None)
         await runner.setup()
@@ -349,3 +350,172 @@ class PeerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+class ServeProcess:
+    """`marionette serve ARGS... --port 0` in its own process (what an operator runs), its log collected on a
+    thread; `with ServeProcess([...]) as sp:` waits for "serving on" and knows `sp.url`, `sp.pid`;
+    `sp.signal(SIGTERM)`, `sp.wait(timeout)` -> exit status, `sp.log()` -> the log so far."""
+
+    def __init__(self, args, timeout: float = 180.0):
+        import sys
+        import threading
+
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "marionette", "serve", *map(str, args), "--port", "0"],
+                                     cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self.timeout = timeout
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="serve-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import re
+
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            m = re.search(r"serving on http://[^ ]*:(\d+)/", line)
+            if m and self.port is None:
+                self.port = int(m.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def __enter__(self) -> "ServeProcess":
+        if not self._ready.wait(self.timeout) or self.port is None:
+            self.__exit__()
+            raise RuntimeError("marionette serve did not start:\n" + self.log()[-4000:])
+        return self
+
+    def signal(self, sig) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(5)
+
+
+# ------------------------------------------------------------------------------------------- churn
+# one connect/disconnect cycle each (benchmarks/churn.py, tests/test_server_operations.py):
+#   clean        a talking peer that gets video, then closes (DTLS close, SCTP shutdown)
+#   vanish       the same, then goes silent without a goodbye (what the server sees of a killed process)
+#   kill         a real peer process killed with SIGKILL (streaming.fixtures.PeerProcess; ~2 s to start)
+#   no_ice       an offer whose peer never answers ICE (closed hold_s after posting it)
+#   no_audio     a video-only offer: no audio m-line, a data channel; gets video, closes
+#   mid_message  a talking peer that sends a large control message and closes the channel and itself at once
+CHURN_KINDS = ("clean", "vanish", "kill", "no_ice", "no_audio", "mid_message")
+
+
+async def churn_cycle(url: str, kind: str, seed: int = 0, hold_s: float = 0.3, token: str | None = None) -> dict:
+    """One cycle of `kind` against the server at `url` -> {"kind", "ok", "refused", "seconds", "error"?}.
+    ok: it went as that kind goes (a 503/429 is "refused", not a failure of the cycle)."""
+    import asyncio
+    import json
+    import time
+
+    import aiohttp
+    from aiortc import RTCSessionDescription
+
+    from streaming.client import AvatarClient, PcmSource
+    from streaming.rtc import peer_connection
+
+    t0 = time.monotonic()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    tone = (np.sin(np.arange(48000 * 5) * (0.02 + 0.01 * (seed % 7))) * 5000).astype(np.int16)
+    out = {"kind": kind, "ok": False, "refused": False}
+
+    async def post(sdp):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url.rstrip("/") + "/offer", json={"sdp": sdp, "type": "offer"},
+                                 headers=headers) as r:
+                return r.status, await r.json()
+
+    try:
+        if kind in ("clean", "vanish", "mid_message"):
+            c = AvatarClient(url, keep_frames=False, decode_video=False, token=token)
+            try:
+                await c.connect(mic=PcmSource(tone))
+                await c.wait_first_frame(20)
+                await asyncio.sleep(hold_s)
+                if kind == "vanish":
+                    c.vanish()
+                elif kind == "mid_message":
+                    # larger than one SCTP chunk (fragmented), over the control limit, and the channel and
+                    # the connection closed right behind it
+                    c.channel.send(json.dumps({"type": "pose", "yaw": 1.0, "pad": "x" * (96 * 1024 + seed)}))
+                    c.channel.close()
+            finally:
+                await c.close()
+        elif kind == "kill":
+            def run():
+                with PeerProcess(url) as p:
+                    p.kill()
+
+            await asyncio.to_thread(run)
+        elif kind in ("no_ice", "no_audio"):
+            pc = peer_connection()
+            try:
+                got = asyncio.Event()
+                if kind == "no_audio":
+                    pc.addTransceiver("video", direction="recvonly")
+                    pc.createDataChannel("control")
+
+                    @pc.on("track")
+                    def on_track(track):
+                        async def first():
+                            try:
+                                await track.recv()
+                                got.set()
+                            except Exception:  # noqa: BLE001 - the track ended
+                                pass
+
+                        asyncio.ensure_future(first())
+                else:
+                    pc.addTransceiver("audio", direction="sendrecv")
+                    pc.addTransceiver("video", direction="recvonly")
+                await pc.setLocalDescription(await pc.createOffer())
+                status, body = await post(pc.localDescription.sdp)
+                if status != 200:
+                    raise RuntimeError(f"offer refused: {status} {body}")
+                if kind == "no_audio":
+                    await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="answer"))
+                    await asyncio.wait_for(got.wait(), 20)
+                await asyncio.sleep(hold_s)  # (no_ice: a client that waits a moment, then gives up)
+            finally:
+                await pc.close()
+        else:
+            raise ValueError(f"unknown churn kind {kind!r} (valid: {', '.join(CHURN_KINDS)})")
+        out["ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported per cycle
+        msg = f"{type(e).__name__}: {e}"
+        out["refused"] = "offer refused: 503" in msg or "offer refused: 429" in msg
+        if out["refused"]:
+            import re
+
+            m = re.search(r"'reason': '(\w+)'", msg)
+            out["reason"] = m.group(1) if m else msg[15:18]
+        out["error"] = msg[:300]
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out

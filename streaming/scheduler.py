@@ -8,6 +8,10 @@ sessions), the next round targets the first tick it can still make: ticks are sk
 queued, and the video tracks count the missing frames as drops. Other work that must not run on
 the event loop (preparing an uploaded avatar) is `submit`ted and runs between rounds on the same
 thread, so inference is never concurrent with itself.
+
+Admission control reads `round_times`: the recent round durations per batch size (90th percentile),
+seeded by the warmup's, and `RoundTimes.predict(n)`, the round time n sessions would take (measured when
+n has run lately, else extrapolated from the largest measured batch below n; see `RoundTimes`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,89 @@ class FrameJob:
     extra: dict = field(default_factory=dict)
 
 
+class RoundTimes:
+    """Round durations per batch size, and a prediction for a batch size not measured lately.
+
+    `add(n, seconds)` records a regular round of n sessions (the scheduler thread); `seed({n: s})` gives
+    the warmup's figures, used while no size has been measured lately. A size counts as measured when
+    it has `min_samples` rounds within the last `max_age_s` seconds; its figure is the 90th percentile
+    of its last `window` rounds (a round that is usually fast but sometimes slow still loses ticks).
+    `predict(n)`: the measured figure of n, else t(m) + (n - m) * b from the largest measured size m
+    below n, with b the cost of one more row: the slope between two sizes measured under the same
+    conditions (two live sizes, else the warmup's two scaled by how much slower m runs now than at
+    warmup), kept between a tenth of and the whole of t(m)/m (t(n) = a + b n with a >= 0 cannot grow
+    faster than in proportion, so t(m)/m is the cautious bound used when nothing else is known)."""
+
+    def __init__(self, window: int = 100, min_samples: int = 10, max_age_s: float = 30.0, clock=time.monotonic):
+        self.window, self.min_samples, self.max_age_s = window, min_samples, max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._live: dict[int, collections.deque] = {}  # n -> deque of (monotonic, seconds)
+        self._seed: dict[int, float] = {}
+
+    def seed(self, times: dict[int, float]) -> None:
+        with self._lock:
+            self._seed = {int(n): float(t) for n, t in times.items() if n >= 1 and t > 0}
+
+    def add(self, n: int, seconds: float) -> None:
+        if n < 1:
+            return
+        with self._lock:
+            d = self._live.get(n)
+            if d is None:
+                d = self._live[n] = collections.deque(maxlen=self.window)
+            d.append((self._clock(), float(seconds)))
+
+    def live(self) -> dict[int, float]:
+        """{batch size: 90th-percentile round seconds} of the sizes measured lately."""
+        now = self._clock()
+        out = {}
+        with self._lock:
+            items = [(n, list(d)) for n, d in self._live.items()]
+        for n, rows in items:
+            recent = [t for at, t in rows if now - at <= self.max_age_s]
+            if len(recent) >= self.min_samples:
+                out[n] = float(np.percentile(recent, 90))
+        return out
+
+    def table(self) -> dict[int, float]:
+        """Live figures over the warmup's."""
+        with self._lock:
+            seed = dict(self._seed)
+        return {**seed, **self.live()}
+
+    def predict(self, n: int) -> float:
+        if n <= 0:
+            return 0.0
+        live = self.live()
+        with self._lock:
+            seed = dict(self._seed)
+        # what the machine does now outranks the warmup: the warmup's figures only where nothing is live
+        known = live if live else seed
+        if not known:
+            return 0.0
+        if n in known:
+            return known[n]
+        below = [m for m in known if m < n]
+        if not below:  # only larger sizes known: in proportion (an upper bound for n below them)
+            m = min(known)
+            return known[m] * n / m
+        m = max(below)
+        tm = known[m]
+        b = None
+        lower = sorted(x for x in known if x < m)
+        if lower:  # two sizes measured under the same conditions
+            m2 = lower[-1]
+            b = (tm - known[m2]) / (m - m2)
+        elif len(seed) >= 2:  # the warmup's slope, scaled by how much slower m runs now than at warmup
+            s1, s2 = sorted(seed)[-2:]
+            scale = tm / seed[m] if seed.get(m, 0) > 0 else 1.0
+            b = (seed[s2] - seed[s1]) / (s2 - s1) * scale
+        hi = tm / m
+        b = hi if b is None else min(hi, max(0.1 * hi, b))
+        return tm + (n - m) * b
+
+
 class Scheduler:
     def __init__(self, pipeline, clock, metrics=None, lead_s: float | None = None, name: str = "marionette-scheduler"):
         self.pipeline = pipeline
@@ -61,6 +148,7 @@ class Scheduler:
         self.late_rounds = 0
         self.last_batch = 0
         self.errors = 0
+        self.round_times = RoundTimes()  # per batch size: what admission control predicts from
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Scheduler":
@@ -171,6 +259,7 @@ class Scheduler:
             if n:
                 self.rounds += 1
                 self.est_round = dt if self.rounds == 1 else 0.8 * self.est_round + 0.2 * dt
+                self.round_times.add(n, dt)
                 if clock.now() > clock.video_time(k):
                     self.late_rounds += 1
                 if self.metrics is not None:

@@ -34,6 +34,20 @@ between 15 ms and two frame periods: a machine that computes slowly or unevenly 
 smooth video with up to one extra frame period of latency; rounds then run up to a tick ahead.
 `--latency low|balanced|safe` (LATENCY_LEVELS) moves the margin and the lead together: low for an idle
 machine on a quiet network, safe for a loaded one or a jittery network.
+
+Operations (docs/operations.md).
+* Admission control: an offer is refused (503, Retry-After, {"reason": "overloaded"}) when the round
+  one more session would make, predicted from the scheduler's measured round times per batch size, would
+  not fit the round budget (the frame period minus a margin): the running sessions keep their frame
+  rate instead of all slowing down. The first session is always admitted; `max_sessions` stays a hard
+  cap ({"reason": "full"}). /info, /healthz and /metrics (marionette_load, marionette_admitting) show it.
+* Dead peers: a connected session from which nothing has arrived for `peer_timeout_s` is closed, one that
+  never connects after `connect_timeout_s` too; and an offer that would be refused first closes the
+  sessions of the same client address whose media has been silent for `ghost_silence_s` (a user who
+  reconnects is never refused because of the session they just lost).
+* Shutdown: the first SIGTERM/SIGINT drains (offers refused with {"reason": "draining"}, every session
+  sent {"type": "goodbye", ...} on its data channel, up to `drain_timeout_s` for them to leave); a second
+  one closes everything at once.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import secrets
 import signal
 import time
@@ -120,8 +135,15 @@ class ServeConfig:
     # not on the command line
     rate_limit_clients: int = 4096  # client addresses each rate limiter remembers (least recently seen evicted)
     audio_margin_ms: float | None = None  # arrival margin for inbound audio; None: the latency level's
-    peer_timeout_s: float = 5.0
-    connect_timeout_s: float = 20.0
+    peer_timeout_s: float = 4.0  # a connected peer from which nothing (media, RTCP, consent) arrived this long
+    connect_timeout_s: float = 10.0  # a session whose ICE/DTLS never completes
+    # overload and lifecycle (docs/operations.md)
+    admission: bool = True  # False: only max_sessions limits the sessions
+    round_budget_ms: float | None = None  # a round for one more session must fit; None: frame period - margin
+    admission_margin_ms: float = 4.0
+    retry_after_s: int = 5  # Retry-After of a 503 (full, overloaded)
+    ghost_silence_s: float = 2.0  # an offer that would be refused reaps its own address's sessions silent so long
+    drain_timeout_s: float = 10.0  # SIGTERM: how long sessions may take to leave after their goodbye
     stats_interval_s: float = 1.0
     max_avatars: int = 32
     max_offer_bytes: int = 128 * 1024
@@ -260,6 +282,10 @@ class AvatarServer:
             raise InputError(f"max_upload_pixels must be positive, got {cfg.max_upload_pixels}")
         self.metrics_port: int | None = None  # where the separate /metrics site listens (metrics_port)
         self._metrics_runner = None
+        self.draining = False
+        self.round_budget_s: float | None = None  # set by start()
+        self._loop = None
+        self._add_operations_metrics()
 
     # =============================================================================== lifecycle
     async def start(self) -> None:
@@ -269,6 +295,7 @@ class AvatarServer:
         from streaming.scheduler import Scheduler
 
         cfg = self.cfg
+        self._loop = asyncio.get_running_loop()
         if cfg.fps <= 0 or 90000 % cfg.fps:
             raise InputError(f"--fps {cfg.fps}: must divide 90000 (e.g. 20, 24, 25, 30)")
         if cfg.latency not in LATENCY_LEVELS:
@@ -301,7 +328,14 @@ class AvatarServer:
             raise InputError(f"avatar {source}: {e}") from None
         self.avatars.set_builtin(state, source)
         self.warmup_times = await asyncio.wrap_future(self.scheduler.submit(p.warmup, state))
+        self.scheduler.round_times.seed(self.warmup_times)
         period = self.clock.period
+        if cfg.round_budget_ms is not None:
+            if not cfg.round_budget_ms > 0:
+                raise InputError(f"round budget {cfg.round_budget_ms} ms: must be positive")
+            self.round_budget_s = cfg.round_budget_ms / 1000
+        else:
+            self.round_budget_s = max(period * 0.5, period - cfg.admission_margin_ms / 1000)
         level = LATENCY_LEVELS[cfg.latency]
         if cfg.lead_ms is not None:
             lead = cfg.lead_ms / 1000
@@ -521,6 +555,7 @@ class AvatarServer:
             "audio_margin_ms": round(self.audio_margin_s * 1000, 1),
             "random_weights": p.random_weights, "presets": sorted(p.presets),
             "exp_dim": p.cfg.latents.exp, "max_sessions": self.cfg.max_sessions,
+            "admission": self.admission(),
             "avatars": self.avatars.list(),
             "ice_servers": [{k: v for k, v in (("urls", s.urls), ("username", s.username),
                                                ("credential", s.credential)) if v}
@@ -529,14 +564,19 @@ class AvatarServer:
         })
 
     async def healthz(self, request):
+        """200 "ok" while the server takes sessions or is merely full; 503 "draining" (shutting down: a
+        load balancer should stop sending) or "degraded" (the scheduler thread died)."""
         sch = self.scheduler
         ok = sch is not None and sch.alive
+        adm = self.admission()
+        status = "draining" if self.draining else ("ok" if ok else "degraded")
         return web.json_response({
-            "status": "ok" if ok else "degraded", "sessions": len(self.sessions),
+            "status": status, "sessions": len(self.sessions),
             "max_sessions": self.cfg.max_sessions, "scheduler_alive": ok,
             "round_ms": round(sch.est_round * 1000, 2) if sch else None,
+            "admitting": adm["admitting"], "load": adm["load"],
             "uptime_s": round(time.time() - self.started, 1) if self.started else 0.0,
-        }, status=200 if ok else 503)
+        }, status=200 if status == "ok" else 503)
 
     async def metrics_handler(self, request):
         return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
@@ -578,16 +618,18 @@ class AvatarServer:
                     initial = C.parse_controls(body["controls"], self._control_context())
                 except C.ControlError as e:
                     raise _HttpError(400, f"controls: {e}") from None
-            if len(self.sessions) + self._reserved >= self.cfg.max_sessions:
-                self.metrics.sessions_rejected.inc(reason="full")
-                return web.json_response({"error": f"server full ({self.cfg.max_sessions} sessions)"},
-                                         status=503, headers={"Retry-After": "5"})
         except _HttpError as e:
             if e.status != 503:
                 self.metrics.sessions_rejected.inc(reason=str(e.status))
             return _error(e.status, e.message)
+        client = client_key(request.remote)
+        adm = self.admission()
+        if not adm["admitting"] and adm["reason"] != "draining" and await self._reap_ghosts(client):
+            adm = self.admission()  # the same client's silent sessions are gone: ask again
+        if not adm["admitting"]:
+            return self._refuse(adm)
 
-        self._reserved += 1
+        self._reserved += 1  # (no await since the admission check: offers cannot both take the last place)
         session = None
         try:
             pc = peer_connection(self._ice_servers)
@@ -600,6 +642,7 @@ class AvatarServer:
                 connect_timeout_s=self.cfg.connect_timeout_s, stats_interval_s=self.cfg.stats_interval_s,
                 audio_prefetch=self.cfg.audio_prefetch, grace_s=self.cfg.grace_ms / 1000,
                 on_closed=self._session_closed)
+            session.client = client
             loopback_only = self._ice is not None and self._ice.loopback_only
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(
@@ -610,6 +653,9 @@ class AvatarServer:
                 await session.close("bad offer")
                 self.metrics.sessions_rejected.inc(reason="400")
                 return _error(400, f"malformed or unsupported SDP offer: {type(e).__name__}: {e}")
+            if self.draining:  # shutdown began while this offer was being answered
+                await session.close("server shutting down")
+                return self._refuse(self.admission())
             if initial:
                 session.apply_controls(initial)
             self.sessions[sid] = session
@@ -625,6 +671,120 @@ class AvatarServer:
             raise
         finally:
             self._reserved -= 1
+
+    # ------------------------------------------------------------------------- admission, drain
+    def admission(self) -> dict:
+        """Whether one more session is admitted now, why not, and the load figure a dispatcher balances on:
+        load = max(predicted round time of the current sessions / round budget, sessions / max_sessions)
+        (1.0 and above: full)."""
+        n = sum(1 for s in self.sessions.values() if not s.closed) + self._reserved  # (closing ones are leaving)
+        sch, budget = self.scheduler, self.round_budget_s
+        cap = self.cfg.max_sessions
+        now_s = sch.round_times.predict(n) if sch is not None else 0.0
+        next_s = sch.round_times.predict(n + 1) if sch is not None else 0.0
+        reason = None
+        if self.draining:
+            reason = "draining"
+        elif sch is None or budget is None:
+            reason = "starting"
+        elif n >= cap:
+            reason = "full"
+        elif self.cfg.admission and n >= 1 and next_s > budget:
+            reason = "overloaded"
+        load = max(now_s / budget if budget else 0.0, n / cap)
+        return {"admitting": reason is None, "reason": reason, "sessions": n, "max_sessions": cap,
+                "load": round(load, 4), "round_budget_ms": round(budget * 1000, 2) if budget else None,
+                "predicted_round_ms": round(now_s * 1000, 2), "predicted_round_next_ms": round(next_s * 1000, 2),
+                "enabled": self.cfg.admission}
+
+    def _refuse(self, adm: dict) -> web.Response:
+        reason = adm["reason"]
+        retry = self.cfg.retry_after_s
+        if reason == "draining":
+            msg = "server shutting down: not accepting new sessions (try another server, or again shortly)"
+            retry = max(retry, int(math.ceil(self.cfg.drain_timeout_s)))
+        elif reason == "full":
+            msg = f"server full ({adm['max_sessions']} sessions)"
+        elif reason == "overloaded":
+            msg = (f"server at capacity: one more session would slow the {adm['sessions']} running below the frame "
+                   f"rate (predicted round {adm['predicted_round_next_ms']:.1f} ms > budget "
+                   f"{adm['round_budget_ms']:.1f} ms)")
+        else:
+            msg = "server starting"
+        self.metrics.sessions_rejected.inc(reason=reason)
+        log.info("offer refused: %s", msg)
+        return web.json_response({"error": msg, "reason": reason, "retry_after_s": retry,
+                                  "load": adm["load"]}, status=503, headers={"Retry-After": str(retry)})
+
+    async def _reap_ghosts(self, client: str) -> int:
+        """Close `client`'s sessions whose media has been silent for ghost_silence_s (its own ghosts: a peer
+        that vanished and is reconnecting); returns how many."""
+        ghosts = [s for s in list(self.sessions.values())
+                  if getattr(s, "client", None) == client and s.silent_s() > self.cfg.ghost_silence_s]
+        if not ghosts:
+            return 0
+        log.info("reaping %d silent session(s) of %s to admit its new offer", len(ghosts), client)
+        await asyncio.gather(*(s.close("replaced: silent while its client made a new offer") for s in ghosts),
+                             return_exceptions=True)
+        self.metrics.sessions_reaped.inc(len(ghosts), reason="ghost")
+        return len(ghosts)
+
+    async def drain(self, timeout: float | None = None, force: asyncio.Event | None = None) -> dict:
+        """Refuse new offers, send every session a goodbye, and wait up to `timeout` (drain_timeout_s) for
+        them to leave, or until `force` is set. Returns {"left", "remaining", "forced", "waited_s"}; the
+        sessions still open are the caller's to close (stop())."""
+        timeout = self.cfg.drain_timeout_s if timeout is None else timeout
+        self.draining = True
+        t0 = time.monotonic()
+        n0 = len(self.sessions)
+        for s in list(self.sessions.values()):
+            s.send({"type": "goodbye", "reason": "server shutting down", "drain_s": timeout})
+        log.info("draining: %d session(s) told goodbye; waiting up to %.0f s for them to leave", n0, timeout)
+        forced = False
+        while self.sessions or self._reserved:
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0:
+                break
+            if force is not None and force.is_set():
+                forced = True
+                break
+            try:
+                await asyncio.wait_for((force or asyncio.Event()).wait(), min(0.1, left))
+            except asyncio.TimeoutError:
+                pass
+        out = {"left": n0 - len(self.sessions), "remaining": len(self.sessions), "forced": forced,
+               "waited_s": round(time.monotonic() - t0, 2)}
+        log.info("drain %s: %d session(s) left, %d still open (closed now), %.1f s",
+                 "forced" if forced else ("timed out" if out["remaining"] else "complete"),
+                 out["left"], out["remaining"], out["waited_s"])
+        return out
+
+    def _add_operations_metrics(self) -> None:
+        from streaming.metrics import Counter, Gauge
+
+        r = self.metrics.registry
+        m = self.metrics
+        m.sessions_reaped = r.add(Counter("marionette_sessions_reaped_total",
+                                          "Sessions closed to admit their own client's new offer", ["reason"]))
+        r.add(Gauge("marionette_load", "Worker load for a dispatcher: max(predicted round / budget, "
+                                       "sessions / max_sessions); 1 and above is full",
+                    fn=lambda: self.admission()["load"]))
+        r.add(Gauge("marionette_admitting", "1 when one more session would be admitted now",
+                    fn=lambda: float(self.admission()["admitting"])))
+        r.add(Gauge("marionette_draining", "1 while shutting down", fn=lambda: float(self.draining)))
+        r.add(Gauge("marionette_round_budget_seconds", "Round time one more session's round must fit",
+                    fn=lambda: self.round_budget_s or 0.0))
+        r.add(Gauge("marionette_round_predicted_seconds", "Predicted round time with the current sessions",
+                    fn=lambda: self.admission()["predicted_round_ms"] / 1000))
+        r.add(Gauge("marionette_round_predicted_next_seconds", "Predicted round time with one more session",
+                    fn=lambda: self.admission()["predicted_round_next_ms"] / 1000))
+        r.add(Gauge("marionette_scheduler_sessions", "Sessions in the scheduler's batch",
+                    fn=lambda: len(self.scheduler.sessions) if self.scheduler else 0))
+        r.add(Gauge("marionette_asyncio_tasks", "Tasks on the server's event loop",
+                    fn=lambda: len(asyncio.all_tasks(self._loop)) if self._loop is not None else 0))
+        r.add(Gauge("process_resident_memory_bytes", "Resident memory", fn=_rss_bytes))
+        r.add(Gauge("process_open_fds", "Open file descriptors", fn=_open_fds))
+        r.add(Gauge("process_threads", "OS threads of the process", fn=_os_threads))
 
     def _session_closed(self, session) -> None:
         if self.sessions.get(session.id) is session:
@@ -821,10 +981,21 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
         await server.stop()
         raise
     stop = stop or asyncio.Event()
+    force = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig) -> None:
+        if not stop.is_set():
+            log.info("%s: draining (up to %.0f s; send it again to close everything now)", sig.name,
+                     cfg.drain_timeout_s)
+            stop.set()
+        else:
+            log.warning("%s again: closing every session now", sig.name)
+            force.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
             pass
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -837,9 +1008,42 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
         ready(server, port)
     try:
         await stop.wait()
+        await server.drain(cfg.drain_timeout_s, force)
     finally:
         await runner.cleanup()
         await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover
+                pass
+        log.info("server stopped")
+
+
+def _rss_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _open_fds() -> float:
+    try:
+        return float(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        return float("nan")
+
+
+def _os_threads() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return float("nan")
 
 
 def _is_loopback(host: str) -> bool:

@@ -55,6 +55,8 @@ class Session:
         self.created = time.monotonic()
         self.closed = False
         self.close_reason: str | None = None
+        self.client: str | None = None  # the client's address key (the server's rate limiters' and ghost reaping's)
+        self.last_rx_at = self.created  # when anything last arrived from the peer (the monitor's view)
         self._closed_event = asyncio.Event()
 
         self.audio = InboundAudio(latency_s)
@@ -535,6 +537,10 @@ class Session:
                     pass
         return total
 
+    def silent_s(self) -> float:
+        """Seconds since anything last arrived from the peer (since the session began, if nothing has)."""
+        return time.monotonic() - self.last_rx_at
+
     async def _monitor(self) -> None:
         last_rx, last_change = None, time.monotonic()
         next_stats = time.monotonic() + self.stats_interval_s
@@ -546,6 +552,7 @@ class Session:
                 rx = await self._rx_packets()
                 if rx != last_rx:
                     last_rx, last_change = rx, now
+                    self.last_rx_at = now
                 elif now - last_change > self.peer_timeout_s:
                     log.info("session %s: nothing received for %.1f s; closing", self.id, now - last_change)
                     await self.close("peer timed out")
