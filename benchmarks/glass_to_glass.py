@@ -42,7 +42,100 @@ STATIC = [{"type": "source", "factor": "pose", "from": "controls"},
           {"type": "source", "factor": "eye", "from": "controls"}]
 
 
-async def run(url: str, server, n_onsets: int, seed: int) -> dict:
+class ServerTap:
+    """Sees each video frame as it leaves the server's track: tick -> (monotonic time, mouth region)."""
+
+    def __init__(self):
+        self.video: dict[int, tuple[float, np.ndarray]] = {}
+
+    def on_video(self, k, frame):
+        self.video[k] = (time.monotonic(), mouth_region(frame.to_ndarray(format="rgb24")))
+
+    def on_audio(self, j, frame):
+        pass
+
+    async def aclose(self):
+        pass
+
+
+def stage_split(onsets_leave, frames, thr, client, sess, tap, period) -> dict:
+    """Per speech onset, where the milliseconds between the client sending it and its decoded frame go.
+
+    Every term is measured, on this process's one monotonic clock (client and server share it):
+      uplink      the onset packet leaving the client -> its audio in the server's buffer (network, the
+                  server's inbound jitter buffer, Opus decode, resampling)
+      hold        -> the tick whose frame is the first to open the lips is due (half a frame, lookahead,
+                  mel overhang, arrival margin and scheduler lead: the server's designed latency)
+      content     -> the tick of the first frame the client sees open past the threshold (the mouth's
+                  ramp: frames the model takes to open visibly)
+      pacing      that tick due -> its frame handed to the encoder
+      encode      -> encoded (the sender's encoder, as timed on the server)
+      network     encoded -> the frame's first RTP packet at the client (packetisation, loopback)
+      jitter      first packet -> the decoded frame out of the client's receiver (aiortc holds a frame
+                  until the next frame's first packet: one frame period)
+    """
+    t0 = sess.clock.t0
+    k0 = sess.video_track.k0
+    events = [(a + t0, k, snt + t0) for a, k, snt in sess.onset_events]
+    rows = []
+    for t_leave in onsets_leave:
+        cand = [e for e in events if t_leave - 0.005 <= e[0] <= t_leave + 0.3]
+        idx = [i for i, f in enumerate(frames) if f[0] > t_leave and f[2] > thr]
+        if not cand or not idx or frames[idx[0]][0] - t_leave > 1.0:
+            continue
+        arrived, k_gate, _sent_gate = cand[0]
+        t_dec, pts, _ = frames[idx[0]]
+        k_cli = k0 + int(round(pts / (90000 * period)))
+        if k_cli not in tap.video:
+            continue
+        sent = tap.video[k_cli][0]
+        first = client.first_packet_time("video", pts)
+        due = t0 + sess.clock.video_time(k_cli)
+        due_gate = t0 + sess.clock.video_time(k_gate)
+        row = {"uplink": arrived - t_leave, "hold": due_gate - arrived, "content": due - due_gate,
+               "pacing": sent - due}
+        if first is not None:
+            row["send_to_first_packet"] = first - sent
+            row["jitter"] = t_dec - first
+        row["total"] = t_dec - t_leave
+        rows.append({key: 1000 * v for key, v in row.items()})
+    out = {key: percentiles([r[key] for r in rows if key in r])
+           for key in ("uplink", "hold", "content", "pacing", "send_to_first_packet", "jitter", "total")}
+    enc_ms = [1000 * x for x in sess.encode_times]
+    out["encode (in send_to_first_packet)"] = percentiles(enc_ms)
+    out["content_frames"] = percentiles([r["content"] / (1000 * period) for r in rows])
+    return out
+
+
+def client_av_offset(client, sess) -> dict:
+    """Audio vs video at the client: each decoded frame's delay behind its media time (the server's
+    one clock: video tick k and audio frame j), video minus the audio playing the same instant.
+    Positive: the picture arrives after its sound."""
+    t0 = sess.clock.t0
+    k0, j0 = sess.video_track.k0, sess.audio_track.j0
+    if k0 is None or j0 is None:
+        return {"n": 0}
+    adelay = {}
+    for t, pts, _rms in client.received.audio:
+        j = j0 + int(round(pts / 960))
+        adelay[j] = t - (t0 + sess.clock.audio_time(j))
+    offs = []
+    for t, pts, _ in client.received.video:
+        k = k0 + int(round(pts / 3600))
+        media = t0 + sess.clock.video_time(k)
+        j = sess.clock.audio_frame_at(sess.clock.video_time(k))
+        if j in adelay:
+            offs.append(1000 * ((t - media) - adelay[j]))
+    res = percentiles(offs, (5, 50, 95))
+    if offs:
+        res["max_abs"] = float(np.max(np.abs(offs)))
+    vd = [1000 * (t - (t0 + sess.clock.video_time(k0 + int(round(pts / 3600))))) for t, pts, _ in client.received.video]
+    res["video_delay_ms"] = percentiles(vd)
+    res["audio_delay_ms"] = percentiles([1000 * v for v in adelay.values()])
+    return res
+
+
+async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | None = 0) -> dict:
     rng = np.random.default_rng(seed)
     bank = [espeak(w) for w in WORDS]
     frames: list[tuple[float, int, float]] = []  # (decoded arrival, pts, mouth deviation)
@@ -59,9 +152,13 @@ async def run(url: str, server, n_onsets: int, seed: int) -> dict:
         frames.append((t, pts, float(np.abs(m - ref["rest"]).mean())))
 
     mic = PcmSource()
-    c = AvatarClient(url, keep_frames=False, on_video=on_video)
+    c = AvatarClient(url, keep_frames=False, on_video=on_video, audio_prefetch=audio_prefetch)
     await c.connect(mic=mic, controls=STATIC)
     await c.wait_first_frame(30)
+    sess = server.server.sessions.get(c.session)
+    tap = ServerTap()
+    if sess is not None:
+        sess.taps.append(tap)
     await asyncio.sleep(1.5)
     onsets = []
     for i in range(n_onsets):
@@ -72,8 +169,6 @@ async def run(url: str, server, n_onsets: int, seed: int) -> dict:
         onsets.append(start + int(loud[0]))
         await asyncio.sleep(len(x) / 48000 + 0.1)
     await asyncio.sleep(1.0)
-    sid = c.session
-    sess = server.server.sessions.get(sid)
     server_onsets = list(sess.onset_latencies) if sess else []
     latency_ms = sess.latency_s * 1000 if sess else None
     stats = await c.request({"type": "stats"})
@@ -83,8 +178,15 @@ async def run(url: str, server, n_onsets: int, seed: int) -> dict:
     dev = np.array([f[2] for f in frames])
     quiet = dev[: max(1, int(25 * 0.8))]
     # "open": clearly above the rest picture's codec noise and a good part of the way to speech
-    thr = max(0.5, 4 * float(np.percentile(quiet, 95)), 0.25 * float(np.percentile(dev, 99)))
-    decoded, network, misses = [], [], 0
+    thr_move = max(0.5, 4 * float(np.percentile(quiet, 95)))
+    thr = max(thr_move, 0.25 * float(np.percentile(dev, 99)))
+    moved = []
+    for s in onsets:  # the weaker criterion: the mouth starts to move (clearly above codec noise)
+        t_leave = send_time_of_sample(mic.sent, s)
+        idx = np.flatnonzero((t > (t_leave or np.inf)) & (dev > thr_move))
+        if t_leave is not None and len(idx) and t[idx[0]] - t_leave <= 1.0:
+            moved.append(1000 * (t[idx[0]] - t_leave))
+    decoded, network, misses, leaves = [], [], 0, []
     for s in onsets:
         t_leave = send_time_of_sample(mic.sent, s)
         if t_leave is None:
@@ -94,18 +196,144 @@ async def run(url: str, server, n_onsets: int, seed: int) -> dict:
         if not len(idx) or t[idx[0]] - t_leave > 1.0:
             misses += 1
             continue
+        leaves.append(t_leave)
         j = idx[0]
         decoded.append(1000 * (t[j] - t_leave))
         first_packet = c.first_packet_time("video", frames[j][1])
         if first_packet is not None:
             network.append(1000 * (first_packet - t_leave))
+    period = 1.0 / server.server.pipeline.cfg.fps
     return {
-        "onsets": len(onsets), "missed": misses, "threshold": thr,
-        "client_decoded_ms": percentiles(decoded), "client_network_ms": percentiles(network),
+        "onsets": len(onsets), "missed": misses, "threshold": thr, "threshold_move": thr_move,
+        "client_decoded_ms": percentiles(decoded), "client_decoded_first_move_ms": percentiles(moved), "client_network_ms": percentiles(network),
         "server_ms": percentiles([1000 * x for x in server_onsets]),
+        "stages_ms": stage_split(leaves, frames, thr, c, sess, tap, period) if sess else {},
+        "client_av_offset_ms": client_av_offset(c, sess) if sess else {},
         "pipeline_latency_ms": latency_ms, "session_stats": stats,
         "raw": {"client_decoded_ms": decoded, "client_network_ms": network,
                 "server_ms": [1000 * x for x in server_onsets]},
+    }
+
+
+CHROMIUM_JS = """
+const M = window.marionette, v = document.getElementById('video');
+M.g2g = []; const c = document.createElement('canvas'); c.width = 16; c.height = 16;
+const ctx = c.getContext('2d', { willReadFrequently: true });
+function tick(now, md) {
+  // the mouth region (x 0.3-0.7, y 0.6-0.9 of the frame) at 16x16 grey
+  ctx.drawImage(v, 0.3 * v.videoWidth, 0.6 * v.videoHeight, 0.4 * v.videoWidth, 0.3 * v.videoHeight, 0, 0, 16, 16);
+  const d = ctx.getImageData(0, 0, 16, 16).data, g = new Array(256);
+  for (let i = 0; i < 256; i++) g[i] = (d[4 * i] + d[4 * i + 1] + d[4 * i + 2]) / 3;
+  M.g2g.push([performance.timeOrigin + md.presentationTime, md.receiveTime ? performance.timeOrigin + md.receiveTime : null,
+              md.rtpTimestamp ?? null, g]);
+  v.requestVideoFrameCallback(tick);
+}
+v.requestVideoFrameCallback(tick);
+"""
+
+
+def chromium_run(server, n_onsets: int, seed: int, tmp: Path) -> dict:
+    """The same measurement from headless Chromium (the demo page, a fake microphone playing the words
+    from a WAV file). Chromium's own capture and send timing are not visible from here, so the clock
+    starts when the onset reaches the server (the aiortc run shows the uplink on loopback is ~2 ms,
+    plus up to one 20 ms Opus frame that Chromium's sender fills before sending). Each presented frame
+    (requestVideoFrameCallback: presentationTime, receiveTime) is read back with its mouth region."""
+    import shutil
+    import wave
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        return {"skipped": "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"}
+    rng = np.random.default_rng(seed)
+    bank = [espeak(w) for w in WORDS]
+    parts = [np.zeros(48000 * 3, np.int16)]
+    for i in range(n_onsets):
+        parts += [bank[i % len(bank)], np.zeros(int(48000 * rng.uniform(0.9, 1.5)), np.int16)]
+    wav = tmp / "mic.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(np.concatenate(parts).astype("<i2").tobytes())
+    seconds = sum(len(x) for x in parts) / 48000
+    opts = Options()
+    opts.binary_location = chromium
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp / 'profile'}", "--use-fake-ui-for-media-stream",
+                 "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}%noloop",
+                 "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
+                 "--disable-dev-shm-usage"]:
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(driver), options=opts)
+    epoch_minus_mono = time.time() - time.monotonic()
+    try:
+        drv.get(server.url + "/?auto=1")
+        t0 = time.monotonic()
+        while not drv.execute_script("return window.marionette && window.marionette.session && "
+                                     "document.getElementById('video').videoWidth"):
+            if time.monotonic() - t0 > 40:
+                return {"error": "Chromium never showed the avatar"}
+            time.sleep(0.2)
+        sid = drv.execute_script("return window.marionette.session")
+        sess = server.server.sessions.get(sid)
+        for m in STATIC:
+            drv.execute_script("window.marionette.send(arguments[0])", m)
+        drv.execute_script(CHROMIUM_JS)
+        time.sleep(seconds + 1.0)
+        stats = drv.execute_script("""
+            return window.marionette.pc.getStats().then(r => { const o = {}; r.forEach(s => {
+              if (s.type === 'inbound-rtp') o[s.kind] = s; }); return o; });""")
+        rows = []
+        while True:  # in chunks: a long run does not fit one reply
+            chunk = drv.execute_script("return window.marionette.g2g.splice(0, 300)")
+            if not chunk:
+                break
+            rows += chunk
+    finally:
+        drv.quit()
+    events = list(sess.onset_events) if sess is not None else []
+    t0c = sess.clock.t0 if sess is not None else 0.0
+    if not rows or not events:
+        return {"error": f"no frames ({len(rows)}) or no server onsets ({len(events)})"}
+    tp = np.array([r[0] for r in rows]) / 1000 - epoch_minus_mono  # presented, monotonic
+    tr = np.array([np.nan if r[1] is None else r[1] for r in rows], np.float64) / 1000 - epoch_minus_mono
+    g = np.array([r[3] for r in rows], np.float32)
+    rest = np.median(g[:12], axis=0)
+    dev = np.abs(g - rest).mean(axis=1)
+    quiet = dev[12:12 + 20]
+    thr_move = max(0.5, 4 * float(np.percentile(quiet, 95)))
+    thr = max(thr_move, 0.25 * float(np.percentile(dev, 99)))
+    opened, moved, received = [], [], []
+    for arrived, _k, _sent in events:
+        a = arrived + t0c
+        for lst, th in ((opened, thr), (moved, thr_move)):
+            idx = np.flatnonzero((tp > a) & (dev > th))
+            if len(idx) and tp[idx[0]] - a < 1.0:
+                lst.append(1000 * (tp[idx[0]] - a))
+                if lst is opened and np.isfinite(tr[idx[0]]):
+                    received.append(1000 * (tr[idx[0]] - a))
+    v, au = stats.get("video", {}), stats.get("audio", {})
+    vjb = 1000 * v["jitterBufferDelay"] / v["jitterBufferEmittedCount"] if v.get("jitterBufferEmittedCount") else None
+    ajb = 1000 * au["jitterBufferDelay"] / au["jitterBufferEmittedCount"] if au.get("jitterBufferEmittedCount") else None
+    hold = 1000 * (tp - tr)
+    return {
+        "session_stats": sess.stats() if sess is not None else None,
+        "onsets_at_server": len(events), "frames": len(rows), "threshold": thr, "threshold_move": thr_move,
+        "server_arrival_to_presented_open_ms": percentiles(opened),
+        "server_arrival_to_presented_first_move_ms": percentiles(moved),
+        "server_arrival_to_received_open_ms": percentiles(received),
+        "receive_to_presented_ms": percentiles(hold[np.isfinite(hold)]),
+        "video_jitter_buffer_ms": vjb, "audio_jitter_buffer_ms": ajb,
+        "audio_minus_video_buffer_ms": None if vjb is None or ajb is None else ajb - vjb,
+        "video_fps": v.get("framesPerSecond"), "frames_decoded": v.get("framesDecoded"),
+        "frames_dropped": v.get("framesDropped"),
+        "note": "the clock starts at the onset's arrival at the server; add Chromium's capture and send "
+                "(up to a 20 ms Opus frame) for the glass-to-glass figure",
     }
 
 
@@ -118,31 +346,87 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", default="balanced", help="the server's --latency level: low | balanced | safe")
     ap.add_argument("--backend", default="torch", help="the server's --backend (auto: ONNX Runtime on a CPU)")
     ap.add_argument("--threads", type=int, help="the server's inference threads (default: its own)")
+    ap.add_argument("--client", choices=("aiortc", "chromium", "both"), default="both",
+                    help="which client measures: aiortc (in this process), headless Chromium, or both in turn")
+    ap.add_argument("--client-audio-prefetch", type=int, default=0,
+                    help="audio packets the client's aiortc jitter buffer holds (aiortc's own default: 4 = 80 ms)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "glass_to_glass.json")
     a = ap.parse_args(argv)
+    res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         ck, what = (a.checkpoint, str(a.checkpoint)) if a.checkpoint else default_checkpoint(Path(tmp), a.config)
         cfg = ServeConfig(checkpoint=ck, config=a.config, ice_hosts=("127.0.0.1",), latency=a.latency,
                           backend=a.backend, threads=a.threads)
         with ServerThread(cfg) as st:
             t0 = time.time()
-            res = asyncio.run(run(st.url, st, a.onsets, a.seed))
+            res["loadavg_start"] = os.getloadavg()
+            if a.client in ("aiortc", "both"):
+                res["aiortc"] = asyncio.run(run(st.url, st, a.onsets, a.seed, a.client_audio_prefetch))
+                res["aiortc"]["loadavg_end"] = os.getloadavg()
+            if a.client in ("chromium", "both"):
+                res["chromium"] = chromium_run(st, a.onsets, a.seed, Path(tmp))
+                res["chromium"]["loadavg_end"] = os.getloadavg()
             res.update({"model": what, "config": st.server.pipeline.cfg.name,
                         "image_size": st.server.pipeline.cfg.image_size,
                         "lookahead_ms": st.server.pipeline.cfg.lookahead_ms,
+                        "pipeline_latency_ms": 1000 * st.server.latency_s,
                         "lead_ms": 1000 * st.server.lead_s, "duration_s": time.time() - t0,
-                        "latency_level": a.latency, "backend": a.backend, "threads": st.server.pipeline.threads,
-                        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()}})
+                        "latency_level": a.latency, "client_audio_prefetch": a.client_audio_prefetch,
+                        "backend": a.backend, "threads": st.server.pipeline.threads,
+                        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                                    "python": platform.python_version()}})
+    # a run whose server dropped ticks (a busy machine) is not a clean figure: say so
+    notes = []
+    for name in ("aiortc", "chromium"):
+        st_ = (res.get(name) or {}).get("session_stats") or {}
+        sent, dropped = st_.get("frames_sent", 0), st_.get("frames_dropped", 0)
+        if sent + dropped:
+            share = dropped / (sent + dropped)
+            res[name]["dropped_share"] = share
+            if share > 0.01:
+                notes.append(f"{name}: the server dropped {100 * share:.1f}% of ticks: NOT a clean figure")
+    if max(res["loadavg_start"][0], res["machine"]["load_avg"][0]) > 1.5 * (os.cpu_count() or 1) / 2 + 0.5:
+        notes.append(f"load average {res['loadavg_start'][0]:.2f} -> {res['machine']['load_avg'][0]:.2f} on "
+                     f"{os.cpu_count()} cores: something else was running")
+    res["clean"] = not notes
+    res["notes"] = notes
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
+
     def fmt(p):
-        return f"p50 {p['p50']:.0f} ms, p95 {p['p95']:.0f} ms (n={p['n']})" if p.get("n") else "n=0"
+        return f"p50 {p['p50']:.0f} ms, p95 {p['p95']:.0f} ms (n={p['n']})" if p and p.get("n") else "n=0"
     print(f"glass-to-glass ({res['config']} {res['image_size']}px, lookahead {res['lookahead_ms']} ms, "
-          f"pipeline {res['pipeline_latency_ms']:.0f} ms; {res['model']})")
-    print(f"  client, decoded frame : {fmt(res['client_decoded_ms'])}")
-    print(f"  client, first packet  : {fmt(res['client_network_ms'])}")
-    print(f"  server (DESIGN def.)  : {fmt(res['server_ms'])}")
-    print(f"  missed onsets {res['missed']}/{res['onsets']}; load avg {res['machine']['load_avg']}; -> {a.out}")
+          f"pipeline {res['pipeline_latency_ms']:.0f} ms, --latency {a.latency}; {res['model']})")
+    r = res.get("aiortc")
+    if r:
+        print(f"aiortc client (audio prefetch {a.client_audio_prefetch}):")
+        print(f"  onset -> decoded frame, mouth open     : {fmt(r['client_decoded_ms'])}")
+        print(f"  onset -> decoded frame, mouth moves    : {fmt(r['client_decoded_first_move_ms'])}")
+        print(f"  onset -> first packet of that frame    : {fmt(r['client_network_ms'])}")
+        print(f"  server: onset arrival -> frame sent    : {fmt(r['server_ms'])}")
+        for name, p in r.get("stages_ms", {}).items():
+            if isinstance(p, dict) and p.get("n"):
+                print(f"    {name:34s}: p50 {p['p50']:6.1f}, p95 {p['p95']:6.1f}")
+        av = r.get("client_av_offset_ms", {})
+        if av.get("n"):
+            print(f"  A/V offset at the client (video - audio): p5 {av['p5']:.1f}, p50 {av['p50']:.1f}, "
+                  f"p95 {av['p95']:.1f} ms, max |{av['max_abs']:.1f}| ms")
+        print(f"  missed onsets {r['missed']}/{r['onsets']}")
+    c = res.get("chromium")
+    if c:
+        if "server_arrival_to_presented_open_ms" not in c:
+            print(f"chromium: {c}")
+        else:
+            print("headless Chromium (from the onset's arrival at the server):")
+            print(f"  -> presented frame, mouth open         : {fmt(c['server_arrival_to_presented_open_ms'])}")
+            print(f"  -> presented frame, mouth moves        : {fmt(c['server_arrival_to_presented_first_move_ms'])}")
+            print(f"  -> that frame received                 : {fmt(c['server_arrival_to_received_open_ms'])}")
+            print(f"  frame received -> presented            : {fmt(c['receive_to_presented_ms'])}")
+            print(f"  jitter buffers: video {c['video_jitter_buffer_ms']}, audio {c['audio_jitter_buffer_ms']} ms; "
+                  f"fps {c['video_fps']}")
+    for n in notes:
+        print("  NOTE: " + n)
+    print(f"  load avg {res['loadavg_start']} -> {res['machine']['load_avg']}; -> {a.out}")
     return 0
 
 

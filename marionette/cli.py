@@ -231,6 +231,11 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--latency", choices=["low", "balanced", "safe"], default="balanced", help=(
         "low: the smallest margins (an idle machine, a quiet network); balanced (default); safe: a frame period "
         "more of audio margin and scheduler lead (a loaded machine, a jittery network)"))
+    p.add_argument("--audio-packet-ms", type=float, choices=[2.5, 5, 10, 20], default=5.0, help=(
+        "duration of the outbound Opus packets (default 5: receivers hold packets, not ms, so short packets "
+        "keep their audio buffers as short as their video's; 20 saves ~60 kbit/s of headers)"))
+    p.add_argument("--no-frame-end-hint", action="store_true", help=(
+        "do not send the empty RTP packet that lets aiortc receivers release each video frame at once"))
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(
         "real photos (--avatar and uploads): require (default) finds and aligns the face and streams it pasted "
@@ -282,7 +287,8 @@ def _cmd_serve(argv: list[str]) -> int:
                       upload_rate=a.upload_rate, max_upload_pixels=int(a.max_upload_mpix * 1_000_000),
                       metrics_host=a.metrics_host or "127.0.0.1", metrics_port=a.metrics_port,
                       round_budget_ms=a.round_budget_ms, admission=not a.no_admission,
-                      drain_timeout_s=max(0.0, a.drain_timeout))
+                      drain_timeout_s=max(0.0, a.drain_timeout), audio_packet_ms=a.audio_packet_ms,
+                      frame_end_hint=not a.no_frame_end_hint)
     serve(cfg)
     return 0
 

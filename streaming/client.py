@@ -130,7 +130,7 @@ class Received:
 
 class AvatarClient:
     def __init__(self, base_url: str, *, keep_frames: bool = True, on_video: Callable | None = None,
-                 on_audio: Callable | None = None, keep_audio: bool = False, audio_prefetch: int | None = 1,
+                 on_audio: Callable | None = None, keep_audio: bool = False, audio_prefetch: int | None = 0,
                  decode_video: bool = True, token: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.token = token  # the server's bearer token (`serve --token`), if it has one
@@ -141,7 +141,7 @@ class AvatarClient:
         self.received = Received()
         self.keep_frames = keep_frames
         self.keep_audio = keep_audio
-        self.audio_prefetch = audio_prefetch  # aiortc's default (4) holds received audio 80 ms longer
+        self.audio_prefetch = audio_prefetch  # 0: each audio packet at once (aiortc's default, 4, holds 4 packets)
         self.audio_pcm: list[np.ndarray] = []
         self.on_video = on_video
         self.on_audio = on_audio
@@ -234,7 +234,7 @@ class AvatarClient:
         async def on_rtp(packet, arrival_time_ms):
             if kind not in self.rtp_origin:
                 self.rtp_origin[kind] = packet.timestamp
-            if packet.timestamp not in first:
+            if packet.timestamp not in first and packet.payload:  # empty ones are padding / frame-end hints
                 first[packet.timestamp] = time.monotonic()
                 if len(first) > 4096:
                     for k in list(first)[:2048]:

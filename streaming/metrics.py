@@ -174,7 +174,9 @@ class ServerMetrics:
                                                "Offers refused", ["reason"]))
         self.frames_sent = r.add(Counter("marionette_frames_sent_total", "Video frames handed to the encoder"))
         self.frames_dropped = r.add(Counter("marionette_frames_dropped_total",
-                                            "Video ticks with no frame sent", ["reason"]))
+                                            "Video ticks whose own frame was not sent", ["reason"]))
+        self.frames_repeated = r.add(Counter("marionette_frames_repeated_total",
+                                             "Dropped video ticks that carried an earlier picture again"))
         self.audio_frames_sent = r.add(Counter("marionette_audio_frames_sent_total", "Outbound 20 ms audio frames"))
         self.audio_underruns = r.add(Counter("marionette_audio_underrun_samples_total",
                                              "Outbound audio samples due before they arrived (sent as silence)"))

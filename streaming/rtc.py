@@ -6,13 +6,22 @@ server's sessions and the client.
   to the avatar video) is created on a transport that BUNDLE then orphans, so it never connects.
 * `shorten_audio_jitter_buffer`: aiortc holds each received audio packet until 4 later ones exist
   (80 ms). The server's `InboundAudio` absorbs jitter and gaps itself, so keeping 1 saves 60 ms of
-  glass-to-glass latency. It replaces a private attribute; when aiortc changes, it does nothing.
+  glass-to-glass latency, and releasing each packet as it arrives (prefetch 0, `immediate_audio_buffer`)
+  20 ms more. It replaces a private attribute; when aiortc changes, it does nothing.
+* `time_encoder`: calls back when the sender has encoded each frame (the encode stage of the latency
+  budget); aiortc has no hook, so it wraps the sender's per-frame step. When aiortc changes, it does nothing.
+* `hint_frame_end`: after each video frame, an empty RTP packet carrying the next frame's timestamp, so
+  a receiver that finds a frame's end by the next timestamp (aiortc) releases it at once instead of one
+  frame period later (40 ms at 25 fps). An RTP packet with no payload is padding to libwebrtc (Chromium)
+  and is dropped there. Needs a track whose frames have consecutive timestamps (`AvatarVideoTrack` with
+  `fill_gaps`), and keeps the sender reports' RTP/NTP pair on the last real packet.
 * `iter_frames`: a received track's frames until it ends.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +40,35 @@ def receiver_of(pc, track):
     return None
 
 
+def immediate_audio_buffer(capacity: int = 16):
+    """A jitter buffer for audio that releases each packet the moment it arrives.
+
+    aiortc's own buffer knows a frame is complete only when a packet of the next one arrives, so even
+    with prefetch 0 it holds every audio packet one packet time (20 ms). An Opus packet is a whole
+    frame: nothing is gained by waiting. Packets older than the newest released one (reordered or
+    duplicated) are dropped, as a lost packet would be; `InboundAudio` places what arrives by its
+    arrival time and fills gaps with silence, so the stream keeps its clock."""
+    from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+    from aiortc.utils import uint16_add
+
+    class ImmediateJitterBuffer(JitterBuffer):
+        def __init__(self):
+            super().__init__(capacity=capacity)
+            self._next_seq: int | None = None
+
+        def add(self, packet):
+            seq = packet.sequence_number
+            if self._next_seq is not None and uint16_add(seq, -self._next_seq) >= 0x8000:
+                return False, None  # behind what was already released: late or duplicate
+            self._next_seq = uint16_add(seq, 1)
+            return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+
+    return ImmediateJitterBuffer()
+
+
 def shorten_audio_jitter_buffer(pc, track, prefetch: int = 1) -> bool:
-    """Make the receiver of `track` release audio after `prefetch` later packets; True if done."""
+    """Make the receiver of `track` release audio after `prefetch` later packets (0: at once); True
+    if done."""
     try:
         from aiortc.jitterbuffer import JitterBuffer
 
@@ -40,11 +76,67 @@ def shorten_audio_jitter_buffer(pc, track, prefetch: int = 1) -> bool:
         if rx is None or not hasattr(rx, "_RTCRtpReceiver__jitter_buffer"):
             return False
         old = rx._RTCRtpReceiver__jitter_buffer
-        rx._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=old.capacity, prefetch=prefetch)
+        rx._RTCRtpReceiver__jitter_buffer = (immediate_audio_buffer(old.capacity) if prefetch <= 0 else
+                                             JitterBuffer(capacity=old.capacity, prefetch=prefetch))
         return True
     except Exception:  # noqa: BLE001 - aiortc internals changed: keep its default
         log.debug("could not shorten the audio jitter buffer", exc_info=True)
         return False
+
+
+def time_encoder(sender, on_encoded) -> bool:
+    """Call `on_encoded(time.monotonic())` each time `sender` has a frame encoded (just before its
+    packets go out); True if hooked."""
+    step = getattr(sender, "_next_encoded_frame", None)
+    if step is None or getattr(step, "_marionette_timed", False):
+        return False
+
+    async def timed(codec):
+        enc = await step(codec)
+        if enc is not None:
+            try:
+                on_encoded(time.monotonic())
+            except Exception:  # noqa: BLE001 - timing must never break the stream
+                log.debug("encode timing callback failed", exc_info=True)
+        return enc
+
+    timed._marionette_timed = True
+    sender._next_encoded_frame = timed
+    return True
+
+
+def hint_frame_end(sender, next_timestamp) -> bool:
+    """After each encoded frame, `sender` sends one empty packet stamped `next_timestamp()` (the 90 kHz
+    timestamp of the next frame, None when not certain: then nothing is sent); True if hooked."""
+    step = getattr(sender, "_next_encoded_frame", None)
+    sr_keys = ("_RTCRtpSender__ntp_timestamp", "_RTCRtpSender__rtp_timestamp")
+    if step is None or getattr(step, "_marionette_hint", False) or not all(hasattr(sender, a) for a in sr_keys):
+        return False
+    from aiortc.rtcrtpsender import RTCEncodedFrame
+
+    state = {"pad": None, "sr": None}
+
+    async def stepped(codec):
+        if state["sr"] is not None:
+            # the padding packet has just gone out: the RTCP sender report must keep mapping the last
+            # real frame's timestamp to its send time (the mapping receivers use for lip sync)
+            for key, value in zip(sr_keys, state["sr"]):
+                setattr(sender, key, value)
+            state["sr"] = None
+        if state["pad"] is not None:
+            pad, state["pad"] = state["pad"], None
+            state["sr"] = tuple(getattr(sender, key) for key in sr_keys)
+            return pad
+        enc = await step(codec)
+        if enc is not None and enc.payloads:
+            ts = next_timestamp()
+            if ts is not None:
+                state["pad"] = RTCEncodedFrame([b""], ts % 2 ** 32, None)
+        return enc
+
+    stepped._marionette_hint = True
+    sender._next_encoded_frame = stepped
+    return True
 
 
 async def iter_frames(track):

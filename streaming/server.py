@@ -147,8 +147,13 @@ class ServeConfig:
     stats_interval_s: float = 1.0
     max_avatars: int = 32
     max_offer_bytes: int = 128 * 1024
-    audio_prefetch: int | None = 1  # inbound audio packets aiortc's jitter buffer holds (its default: 4)
+    audio_prefetch: int | None = 0  # inbound audio packets held for reordering (aiortc's default: 4; 0: none)
     grace_ms: float = 12.0  # how long a video tick waits for a frame still being made before dropping
+    # what receivers hold (docs/latency.md): an empty RTP packet with the next frame's timestamp after each
+    # frame (aiortc receivers release it at once, not a frame later), and Opus packets this long (ms; a
+    # receiver holds packets, not ms: aiortc's 4 packets are 80 ms of 20 ms ones, 20 ms of 5 ms ones)
+    frame_end_hint: bool = True
+    audio_packet_ms: float | None = 5.0
     # real photos (engine.face), for --avatar and uploads: "require" (the CLI's default) finds and aligns the
     # face, 400 without one; "auto" aligns when a face is found; "off" (the library default) uses images as
     # they are. Aligned avatars stream output_size frames around the face ("512": 512x512; "crop": the
@@ -641,6 +646,7 @@ class AvatarServer:
                 lead_s=self.lead_s, seed=self.cfg.seed, peer_timeout_s=self.cfg.peer_timeout_s,
                 connect_timeout_s=self.cfg.connect_timeout_s, stats_interval_s=self.cfg.stats_interval_s,
                 audio_prefetch=self.cfg.audio_prefetch, grace_s=self.cfg.grace_ms / 1000,
+                frame_end_hint=self.cfg.frame_end_hint, audio_packet_ms=self.cfg.audio_packet_ms,
                 on_closed=self._session_closed)
             session.client = client
             loopback_only = self._ice is not None and self._ice.loopback_only

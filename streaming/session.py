@@ -22,7 +22,7 @@ from streaming import controls as C
 from streaming.audio_in import HOP16, RATE16, RATE48, InboundAudio
 from streaming.clock import AUDIO_SAMPLES
 from streaming.motion import SessionMotion
-from streaming.rtc import iter_frames, shorten_audio_jitter_buffer
+from streaming.rtc import hint_frame_end, iter_frames, shorten_audio_jitter_buffer, time_encoder
 from streaming.scheduler import FrameJob
 from streaming.tracks import AvatarVideoTrack, DelayedAudioTrack
 
@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 class Session:
     def __init__(self, sid: str, pc, *, clock, scheduler, pipeline, metrics, avatar_id: str, avatar,
                  latency_s: float, lead_s: float, seed: int = 0, peer_timeout_s: float = 5.0,
-                 connect_timeout_s: float = 20.0, stats_interval_s: float = 1.0, audio_prefetch: int | None = 1,
-                 grace_s: float = 0.012, on_closed=None):
+                 connect_timeout_s: float = 20.0, stats_interval_s: float = 1.0, audio_prefetch: int | None = 0,
+                 grace_s: float = 0.012, frame_end_hint: bool = True, audio_packet_ms: float | None = 5.0,
+                 on_closed=None):
         self.id = sid
         self.pc = pc
         self.clock = clock
@@ -50,6 +51,8 @@ class Session:
         self.stats_interval_s = stats_interval_s
         self.audio_prefetch = audio_prefetch
         self.grace_s = grace_s
+        self.frame_end_hint = frame_end_hint  # streaming.rtc.hint_frame_end on the video sender
+        self.audio_packet_ms = audio_packet_ms  # outbound Opus packet duration (None: aiortc's 20 ms)
         self._on_closed = on_closed
         self.loop = asyncio.get_running_loop()
         self.created = time.monotonic()
@@ -87,11 +90,17 @@ class Session:
         self.lip_energy = 0.0
         self._onsets_pending: dict[int, float] = {}
         self.onset_latencies: deque = deque(maxlen=2000)  # speech onset arrival -> its first open-mouth frame sent (s)
+        # (arrival, tick, sent) of each speech onset, clock seconds: a benchmark splits the latency with them
+        self.onset_events: deque = deque(maxlen=2000)
+        self.encode_times: deque = deque(maxlen=2000)  # seconds from a video frame leaving the track to encoded
+        self._last_video_sent = 0.0
 
         # stats
         self.frames_sent = 0
         self.frames_dropped = 0
         self.frames_late = 0  # sent within the grace period after their tick
+        self.frames_repeated = 0  # the last picture sent again for a dropped tick (not counted as sent)
+        self.rest_picture = None  # the latest frame made without speech (av.VideoFrame)
         self.drops: dict[str, int] = {}
         self._sent_times: deque = deque(maxlen=128)
         self._audio_sent: dict[int, float] = {}
@@ -159,6 +168,12 @@ class Session:
             if tr.kind not in placed or placed[tr.kind] or offer_dir not in ("sendonly", "sendrecv"):
                 continue
             tr.sender.replaceTrack(self.video_track if tr.kind == "video" else self.audio_track)
+            if tr.kind == "audio":
+                self.audio_track.packet_ms = self.audio_packet_ms
+            if tr.kind == "video":
+                time_encoder(tr.sender, self._note_video_encoded)
+                if self.frame_end_hint:
+                    hint_frame_end(tr.sender, self.video_track.next_timestamp)
             tr.direction = or_direction(tr.direction, "sendonly")
             placed[tr.kind] = True
         if not placed["video"]:
@@ -350,6 +365,8 @@ class Session:
                 del self._slot[old]
             if self._interrupt_at is not None and self._interrupt_tick is None:
                 self._interrupt_tick = k  # the first frame made after the flush
+            if z_lip is None:
+                self.rest_picture = frame  # the latest silent frame: what a flushed tick shows
             w = self._waiter
         if w is not None and w[0] == k:
             self.loop.call_soon_threadsafe(_wake, w[1])
@@ -388,9 +405,12 @@ class Session:
             self.frames_late += 1
         return f
 
-    def count_drop_for(self, k: int) -> None:
+    def count_drop_for(self, k: int) -> str:
+        """Count tick k as dropped; returns why: "flush" (an interrupt discarded it) or "late"."""
         flushed = self.clock.now() - self._last_flush < 3 * self.clock.period
-        self.count_drop("flush" if flushed else "late")
+        reason = "flush" if flushed else "late"
+        self.count_drop(reason)
+        return reason
 
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.frames_dropped += n
@@ -423,7 +443,13 @@ class Session:
             if arrived is not None:
                 lat = (t - self.clock.t0) - arrived
                 self.onset_latencies.append(lat)
+                self.onset_events.append((arrived, k, t - self.clock.t0))
                 self.metrics.stage_latency.observe(lat, stage="speech_onset_to_frame_sent")
+                # the designed part of it: the onset's arrival -> the tick that shows it is due
+                self.metrics.stage_latency.observe(self.clock.video_time(k) - arrived, stage="speech_onset_to_tick")
+        # pacing: the tick due -> the frame handed to the encoder (grace waits, event-loop delay)
+        self.metrics.stage_latency.observe(max(0.0, t - self.clock.t0 - self.clock.video_time(k)), stage="tick_to_sent")
+        self._last_video_sent = t
         self._sent_times.append(t)
         self.metrics.frames_sent.inc()
         # the audio frame playing the same instant: tick k is due at k/fps = (k*48000/fps)/48000
@@ -437,6 +463,18 @@ class Session:
             if len(self._video_pending) > 16:
                 for old in sorted(self._video_pending)[:-16]:
                     del self._video_pending[old]
+
+    def note_video_repeated(self, k: int, t: float) -> None:
+        """Tick k went out as a repeat of an earlier picture (its own frame was dropped)."""
+        self.frames_repeated += 1
+        self.metrics.frames_repeated.inc()
+        self._last_video_sent = t
+
+    def _note_video_encoded(self, t: float) -> None:
+        dt = t - self._last_video_sent
+        if 0.0 <= dt < 1.0:
+            self.encode_times.append(dt)
+            self.metrics.stage_latency.observe(dt, stage="encode")
 
     def tap_video(self, k: int, frame) -> None:
         """Tick k's frame leaves (the video track): hand it to every tap (read-only for them)."""
@@ -498,6 +536,7 @@ class Session:
             "frames_sent": self.frames_sent,
             "frames_dropped": self.frames_dropped,
             "frames_late": self.frames_late,
+            "frames_repeated": self.frames_repeated,
             "drops": dict(self.drops),
             "latency_ms": round(self.latency_s * 1000, 1),
             "round_ms": round(sch.est_round * 1000, 2),

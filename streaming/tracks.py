@@ -3,7 +3,11 @@
 `AvatarVideoTrack.recv()` sleeps until video tick k is due and returns the frame the scheduler made
 for tick k, stamped pts = 90 kHz ticks since the session's first tick. If that frame is not there
 (the scheduler was late, or an interrupt flushed it) the tick is dropped and counted: latest wins,
-nothing ever queues. `DelayedAudioTrack.recv()` sleeps until 20 ms audio frame j is due and returns
+nothing ever queues. With `fill_gaps` (the default) the last picture goes out again for a dropped
+tick, stamped with that tick (counted as repeated, not as sent), so every tick carries a frame and
+consecutive frames have consecutive timestamps: a receiver sees a steady 25 fps, and the sender can
+announce the next frame's timestamp the moment a frame is out (`streaming.rtc.hint_frame_end`), which
+lets an aiortc receiver release each frame at once instead of one frame period later. `DelayedAudioTrack.recv()` sleeps until 20 ms audio frame j is due and returns
 the inbound speech positioned for that time (see `audio_in`), pts = 48 kHz samples since its first
 frame. Because both read the same clock and the same stream offset, the frame shown at tick k and
 the audio played at that instant are the same moment of the speaker's audio.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import av
 import numpy as np
@@ -26,14 +31,35 @@ log = logging.getLogger(__name__)
 class AvatarVideoTrack(MediaStreamTrack):
     kind = "video"
 
-    def __init__(self, session):
+    def __init__(self, session, fill_gaps: bool = True):
         super().__init__()
         self._s = session
         self._clock = session.clock
         self.k0: int | None = None
         self._next: int | None = None
+        self._fill_before: int | None = None  # ticks below this were lost to a stall: repeat for each
+        self._last = None  # the last picture sent (what a repeat shows)
+        self.fill_gaps = fill_gaps
         self.frames_sent = 0
         self.frames_dropped = 0
+        self.frames_repeated = 0
+
+    def next_timestamp(self) -> int | None:
+        """The 90 kHz timestamp the next frame will carry, when it is certain (None otherwise)."""
+        if not self.fill_gaps or self._next is None or self.k0 is None or self.readyState != "live":
+            return None
+        return self._clock.video_pts(self._next, self.k0)
+
+    def _repeat(self, k: int, picture=None) -> av.VideoFrame:
+        if picture is not None:
+            self._last = picture  # what the viewer now sees: later repeats must not bring back the old one
+        last = self._last
+        frame = av.VideoFrame.from_ndarray(last.to_ndarray(), format=last.format.name)
+        frame.pts = self._clock.video_pts(k, self.k0)
+        frame.time_base = VIDEO_TIME_BASE
+        self._s.note_video_repeated(k, time.monotonic())
+        self.frames_repeated += 1
+        return frame
 
     async def recv(self) -> av.VideoFrame:
         s = self._s
@@ -43,14 +69,22 @@ class AvatarVideoTrack(MediaStreamTrack):
             self.k0 = self._next = s.start_video()
         while True:
             k = self._next
+            if self._fill_before is not None and k < self._fill_before:
+                # a stall skipped this tick (already counted): its repeat goes out at once
+                self._next = k + 1
+                return self._repeat(k)
             await self._clock.sleep_until(self._clock.video_time(k))
             if self.readyState != "live":
                 raise MediaStreamError
             # an event-loop stall longer than a tick: skip to the current tick, never catch up in a burst
+            # of generated frames (repeats of the last picture, with gaps filled, cost an encode each)
             current = self._clock.video_tick_at(self._clock.now())
             if current > k:
                 s.count_drop("stall", current - k)
                 self.frames_dropped += current - k
+                if self.fill_gaps and self._last is not None:
+                    self._fill_before = current
+                    continue
                 k = current
             self._next = k + 1
             frame = s.take_frame(k, count=False)
@@ -59,11 +93,16 @@ class AvatarVideoTrack(MediaStreamTrack):
                 # A/V tolerance) rather than drop it; past that, the tick is lost
                 frame = await s.wait_frame(k, s.grace_s)
             if frame is None:
-                s.count_drop_for(k)
+                reason = s.count_drop_for(k)
                 self.frames_dropped += 1
+                if self.fill_gaps and self._last is not None:
+                    # an interrupt discarded the frame: show the mouth at rest (the latest silent frame),
+                    # never the speech that was cut off
+                    return self._repeat(k, s.rest_picture if reason == "flush" else None)
                 continue
             frame.pts = self._clock.video_pts(k, self.k0)
             frame.time_base = VIDEO_TIME_BASE
+            self._last = frame
             self.frames_sent += 1
             s.note_video_sent(k, time.monotonic())
             if s.taps:
@@ -72,9 +111,18 @@ class AvatarVideoTrack(MediaStreamTrack):
 
 
 class DelayedAudioTrack(MediaStreamTrack):
+    """The inbound speech, delayed by the pipeline latency, in 20 ms frames on the media clock.
+
+    With `packet_ms` set (WebRTC sessions: `Session.attach_outbound`), `recv()` returns Opus packets of
+    that duration, encoded here and each sent when its first sample is due, instead of 20 ms frames for
+    aiortc's encoder. A receiver's jitter buffer counts packets (aiortc's holds 4 before releasing one:
+    80 ms of 20 ms packets, 20 ms of 5 ms ones), so shorter packets shorten what every receiver holds
+    and bring its audio level with the video (each packet is a whole Opus frame; libopus at 5 ms frames
+    is its low-delay CELT mode)."""
+
     kind = "audio"
 
-    def __init__(self, session):
+    def __init__(self, session, packet_ms: float | None = None):
         super().__init__()
         self._s = session
         self._clock = session.clock
@@ -82,8 +130,50 @@ class DelayedAudioTrack(MediaStreamTrack):
         self._next: int | None = None
         self.frames_sent = 0
         self._silence = np.zeros((1, AUDIO_SAMPLES), np.int16)
+        self.packet_ms = packet_ms
+        self._encoder = None
+        self._packets: deque = deque()  # (clock time due, av.Packet) of the frame being sent
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self):
+        if not self.packet_ms:
+            return await self._recv_frame()
+        while not self._packets:
+            frame = await self._recv_frame()
+            j = self._next - 1
+            self._encode(j, frame)
+        due, packet = self._packets.popleft()
+        await self._clock.sleep_until(due)
+        if self.readyState != "live":
+            raise MediaStreamError
+        return packet
+
+    def _encode(self, j: int, frame: av.AudioFrame) -> None:
+        n = int(round(AUDIO_RATE * self.packet_ms / 1000))
+        if self._encoder is None:
+            c = av.CodecContext.create("libopus", "w")
+            c.sample_rate = AUDIO_RATE
+            c.layout = "mono"
+            c.format = "s16"
+            c.bit_rate = 64000
+            c.time_base = AUDIO_TIME_BASE
+            c.options = {"frame_duration": f"{self.packet_ms:g}", "application": "lowdelay"}
+            c.open()
+            self._encoder = c
+        pcm = frame.to_ndarray().reshape(1, -1)
+        base = self._clock.audio_pts(j, self.j0)
+        for i in range(AUDIO_SAMPLES // n):
+            sub = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, i * n:(i + 1) * n]), format="s16",
+                                             layout="mono")
+            sub.sample_rate = AUDIO_RATE
+            sub.pts = base + i * n
+            for packet in self._encoder.encode(sub):
+                # stamped with its own samples' place on the media clock (libopus's pts lead by its
+                # pre-skip): the sound and the picture of one instant keep one time
+                packet.pts = base + i * n
+                packet.time_base = AUDIO_TIME_BASE
+                self._packets.append((self._clock.audio_time(j) + i * n / AUDIO_RATE, packet))
+
+    async def _recv_frame(self) -> av.AudioFrame:
         s = self._s
         if self.readyState != "live":
             raise MediaStreamError
