@@ -31,8 +31,9 @@ def ckpt(tmp_path_factory):
 
 
 def _cfg(ckpt, **kw) -> ServeConfig:
+    # admission=False: several sessions at once, which a busy machine's admission control could refuse
     return ServeConfig(checkpoint=ckpt, config="tiny", ice_hosts=("127.0.0.1",), max_sessions=4,
-                       peer_timeout_s=2.0, max_upload_bytes=200_000, **kw)
+                       peer_timeout_s=2.0, max_upload_bytes=200_000, admission=False, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,10 @@ def server(tmp_path_factory):
 
     # a small random model (64 px), not the built-in one: these tests are about the server's routes
     ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
+    # admission=False: these tests open several sessions at once, which a busy machine's admission control
+    # could refuse; admission itself is tested in test_server_operations
     cfg = ServeConfig(checkpoint=ck, config="tiny", ice_hosts=("127.0.0.1",), max_sessions=3, peer_timeout_s=2.0,
+                      admission=False,
                       max_upload_bytes=200_000)
     with ServerThread(cfg) as st:
         yield st
