@@ -4,6 +4,8 @@
   mono or stereo int16, in chunks as a TTS makes it), `AvatarFrame`s out at the avatar's frame rate on one
   clock: each frame's picture together with the original audio it shows, idle motion with the mouth shut
   when there is no speech, `interrupt()` to drop what is pending, expression / gaze / pose controls.
+* `marionette_integrations.pool.TalkingHeadPool`: several TalkingHeads in one process sharing one model and
+  one scheduler thread (`streaming.scheduler`, as `marionette serve`), their frames batched per round.
 * `marionette_integrations.pipecat.MarionetteVideoService`: a Pipecat FrameProcessor between the TTS and the
   transport output (`pip install 'marionette[pipecat]'`).
 * `marionette_integrations.livekit.MarionetteVideoGenerator`: a LiveKit Agents `VideoGenerator` for

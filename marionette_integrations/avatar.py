@@ -53,6 +53,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 RATE16 = 16000
+_NOT_READY = object()  # TalkingHead._inputs: the speech a frame needs has not arrived yet
 
 
 @dataclass(frozen=True)
@@ -208,17 +209,42 @@ class _Segment:
             self.mel.append(self._mel_stream.push(c).numpy())
 
 
+def check_pipeline(p) -> None:
+    if p.cfg.audio.sample_rate != RATE16:
+        raise ValueError(f"the model expects {p.cfg.audio.sample_rate} Hz audio; only 16 kHz is supported")
+
+
+def avatar_source(cfg: TalkingHeadConfig, p) -> tuple:
+    """The arguments of `Pipeline.prepare_avatar` for cfg.avatar: (source, align)."""
+    src = cfg.avatar
+    if src is None:
+        from engine.image import BUILTIN_AVATAR
+        from streaming.pipeline import placeholder_portrait
+
+        return (BUILTIN_AVATAR if BUILTIN_AVATAR.is_file() else placeholder_portrait(p.cfg.image_size)), "off"
+    return (Path(src).read_bytes() if isinstance(src, (str, Path)) else src), cfg.align
+
+
 class TalkingHead:
     """See the module doc. Create, `await start()`, then `push_audio` / `end_segment` / `interrupt` /
     controls from the event loop and iterate `frames()`; `await aclose()` at the end."""
 
-    def __init__(self, cfg: TalkingHeadConfig = TalkingHeadConfig(), *, pipeline=None):
+    def __init__(self, cfg: TalkingHeadConfig = TalkingHeadConfig(), *, pipeline=None, pool=None):
         self.cfg = cfg
         self.fps = int(cfg.fps)
+        self.pool = pool  # a TalkingHeadPool: its shared model and scheduler thread render this head's frames
+        if pool is not None:
+            if pipeline is not None and pipeline is not pool.pipeline:
+                raise ValueError("a pooled TalkingHead uses its pool's pipeline")
+            if self.fps != pool.fps:
+                raise ValueError(f"fps {self.fps}: the pool runs at {pool.fps} fps")
+            pipeline = pool.pipeline
         self.pipeline = pipeline
         self.avatar = None
         self.motion = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="marionette-avatar")
+        self._executor = None if pool is not None else \
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="marionette-avatar")
+        self._member = None  # the pool's scheduler participant (marionette_integrations.pool)
         self._lock = threading.Condition()
         self._segments: list[_Segment] = []  # in order; the last may be open
         self._controls: collections.deque = collections.deque()
@@ -241,41 +267,41 @@ class TalkingHead:
     # ------------------------------------------------------------------------------------ set up
     async def start(self) -> "TalkingHead":
         """Load the model (unless given) and the avatar and warm up, on the worker thread."""
+        if self.pool is not None:
+            await self.pool.attach(self)  # the avatar prepared on the pool's scheduler thread, between rounds
+            return self
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load)
         return self
 
     def _load(self) -> None:
-        from streaming.motion import SessionMotion
-        from streaming.pipeline import Pipeline, placeholder_portrait
+        from streaming.pipeline import Pipeline
 
         cfg = self.cfg
         if self.pipeline is None:
             self.pipeline = Pipeline.load(cfg.checkpoint, config=cfg.config, backend=cfg.backend, seed=cfg.seed,
                                           threads=cfg.threads)
         p = self.pipeline
-        if p.cfg.audio.sample_rate != RATE16:
-            raise ValueError(f"the model expects {p.cfg.audio.sample_rate} Hz audio; only 16 kHz is supported")
+        check_pipeline(p)
         p.face_align = cfg.align
         p.output_size = cfg.output_size
-        src = cfg.avatar
-        if src is None:
-            from engine.image import BUILTIN_AVATAR
+        self.avatar = p.prepare_avatar(*avatar_source(cfg, p))
+        self._setup_motion()
+        times = p.warmup(self.avatar, batch_sizes=(1,), repeats=3)
+        self.est_render = float(times[1])
+        log.info("marionette avatar ready: %s, %d fps, %.0f ms a frame", p.rt.describe().get("name"), self.fps,
+                 1000 * self.est_render)
 
-            src = BUILTIN_AVATAR if BUILTIN_AVATAR.is_file() else placeholder_portrait(p.cfg.image_size)
-            self.avatar = p.prepare_avatar(src, align="off")
-        else:
-            self.avatar = p.prepare_avatar(Path(src).read_bytes() if isinstance(src, (str, Path)) else src)
+    def _setup_motion(self) -> None:
+        from streaming.motion import SessionMotion
+
+        p, cfg = self.pipeline, self.cfg
         self.motion = SessionMotion(p.cfg, p.presets, self.fps, seed=cfg.seed,
                                     idle_model=p.idle_model_for(self.fps))
         if cfg.expression:
             self.control({"type": "expression", "preset": cfg.expression})
         for msg in cfg.controls:
             self.control(dict(msg))
-        times = p.warmup(self.avatar, batch_sizes=(1,), repeats=3)
-        self.est_render = float(times[1])
-        log.info("marionette avatar ready: %s, %d fps, %.0f ms a frame", p.rt.describe().get("name"), self.fps,
-                 1000 * self.est_render)
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -414,7 +440,10 @@ class TalkingHead:
         lead = self._lead_frames() if self.cfg.realtime else 2
         while self._next_job <= self._next_out + lead and len(self._futs) < self.cfg.max_ahead:
             k = self._next_job
-            self._futs[k] = self._executor.submit(self._render, k, self._epoch)
+            if self._member is not None:  # pooled: the shared scheduler renders it in its next round
+                self._futs[k] = self._member.queue(k, self._epoch)
+            else:
+                self._futs[k] = self._executor.submit(self._render, k, self._epoch)
             self._next_job += 1
 
     # ------------------------------------------------------------------------------------ worker
@@ -428,24 +457,50 @@ class TalkingHead:
 
     def _render(self, k: int, epoch: int):
         """Frame k on the worker thread -> (image, lips_open, epoch) or None (skipped / superseded)."""
-        cfg, p, m = self.cfg, self.pipeline, self.motion
+        cfg, p = self.cfg, self.pipeline
         if cfg.realtime and self._clock() + self.est_render > self.due(k):
             return None  # it would be late: never work on a frame that is lost (a later one can still make it)
-        mcfg = p.cfg
+        got = self._inputs(k, epoch, wait=True)
+        if got is None:
+            return None
+        t = time.perf_counter()
+        z, mel, lips_open = self._latents(k, *got)
+        if mel is not None:
+            z[0, p.cfg.latents.slices()["lip"]] = p.encode_audio(mel[None])[0]
+        image = np.ascontiguousarray(p.generate([self.avatar], z)[0])
+        self._rendered(k, image, lips_open, time.perf_counter() - t)
+        return image, lips_open, epoch
+
+    def _rendered(self, k: int, image: np.ndarray, lips_open: bool, dt: float) -> None:
+        self.est_render = 0.8 * self.est_render + 0.2 * dt
+        self.stats["rendered"] += 1
+        if not lips_open:
+            self._rest = (image, k)
+
+    def _inputs(self, k: int, epoch: int, wait: bool = True, first_try: float | None = None):
+        """What frame k's lips need: (mel window, gate, energy, the frame's own mel row); None when superseded
+        (an interrupt); `_NOT_READY` when `wait` is False and the speech the window needs has not arrived yet
+        but may still arrive in time (`first_try`: when this frame was first tried, for realtime=False)."""
+        cfg, mcfg = self.cfg, self.pipeline.cfg
         w = mcfg.mel_window
         from engine.audio import window_starts
 
         window, gate, energy, frame_mel = None, False, 0.0, None
         with self._lock:
+            if epoch != self._epoch:
+                return None
             seg = self._segment_at(k)
             if seg is not None:
                 i = k - seg.k0
                 ws = int(window_starts(mcfg, 1, self.fps, start=i)[0])
+                start = self._clock() if first_try is None else first_try
                 deadline = (self.due(k) - 1.1 * self.est_render) if cfg.realtime else \
-                    max(self.due(k), self._clock()) + cfg.underrun_s
+                    max(self.due(k), start) + cfg.underrun_s
                 # wait for the speech the window needs (a TTS usually runs ahead of real time)
                 while (not seg.closed and seg.mel.n < ws + w and epoch == self._epoch
                        and self._clock() < deadline):
+                    if not wait:
+                        return _NOT_READY
                     self._lock.wait(max(0.001, min(0.05, deadline - self._clock())))
                 if epoch != self._epoch:
                     return None
@@ -466,26 +521,22 @@ class TalkingHead:
                 hpf = max(1, round(mcfg.audio.sample_rate / mcfg.audio.hop_length / self.fps))
                 own = seg.mel.view(ws + mcfg.mel_past - hpf, ws + mcfg.mel_past)
                 frame_mel = own.mean(0) if len(own) else None
-        t = time.perf_counter()
+        return window, gate, energy, frame_mel
+
+    def _latents(self, k: int, window, gate: bool, energy: float, frame_mel):
+        """-> (z (1, total) with pose/eye/exp set, the (n_mels, w) mel for E_aud or None, lips_open): the
+        controls applied and the idle model stepped to frame k (on the thread that renders)."""
+        m, mcfg = self.motion, self.pipeline.cfg
         while self._controls:
             m.apply(self._controls.popleft())
         self._push_idle(k, energy, frame_mel)
         z = np.zeros((1, mcfg.latents.total), np.float32)
         sl = mcfg.latents.slices()
-        lips_open = False
-        if gate and m.lip_mode() == "audio":
-            z[0, sl["lip"]] = p.encode_audio(window.T[None])[0]
-            lips_open = True
+        lips_open = bool(gate and m.lip_mode() == "audio")
         rest = m.compose_rest(k)
         for f in ("pose", "eye", "exp"):
             z[0, sl[f]] = rest[f]
-        image = np.ascontiguousarray(p.generate([self.avatar], z)[0])
-        dt = time.perf_counter() - t
-        self.est_render = 0.8 * self.est_render + 0.2 * dt
-        self.stats["rendered"] += 1
-        if not lips_open:
-            self._rest = (image, k)
-        return image, lips_open, epoch
+        return z, (np.ascontiguousarray(window.T) if lips_open else None), lips_open
 
     def _push_idle(self, k: int, energy: float, frame_mel) -> None:
         """Give the idle source the speech of every frame up to k (frames skipped meanwhile: silence)."""
@@ -631,4 +682,7 @@ class TalkingHead:
             self._futs.clear()
             self._epoch += 1
             self._lock.notify_all()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.detach(self)
+        else:
+            self._executor.shutdown(wait=False, cancel_futures=True)

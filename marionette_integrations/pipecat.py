@@ -31,6 +31,7 @@ Inference runs on the TalkingHead's worker thread, never on the event loop; fram
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -64,16 +65,22 @@ class MarionetteControlFrame(ControlFrame):
 class MarionetteVideoService(FrameProcessor):
     """See the module doc. Either give a started `talking_head` (loading the model takes seconds; do it before
     the pipeline starts) or the `TalkingHeadConfig` fields (avatar=..., checkpoint=..., backend=...), and the
-    model is loaded when the pipeline's StartFrame arrives."""
+    model is loaded when the pipeline's StartFrame arrives. With `pool=` (a started
+    `marionette_integrations.pool.TalkingHeadPool`) the head is one of the pool's (the fields override the pool's
+    config): several pipelines in one process share one model and one scheduler thread, batched."""
 
     def __init__(self, *, talking_head: TalkingHead | None = None, config: TalkingHeadConfig | None = None,
-                 sync_with_audio: bool = True, drain_timeout_s: float = 30.0, name: str | None = None,
+                 pool=None, sync_with_audio: bool = True, drain_timeout_s: float = 30.0, name: str | None = None,
                  **head_options):
         super().__init__(name=name)
-        if talking_head is not None and (config is not None or head_options):
+        if talking_head is not None and (config is not None or head_options or pool is not None):
             raise ValueError("give a started talking_head or its configuration, not both")
+        self._pool = pool  # a started marionette_integrations.pool.TalkingHeadPool: batched with its other heads
         if talking_head is None:
-            config = config or TalkingHeadConfig(**head_options)
+            if pool is not None:
+                config = config or dataclasses.replace(pool.config, **head_options)
+            else:
+                config = config or TalkingHeadConfig(**head_options)
         self._head = talking_head
         self._config = config
         self._sync = bool(sync_with_audio)
@@ -150,7 +157,7 @@ class MarionetteVideoService(FrameProcessor):
         if self._started:
             return
         if self._head is None:
-            self._head = TalkingHead(self._config)
+            self._head = TalkingHead(self._config, pool=self._pool)
         if self._head.pipeline is None or self._head.motion is None:
             await self._head.start()
         self._started = True
