@@ -683,11 +683,16 @@ class AvatarServer:
         """Whether one more session is admitted now, why not, and the load figure a dispatcher balances on:
         load = max(predicted round time of the current sessions / round budget, sessions / max_sessions)
         (1.0 and above: full)."""
-        n = sum(1 for s in self.sessions.values() if not s.closed) + self._reserved  # (closing ones are leaving)
         sch, budget = self.scheduler, self.round_budget_s
+        open_ = [s for s in self.sessions.values() if not s.closed]  # (closing ones are leaving)
+        n = len(open_) + self._reserved
+        # in the rounds: sessions in the batch, and those connecting that may still join it (a session whose
+        # ICE has not completed for ghost_silence_s costs no round, and will likely never connect)
+        batch = set(sch.sessions) if sch is not None else set()
+        n_rounds = sum(1 for s in open_ if s in batch or s.silent_s() <= self.cfg.ghost_silence_s) + self._reserved
         cap = self.cfg.max_sessions
-        now_s = sch.round_times.predict(n) if sch is not None else 0.0
-        next_s = sch.round_times.predict(n + 1) if sch is not None else 0.0
+        now_s = sch.round_times.predict(n_rounds) if sch is not None else 0.0
+        next_s = sch.round_times.predict(n_rounds + 1) if sch is not None else 0.0
         reason = None
         if self.draining:
             reason = "draining"
@@ -695,7 +700,7 @@ class AvatarServer:
             reason = "starting"
         elif n >= cap:
             reason = "full"
-        elif self.cfg.admission and n >= 1 and next_s > budget:
+        elif self.cfg.admission and n_rounds >= 1 and next_s > budget:
             reason = "overloaded"
         load = max(now_s / budget if budget else 0.0, n / cap)
         return {"admitting": reason is None, "reason": reason, "sessions": n, "max_sessions": cap,
@@ -712,8 +717,8 @@ class AvatarServer:
         elif reason == "full":
             msg = f"server full ({adm['max_sessions']} sessions)"
         elif reason == "overloaded":
-            msg = (f"server at capacity: one more session would slow the {adm['sessions']} running below the frame "
-                   f"rate (predicted round {adm['predicted_round_next_ms']:.1f} ms > budget "
+            msg = (f"server at capacity: one more session would slow the {adm['sessions']} open session(s) below "
+                   f"the frame rate (predicted round {adm['predicted_round_next_ms']:.1f} ms > budget "
                    f"{adm['round_budget_ms']:.1f} ms)")
         else:
             msg = "server starting"
