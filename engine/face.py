@@ -494,6 +494,20 @@ def crop_with(photo: np.ndarray, tf: FaceTransform, size: int | None = None) -> 
         m = np.concatenate([m[:, :2] * k, ((m[:, 2] + 0.5) * k - 0.5)[:, None]], 1)
     img = photo
     s = float(math.hypot(m[0, 0], m[1, 0]))
+    if s < 0.5:
+        # only the part of the photo under the crop (and the filter's reach) is reduced: video frames are
+        # much larger than the face's square
+        inv = _invert(m)
+        corners = np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]], np.float64)
+        p = corners @ inv.T
+        margin = 8.0 / s
+        h, w = photo.shape[:2]
+        x0, y0 = int(max(0, math.floor(p[:, 0].min() - margin))), int(max(0, math.floor(p[:, 1].min() - margin)))
+        x1, y1 = int(min(w, math.ceil(p[:, 0].max() + margin))), int(min(h, math.ceil(p[:, 1].max() + margin)))
+        if x1 - x0 >= 2 and y1 - y0 >= 2 and (x1 - x0) * (y1 - y0) < 0.8 * w * h:
+            img = photo[y0:y1, x0:x1]
+            m = _compose(m, np.array([[1.0, 0.0, float(x0)], [0.0, 1.0, float(y0)]]))  # sub-image -> photo -> crop
+            photo = img
     if s < 0.5:  # reduce the photo to ~1.5x the crop's resolution first (box-filtered, no aliasing)
         k = min(1.0, 1.5 * s)
         h, w = photo.shape[:2]

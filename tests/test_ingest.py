@@ -139,7 +139,14 @@ def ingested(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("ingest")
     video = d / "talk.mp4"
-    info = make_video(video)
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the renderer's few frames: one thread is as fast and does not fight other work
+    try:
+        info = make_video(video)
+    finally:
+        torch.set_num_threads(n)
     out = d / "corpus"
     rc = main(["ingest", str(video), "--out", str(out), "--min-seconds", "1.8"])
     assert rc == 0
@@ -258,7 +265,19 @@ def test_rerun_skips_finished_videos_and_clears_leftovers(ingested, tmp_path):
         {p: t for p, t in stamp.items() if p.name not in ("manifest.json", "ingest_report.json")}
 
 
-def test_train_tiny_runs_on_the_ingested_corpus(ingested, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (as tests/test_trainer.py): on this shared 2-core machine two OpenMP threads
+    contending with other work made these few steps 10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_tiny_runs_on_the_ingested_corpus(ingested, tmp_path, capsys, one_thread):
     from marionette.cli import main
 
     run = tmp_path / "run"

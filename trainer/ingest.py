@@ -362,7 +362,9 @@ class CutDetector:
     def features(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from PIL import Image
 
-        th = np.asarray(Image.fromarray(rgb).resize((32, 32), Image.Resampling.BOX), np.float32)
+        step = max(1, min(rgb.shape[0], rgb.shape[1]) // 128)  # a cheap decimation first: large frames
+        small = np.ascontiguousarray(rgb[::step, ::step])
+        th = np.asarray(Image.fromarray(small).resize((32, 32), Image.Resampling.BOX), np.float32)
         q = (th // 32).astype(np.int64)  # 8 levels per channel
         h = np.bincount((q[..., 0] * 64 + q[..., 1] * 8 + q[..., 2]).ravel(), minlength=512).astype(np.float32)
         return th, h / h.sum()
@@ -664,7 +666,7 @@ def _write_report(cfg: IngestConfig, out: Path, records: dict[str, dict], run: d
     for r in sorted(records.values(), key=lambda r: r.get("video", "")):
         videos.append({k: r.get(k) for k in ("video", "video_id", "speaker", "split", "status", "error", "clips",
                                              "skipped", "cuts", "frames_in", "frames_out", "seconds",
-                                             "frames_per_s", "loadavg")})
+                                             "frames_per_s", "loadavg", "detections")})
     done = [r for r in records.values() if r.get("status") == "done"]
     totals = {"videos": len(records), "done": len(done),
               "failed": sum(r.get("status") == "failed" for r in records.values()),
