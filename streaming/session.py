@@ -3,7 +3,8 @@ channel, and its lifecycle (cleanup when the peer leaves, fails, or goes silent 
 
 Threads: everything here runs on the event loop except `wants_tick`, `build_job`, `deliver`,
 `set_webcam_latents` and `fail_from_thread`, which the scheduler thread calls; `_lock` guards the
-frame slot and the epoch they share with the loop.
+frame slot and the epoch they share with the loop. Webcam frames are face-tracked on a thread of their own
+(`streaming.webcam.WebcamFramer`); `build_job` takes its newest crop.
 """
 
 from __future__ import annotations
@@ -83,9 +84,7 @@ class Session:
         self.k_start: int | None = None
         self._last_built = -1  # the latest tick a frame request was built for (rounds may run ahead)
         self._last_flush = -math.inf
-        self._webcam_frame = None
-        self._webcam_seq = 0
-        self._webcam_done = 0
+        self._webcam = None  # streaming.webcam.WebcamFramer: face-tracked crops, made at the first frame used
         self.speaking = False
         self.lip_energy = 0.0
         self._onsets_pending: dict[int, float] = {}
@@ -197,9 +196,11 @@ class Session:
                 return
             self.webcam_frames_in += 1
             if self.motion.wants_webcam():
-                with self._lock:
-                    self._webcam_frame = frame
-                    self._webcam_seq += 1
+                if self._webcam is None:  # face tracking on its own thread: never the loop, never the rounds
+                    from streaming.webcam import WebcamFramer
+
+                    self._webcam = WebcamFramer(self.pipeline.cfg.image_size, name=f"webcam-{self.id}")
+                self._webcam.submit(frame)
 
     # ============================================================================== controls
     def handle_channel_message(self, data) -> None:
@@ -299,9 +300,7 @@ class Session:
         i = k - self.k_start
         with self._lock:
             epoch = self.epoch
-            cam = None
-            if self._webcam_seq != self._webcam_done and m.wants_webcam():
-                cam, self._webcam_done = self._webcam_frame, self._webcam_seq
+        cam = self._webcam.take() if self._webcam is not None and m.wants_webcam() else None  # newest crop
         off = self.audio.offset48
         job = FrameJob(session=self, tick=k, epoch=epoch, avatar=self.avatar, rest={})
         lip_mode = m.lip_mode()
@@ -336,22 +335,8 @@ class Session:
         elif lip_mode == "controls" or job.mel is None:
             job.lip = None  # zeros: closed mouth
         if cam is not None:
-            job.webcam = self._webcam_to_array(cam)
+            job.webcam = cam  # (S, S, 3) uint8 in the model's framing (streaming.webcam)
         return job
-
-    def _webcam_to_array(self, frame) -> np.ndarray:
-        s = self.pipeline.cfg.image_size
-        w, h = frame.width, frame.height
-        side = min(w, h)
-        rgb = frame.to_ndarray(format="rgb24")
-        top, left = (h - side) // 2, (w - side) // 2
-        crop = np.ascontiguousarray(rgb[top:top + side, left:left + side])
-        if side != s:
-            import av
-
-            f = av.VideoFrame.from_ndarray(crop, format="rgb24").reformat(width=s, height=s)
-            crop = f.to_ndarray(format="rgb24")
-        return crop
 
     def set_webcam_latents(self, lat: dict) -> None:
         self.motion.webcam_latents = lat
@@ -554,6 +539,7 @@ class Session:
             "audio_underrun_ms": round(self.underrun_samples / RATE48 * 1000, 1),
             "audio_gap_ms": round(self.audio.inserted_samples / RATE48 * 1000, 1),
             "webcam_frames_in": self.webcam_frames_in,
+            "webcam_face_tracked": self._webcam.tracked if self._webcam is not None else 0,
             "controls": self.controls_applied,
             "control_errors": self.control_errors,
             "avatar": self.avatar_id,
@@ -628,7 +614,8 @@ class Session:
             await asyncio.gather(*others, return_exceptions=True)
         with self._lock:
             self._slot.clear()
-            self._webcam_frame = None
+        if self._webcam is not None:
+            self._webcam.close(timeout=0)  # stops after the frame in hand; the loop never waits on it
         self.metrics.av_offset_last.remove(session=self.id)
         self.channel = None
         if self._on_closed is not None:
