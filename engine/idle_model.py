@@ -214,8 +214,12 @@ class LearnedIdleSource(Source):
     factors = ("pose", "eye")
 
     def __init__(self, model: IdleMotionModel, seed: int = 0, reference=None, temperature: float = 1.0,
-                 log_floor: float = 1e-5, history: int = 4096):
+                 log_floor: float = 1e-5, history: int = 4096, max_backlog: int | None = None):
         self.model = model.eval()
+        # live use: audio of at most this many frames waits for generation; older is dropped (and those
+        # frames, if ever asked for, are skipped), so a source nobody reads (the head held by controls)
+        # neither grows nor, when read again, catches up on minutes of frames in one round
+        self.max_backlog = None if max_backlog is None else max(1, int(max_backlog))
         self.cfg = model.cfg
         self.temperature = float(temperature)
         self.history = max(1, int(history))
@@ -256,6 +260,14 @@ class LearnedIdleSource(Source):
                 self._feat_base += 1
                 continue
             self._feat.append(r)
+        if self.max_backlog is not None and len(self._feat) > self.max_backlog:
+            drop = len(self._feat) - self.max_backlog
+            for _ in range(drop):
+                self._feat.popleft()
+            self._feat_base += drop
+            if self._n_done < self._feat_base:  # those frames will never be generated: start after them
+                self._n_done = self._feat_base
+                self._prev = torch.zeros_like(self._prev)
 
     def _frame_mel(self, i: int) -> np.ndarray:
         while self._feat and self._feat_base < i:  # drop audio of frames already generated

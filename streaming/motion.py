@@ -42,7 +42,7 @@ class SessionMotion:
         if idle_model is not None:
             from engine.idle_model import LearnedIdleSource
 
-            self.idle = LearnedIdleSource(idle_model, seed=seed, log_floor=cfg.audio.log_floor)
+            self.idle = LearnedIdleSource(idle_model, seed=seed, log_floor=cfg.audio.log_floor, max_backlog=4 * fps)
         else:
             self.idle = IdleSource(seed=seed, fps=fps)
         self.learned_idle = idle_model is not None
