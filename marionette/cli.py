@@ -141,13 +141,15 @@ def _cmd_ingest(argv: list[str]) -> int:
     p.add_argument("--detect-every", type=_positive_int, default=10,
                    help="full face detection at least every N frames; landmarks follow in between (default 10)")
     p.add_argument("--detector", default="dlib", help="face detector: dlib (default) | opencv")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="videos ingested at once, each in its own process using one core (default 1)")
     a = p.parse_args(argv)
     from trainer.ingest import IngestConfig, ingest
 
     cfg = IngestConfig(videos=tuple(a.videos), out=a.out, speaker_from=a.speaker_from,
                        val_fraction=a.val_fraction, test_fraction=a.test_fraction, min_seconds=a.min_seconds,
                        max_seconds=a.max_seconds, min_face=a.min_face, detect_every=a.detect_every,
-                       detector=a.detector)
+                       detector=a.detector, workers=a.workers)
     s = ingest(cfg)
     print(json.dumps({"out": str(a.out), "videos": s.videos, "ingested": s.done, "already_done": s.skipped_done,
                       "failed": s.failed, "clips": s.clips, "frames_in": s.frames_in, "frames_kept": s.frames_out,

@@ -357,7 +357,8 @@ def make_simple_video(path: Path, seconds: float, x0: float = 240.0) -> None:
 @pytest.mark.slow
 def test_killed_ingest_leaves_only_complete_clips_and_resumes(tmp_path):
     """SIGKILL in the middle of the second of three videos: the trainer sees only complete clips of the
-    first, the manifest lists only them; the rerun skips the first and finishes the others, no duplicates."""
+    first, the manifest lists only them; the rerun (two worker processes) skips the first and finishes the
+    others, no duplicates."""
     import os
     import signal
     import subprocess
@@ -401,7 +402,9 @@ def test_killed_ingest_leaves_only_complete_clips_and_resumes(tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     assert {c["identity"] for c in man["clips"]} == {"anna"} and len(man["clips"]) == len(clips)
     first = {c.key for c in clips}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    # the rerun with two worker processes (one video each)
+    r = subprocess.run(cmd + ["--workers", "2"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "ingest_report.json").read_text())
     assert report["last_run"]["already_done"] == 1 and report["last_run"]["ingested"] == 2

@@ -62,7 +62,7 @@ import re
 import shutil
 import time
 import wave
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -107,7 +107,8 @@ class IngestConfig:
     fps: int = 25
     detector: str = "dlib"
     detect_every: int = 10  # full detections at least this often (frames); landmarks follow in between
-    progress: bool = True  # tqdm bar per video on stderr
+    progress: bool = True  # tqdm bar on stderr (per video; with workers, one over the videos)
+    workers: int = 1  # videos ingested at once, each in its own process (one core each)
 
 
 @dataclass
@@ -216,6 +217,8 @@ def validate(cfg: IngestConfig) -> None:
         raise InputError(f"--fps must be in 10..60, got {cfg.fps}")
     if cfg.min_face < 16:
         raise InputError(f"--min-face must be at least 16 px, got {cfg.min_face}")
+    if cfg.workers < 1:
+        raise InputError(f"--workers must be positive, got {cfg.workers}")
     if cfg.detect_every < 1:
         raise InputError(f"--detect-every must be positive, got {cfg.detect_every}")
     if cfg.speaker_from.startswith("re:"):
@@ -733,17 +736,20 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
             if r.get("status") != "done":
                 _remove_video_clips(out, vid)
         splits = _assign_splits(cfg, list(speakers.values()), records)
-        run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "videos": len(videos)}
+        run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "videos": len(videos), "workers": cfg.workers}
         t_run = time.perf_counter()
+        todo = []
         for i, path in enumerate(videos):
             vid = video_id(path)
-            speaker = speakers[str(path)]
             if _is_done(records.get(vid), path, out):
                 log.info("[%d/%d] %s: already ingested (%d clips), skipped", i + 1, len(videos), path,
                          len(records[vid]["clips"]))
                 summary.skipped_done += 1
                 continue
-            rec = _ingest_one(cfg, path, vid, speaker, splits[speaker], out, work, i, len(videos))
+            speaker = speakers[str(path)]
+            todo.append((cfg, path, vid, speaker, splits[speaker], out, work, i, len(videos)))
+        for rec in _run_jobs(cfg, todo):
+            vid = rec["video_id"]
             records[vid] = rec
             _write_json(work / "videos" / f"{vid}.json", rec)
             if rec["status"] == "done":
@@ -766,6 +772,46 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
              summary.frames_out, summary.frames_in,
              f", {summary.frames_per_s:.1f} frames/s" if summary.seconds else "", out / REPORT)
     return summary
+
+
+def _worker_init(level: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _job(args: tuple) -> dict:
+    return _ingest_one(*args)
+
+
+def _run_jobs(cfg: IngestConfig, todo: list[tuple]) -> Iterator[dict]:
+    """Each video's record as it finishes: in this process, or in `cfg.workers` spawned ones (each video
+    whole in one worker, its clips moved into the layout there; records, manifest and report stay here)."""
+    if cfg.workers <= 1 or len(todo) <= 1:
+        for args in todo:
+            yield _ingest_one(*args)
+        return
+    import multiprocessing as mp
+
+    jobs = [(replace(a[0], progress=False),) + a[1:] for a in todo]
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="ingest", unit="video", disable=None, dynamic_ncols=True)
+    ctx = mp.get_context("spawn")
+    try:
+        with ctx.Pool(min(cfg.workers, len(jobs)), initializer=_worker_init,
+                      initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+            for rec in pool.imap_unordered(_job, jobs):
+                if bar is not None:
+                    bar.update(1)
+                yield rec
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _ingest_one(cfg: IngestConfig, path: Path, vid: str, speaker: str, split: str, out: Path, work: Path,
