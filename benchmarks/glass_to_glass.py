@@ -135,21 +135,14 @@ def client_av_offset(client, sess) -> dict:
     return res
 
 
-async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | None = 0) -> dict:
+async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | None = 0,
+              n_interrupts: int = 5) -> dict:
     rng = np.random.default_rng(seed)
     bank = [espeak(w) for w in WORDS]
-    frames: list[tuple[float, int, float]] = []  # (decoded arrival, pts, mouth deviation)
-    rest: list[np.ndarray] = []
-    ref = {}
+    regions: list[tuple[float, int, np.ndarray]] = []  # (decoded arrival, pts, mouth region at 1/4 size)
 
     def on_video(t, pts, arr):
-        m = mouth_region(arr)
-        if "rest" not in ref:
-            rest.append(m)
-            if len(rest) == 12:
-                ref["rest"] = np.median(np.stack(rest), axis=0)
-            return
-        frames.append((t, pts, float(np.abs(m - ref["rest"]).mean())))
+        regions.append((t, pts, mouth_region(arr)[::4, ::4]))
 
     mic = PcmSource()
     c = AvatarClient(url, keep_frames=False, on_video=on_video, audio_prefetch=audio_prefetch)
@@ -168,15 +161,34 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         start = mic.append(x)
         onsets.append(start + int(loud[0]))
         await asyncio.sleep(len(x) / 48000 + 0.1)
+    # interrupts: a long utterance, cut off 0.8 s in (the client sends {"type": "interrupt"})
+    long_speech = espeak("Aaah I am speaking for a long time without stopping and you may interrupt me now aaah",
+                         wpm=140)
+    interrupts = []
+    for i in range(n_interrupts):
+        await asyncio.sleep(float(rng.uniform(0.9, 1.5)))
+        mic.append(long_speech)
+        await asyncio.sleep(0.8)
+        mic.clear()  # the speaker stops; what the server holds is what the interrupt must flush
+        t_int = time.monotonic()
+        await c.request({"type": "interrupt"})
+        interrupts.append(t_int)
+        await asyncio.sleep(len(long_speech) / 48000 - 0.8 + 0.3)
     await asyncio.sleep(1.0)
     server_onsets = list(sess.onset_latencies) if sess else []
     latency_ms = sess.latency_s * 1000 if sess else None
     stats = await c.request({"type": "stats"})
     await c.close()
 
-    t = np.array([f[0] for f in frames])
-    dev = np.array([f[2] for f in frames])
-    quiet = dev[: max(1, int(25 * 0.8))]
+    # the mouth at rest: the frames of the 0.6 s before the first onset (the head has settled into the
+    # static pose by then); every frame's deviation from it
+    t = np.array([f[0] for f in regions])
+    first = send_time_of_sample(mic.sent, onsets[0]) if onsets else None
+    settled = (t > first - 0.7) & (t < first - 0.1) if first is not None else np.arange(len(t)) < 12
+    rest = np.median(np.stack([regions[i][2] for i in np.flatnonzero(settled)]), axis=0)
+    dev = np.array([float(np.abs(r - rest).mean()) for _, _, r in regions])
+    frames = [(tt, pts, d) for (tt, pts, _), d in zip(regions, dev)]
+    quiet = dev[settled]
     # "open": clearly above the rest picture's codec noise and a good part of the way to speech
     thr_move = max(0.5, 4 * float(np.percentile(quiet, 95)))
     thr = max(thr_move, 0.25 * float(np.percentile(dev, 99)))
@@ -202,8 +214,17 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         first_packet = c.first_packet_time("video", frames[j][1])
         if first_packet is not None:
             network.append(1000 * (first_packet - t_leave))
+    # interrupt -> the first decoded frame with the mouth back at rest (below the "moves" threshold)
+    cut = []
+    for t_int in interrupts:
+        idx = np.flatnonzero((t > t_int) & (dev < thr_move))
+        talking = np.flatnonzero((t > t_int - 0.3) & (t < t_int) & (dev > thr_move))
+        if len(idx) and len(talking) and t[idx[0]] - t_int < 1.0:
+            cut.append(1000 * (t[idx[0]] - t_int))
     period = 1.0 / server.server.pipeline.cfg.fps
     return {
+        "interrupt_to_decoded_rest_ms": percentiles(cut), "interrupts": len(interrupts),
+        "interrupt_server_ms": stats.get("interrupt_latency_ms"),
         "onsets": len(onsets), "missed": misses, "threshold": thr, "threshold_move": thr_move,
         "client_decoded_ms": percentiles(decoded), "client_decoded_first_move_ms": percentiles(moved), "client_network_ms": percentiles(network),
         "server_ms": percentiles([1000 * x for x in server_onsets]),
@@ -346,6 +367,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", default="balanced", help="the server's --latency level: low | balanced | safe")
     ap.add_argument("--backend", default="torch", help="the server's --backend (auto: ONNX Runtime on a CPU)")
     ap.add_argument("--threads", type=int, help="the server's inference threads (default: its own)")
+    ap.add_argument("--interrupts", type=int, default=5, help="interrupts measured (aiortc client)")
     ap.add_argument("--client", choices=("aiortc", "chromium", "both"), default="both",
                     help="which client measures: aiortc (in this process), headless Chromium, or both in turn")
     ap.add_argument("--client-audio-prefetch", type=int, default=0,
@@ -361,7 +383,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             res["loadavg_start"] = os.getloadavg()
             if a.client in ("aiortc", "both"):
-                res["aiortc"] = asyncio.run(run(st.url, st, a.onsets, a.seed, a.client_audio_prefetch))
+                res["aiortc"] = asyncio.run(run(st.url, st, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts))
                 res["aiortc"]["loadavg_end"] = os.getloadavg()
             if a.client in ("chromium", "both"):
                 res["chromium"] = chromium_run(st, a.onsets, a.seed, Path(tmp))
@@ -411,6 +433,8 @@ def main(argv=None) -> int:
         if av.get("n"):
             print(f"  A/V offset at the client (video - audio): p5 {av['p5']:.1f}, p50 {av['p50']:.1f}, "
                   f"p95 {av['p95']:.1f} ms, max |{av['max_abs']:.1f}| ms")
+        print(f"  interrupt -> decoded frame, mouth at rest: {fmt(r['interrupt_to_decoded_rest_ms'])} "
+              f"(server: interrupt -> first flushed frame sent {r['interrupt_server_ms']})")
         print(f"  missed onsets {r['missed']}/{r['onsets']}")
     c = res.get("chromium")
     if c:
