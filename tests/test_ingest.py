@@ -414,3 +414,34 @@ def test_killed_ingest_leaves_only_complete_clips_and_resumes(tmp_path):
     per = {s: [c for c in clips if c.identity == s] for s in ("anna", "bert", "carl")}
     assert all(len(v) == len(per["anna"]) for v in per.values()), {k: len(v) for k, v in per.items()}
     assert not (out / ".ingest" / "partial").exists()
+
+
+def test_frames_come_upright_and_at_25_fps(tmp_path):
+    """A phone's portrait video is stored sideways with a display rotation: frames come out upright (the face
+    findable); 30 fps in -> 25 fps out, each output frame the source frame on screen at its time."""
+    from trainer.ingest import frames_at
+
+    astro = F.load_photo(ASTRO)
+    up = F.warp_affine(astro, F._invert(_similarity(0, 1.2, ASTRO_EYES.mean(0), (180, 200))), 360, 480)
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=30)
+        stored = np.ascontiguousarray(np.rot90(up, -1))  # the sensor's landscape frame
+        v.width, v.height, v.pix_fmt = stored.shape[1], stored.shape[0], "yuv420p"
+        v.set_display_rotation(90)
+        for i in range(30):
+            f = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, 30)
+            for p in v.encode(f):
+                c.mux(p)
+        for p in v.encode(None):
+            c.mux(p)
+    out = list(frames_at(path, 25))
+    assert len(out) == 25 and [k for k, _, _ in out] == list(range(25))
+    k, t, rgb = out[0]
+    assert rgb.shape == (480, 360, 3)
+    assert np.abs(rgb.astype(int) - up).mean() < 6  # upright, not sideways
+    assert F.get_detector().detect(rgb), "no face in the upright frame"
+    # output frame k shows source frame floor(k * 30 / 25): the times say so
+    np.testing.assert_allclose([t for _, t, _ in out], [math.floor(k * 30 / 25 + 1e-9) / 30 for k in range(25)],
+                               atol=1e-6)

@@ -276,6 +276,14 @@ def _time_of(frame, stream, index: int) -> float:
     return index / rate
 
 
+def upright(frame) -> np.ndarray:
+    """A decoded frame as HxWx3 uint8, turned as its display matrix says (phones store portrait video
+    sideways with a rotation in the container: `VideoFrame.rotation`, degrees counter-clockwise)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    k = int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
 def frames_at(path: Path, fps: int) -> Iterator[tuple[int, float, np.ndarray]]:
     """(k, source time, HxWx3 uint8) for output frame k = 0, 1, ... at `fps`: the source frame on screen
     at t0 + k / fps (t0: the first frame's time), up to the end of the last source frame."""
@@ -301,7 +309,7 @@ def frames_at(path: Path, fps: int) -> Iterator[tuple[int, float, np.ndarray]]:
                 # every output time before this frame shows the previous one
                 while prev is not None and t0 + k / fps < t - eps:
                     if prev_rgb is None:
-                        prev_rgb = prev.to_ndarray(format="rgb24")
+                        prev_rgb = upright(prev)
                     yield k, prev_t, prev_rgb
                     k += 1
                 prev, prev_t, prev_rgb = fr, t, None
@@ -314,7 +322,7 @@ def frames_at(path: Path, fps: int) -> Iterator[tuple[int, float, np.ndarray]]:
         end = prev_t + 1.0 / src_rate  # the last frame stays on screen one source frame period
         while t0 + k / fps < end - eps:
             if prev_rgb is None:
-                prev_rgb = prev.to_ndarray(format="rgb24")
+                prev_rgb = upright(prev)
             yield k, prev_t, prev_rgb
             k += 1
 
