@@ -5,10 +5,12 @@ cycles. Flat or not, with the fitted slopes, in benchmarks/results/churn.json an
 Cycle kinds (streaming.fixtures.CHURN_KINDS): clean (talk, get video, close); and abrupt ones: vanish (goes
 silent without a goodbye, as a killed process looks from the server), kill (a real peer process killed with
 SIGKILL), no_ice (an offer whose peer never does ICE), no_audio (a video-only offer), mid_message (a large
-control message, the channel and the connection closed right behind it). Offers refused (503 full /
-overloaded) are counted: ghosts of abrupt peers should never hold slots long enough to refuse many.
+control message, the channel and the connection closed right behind it). A refused offer (503 full /
+overloaded) is retried every 0.5 s as a client would (for up to 15 s, then the cycle gives up); every
+refusal is counted by reason: ghosts of abrupt peers should never hold slots long enough to refuse many.
 
-A metric is "flat" when its fitted slope over the cycles after warm-up, times the number of cycles, and its
+"threads" are the server's OS threads but the event loop's pooled executor workers (which grow on demand
+up to their bound; reported as pooled_threads). A metric is "flat" when its fitted slope over the cycles after warm-up, times the number of cycles, and its
 settled value (after every session has ended) minus the baseline are both within a tolerance: threads 2,
 fds 4, tasks 4, scheduler sessions 0 (settled), RSS 16 MB (the allocator keeps some of what it freed).
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from streaming.fixtures import CHURN_KINDS, ServeProcess, churn_cycle  # noqa: E402
 
+RETRY_S = 15.0  # how long a refused cycle keeps retrying (every 0.5 s) before it gives up
 ABRUPT_MIX = {"vanish": 0.3, "kill": 0.06, "no_ice": 0.24, "no_audio": 0.2, "mid_message": 0.2}
 TOLERANCE = {"threads": 2, "fds": 4, "tasks": 4, "scheduler_sessions": 0, "rss_mb": 16}
 
@@ -59,7 +62,7 @@ async def scrape(url: str) -> dict:
         async with s.get(url + "/metrics") as r:
             text = await r.text()
     want = {"marionette_asyncio_tasks": "tasks", "marionette_scheduler_sessions": "scheduler_sessions",
-            "marionette_sessions": "sessions"}
+            "marionette_sessions": "sessions", "marionette_executor_threads": "pooled_threads"}
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
@@ -69,8 +72,12 @@ async def scrape(url: str) -> dict:
 
 
 async def sample(sp: ServeProcess, cycle: int, refused: int, failed: int) -> dict:
-    return {"cycle": cycle, "t": round(time.monotonic(), 2), **proc_status(sp.pid), **(await scrape(sp.url)),
-            "refused": refused, "failed": failed, "loadavg": round(os.getloadavg()[0], 2)}
+    s = {"cycle": cycle, "t": round(time.monotonic(), 2), **proc_status(sp.pid), **(await scrape(sp.url)),
+         "refused": refused, "failed": failed, "loadavg": round(os.getloadavg()[0], 2)}
+    # the event loop's executor grows on demand up to its bound (not a leak): threads are counted without it
+    s["os_threads"] = s["threads"]
+    s["threads"] = s["threads"] - s.get("pooled_threads", 0)
+    return s
 
 
 async def settle(sp: ServeProcess, timeout: float) -> None:
@@ -158,12 +165,22 @@ async def main_async(a) -> dict:
         baseline = await sample(sp, 0, 0, 0)
         samples = [baseline]
         results = []
-        refused = failed = 0
+        refused = failed = gave_up = 0
+        refusals: dict[str, int] = {}
         t0 = time.monotonic()
         for i, kind in enumerate(plan, 1):
-            r = await churn_cycle(sp.url, kind, seed=i)
+            # a refused offer (503: full or overloaded) is retried as a client would, after a pause; every
+            # refusal is counted, and a cycle refused for RETRY_S in all gives up
+            t_cycle = time.monotonic()
+            while True:
+                r = await churn_cycle(sp.url, kind, seed=i)
+                if not r["refused"] or time.monotonic() - t_cycle > RETRY_S:
+                    break
+                refused += 1
+                refusals[r.get("reason", "?")] = refusals.get(r.get("reason", "?"), 0) + 1
+                await asyncio.sleep(0.5)
             results.append(r)
-            refused += r["refused"]
+            gave_up += r["refused"]
             failed += (not r["ok"]) and not r["refused"]
             if i % a.every == 0 or i == len(plan):
                 s = await sample(sp, i, refused, failed)
@@ -188,7 +205,8 @@ async def main_async(a) -> dict:
     errors = [r for r in results if not r["ok"] and not r["refused"]][:20]
     flat = all(v["flat"] for v in verdict.values())
     out = {"cycles": len(plan), "abrupt_share": a.abrupt, "model": a.model, "max_sessions": a.max_sessions,
-           "seed": a.seed, "every": a.every, "took_s": round(took, 1), "refused": refused, "failed": failed,
+           "seed": a.seed, "every": a.every, "took_s": round(took, 1), "refused": refused,
+           "refusals_by_reason": refusals, "gave_up": gave_up, "failed": failed,
            "flat": flat, "verdict": verdict, "by_kind": by_kind, "baseline": baseline, "settled": settled,
            "samples": samples, "errors": errors, "loadavg_end": list(os.getloadavg()), "cpus": os.cpu_count(),
            "server_log_tail": log_tail}
@@ -211,8 +229,9 @@ def main() -> None:
     res = asyncio.run(main_async(a))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.out.with_suffix(".json"), json.dumps(res, indent=1))
-    title = (f"churn: {res['cycles']} cycles ({a.abrupt:.0%} abrupt), {a.model} model, refused {res['refused']}, "
-             f"failed {res['failed']}: {'FLAT' if res['flat'] else 'NOT FLAT'}")
+    title = (f"churn: {res['cycles']} cycles ({a.abrupt:.0%} abrupt), {a.model} model; offers refused "
+             f"{res['refused']} {res['refusals_by_reason']}, cycles given up {res['gave_up']}, failed {res['failed']}; "
+             f"load {res['loadavg_end'][0]:.1f}: {'FLAT' if res['flat'] else 'NOT FLAT'}")
     plot(res["samples"], res["settled"], res["verdict"], a.out.with_suffix(".png"), title)
     print(title)
     for k, v in res["verdict"].items():

@@ -139,12 +139,17 @@ class ServerThread:
         site = web.TCPSite(runner, self.cfg.host, 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
+        import gc
+
+        gc.collect()  # as run_server: the heap frozen, so the collections after sessions close stay short
+        gc.freeze()
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
             await runner.cleanup()
             await self.server.stop()
+            gc.unfreeze()
 
     def start(self, timeout: float = 180.0) -> "ServerThread":
         self._thread.start()

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hmac
 import ipaddress
 import json
@@ -290,6 +291,7 @@ class AvatarServer:
         self.draining = False
         self.round_budget_s: float | None = None  # set by start()
         self._loop = None
+        self._collect_handle = None
         self._add_operations_metrics()
 
     # =============================================================================== lifecycle
@@ -408,6 +410,9 @@ class AvatarServer:
         return placeholder_portrait(self.pipeline.cfg.image_size), "placeholder"
 
     async def stop(self) -> None:
+        if self._collect_handle is not None:
+            self._collect_handle.cancel()
+            self._collect_handle = None
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())),
                              return_exceptions=True)
         if self.scheduler is not None:
@@ -796,11 +801,32 @@ class AvatarServer:
         r.add(Gauge("process_resident_memory_bytes", "Resident memory", fn=_rss_bytes))
         r.add(Gauge("process_open_fds", "Open file descriptors", fn=_open_fds))
         r.add(Gauge("process_threads", "OS threads of the process", fn=_os_threads))
+        r.add(Gauge("marionette_executor_threads", "Pooled worker threads of the event loop's executors (they grow "
+                                                   "on demand up to their bound)", fn=_pooled_threads))
 
     def _session_closed(self, session) -> None:
         if self.sessions.get(session.id) is session:
             self.sessions.pop(session.id, None)
             self._session_keys.pop(session.id, None)
+        self._schedule_collect()
+
+    def _schedule_collect(self, delay_s: float = 1.0) -> None:
+        """A closed session leaves reference cycles (aiortc's peer connection, its tracks and codecs), and the
+        codecs' native threads and buffers live until the cycle collector frees them, which on a heap the
+        size of a loaded model runs rarely: without this, every session left ~6 threads and a few MB behind
+        (issue 15's churn). With the startup heap frozen (`run_server`: gc.freeze), a full collection walks
+        only what was made since and takes milliseconds, so one runs shortly after sessions close."""
+        if self._collect_handle is not None or self._loop is None or gc.get_freeze_count() == 0:
+            return
+        self._collect_handle = self._loop.call_later(delay_s, self._collect)
+
+    def _collect(self) -> None:
+        self._collect_handle = None
+        t0 = time.perf_counter()
+        n = gc.collect()
+        dt = time.perf_counter() - t0
+        self.metrics.stage_latency.observe(dt, stage="gc")
+        log.debug("collected %d objects after sessions closed (%.1f ms)", n, dt * 1000)
 
     def _control_context(self) -> C.ControlContext:
         return C.ControlContext(presets=self.pipeline.presets, exp_dim=self.pipeline.cfg.latents.exp)
@@ -991,6 +1017,10 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
     except InputError:
         await server.stop()
         raise
+    # what start() made (the model, the avatar, the libraries) lives as long as the process: frozen, the cycle
+    # collector no longer walks it, and the collections after sessions close (_schedule_collect) stay short
+    gc.collect()
+    gc.freeze()
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1055,6 +1085,15 @@ def _os_threads() -> float:
     except (OSError, ValueError):
         pass
     return float("nan")
+
+
+def _pooled_threads() -> float:
+    import threading
+
+    return float(sum(1 for t in threading.enumerate() if t.name.startswith(_POOL_PREFIXES)))
+
+
+_POOL_PREFIXES = ("uvloop_", "asyncio_", "ThreadPoolExecutor")  # default executors' worker names
 
 
 def _is_loopback(host: str) -> bool:
