@@ -117,6 +117,11 @@ class ModelConfig:
     # local generators for the mouth and the eyes on squares of G's frame that follow three anchors found in the
     # portrait (engine.networks.PatchRefiner): where the source has no pixels (mouth opening, shut lids)
     patches: bool = False
+    # measured after training (benchmarks/mouth_opening.py --calibrate), applied by G in eval mode only: knots
+    # (d, d') of a monotone piecewise-linear map of the jaw opening relative to the source's, d = jaw_target -
+    # jaw_source -> d'. It makes G open the mouth as far as its training target would for a commanded jaw: the
+    # trained G renders small openings too small. Empty: none. Training never sees it.
+    jaw_calibration: tuple = ()
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -185,4 +190,6 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ModelConfig fields in checkpoint config: {sorted(unknown)}")
+        if "jaw_calibration" in d:
+            d["jaw_calibration"] = tuple(tuple(float(x) for x in kn) for kn in d["jaw_calibration"])
         return cls(latents=lat, audio=aud, net=net, **d)

@@ -256,6 +256,7 @@ class Generator(nn.Module):
         self.pose_warp = cfg.pose_warp
         lat = cfg.latents
         self.pose_slice = lat.slices()["pose"]
+        self.jaw_index = lat.slices()["lip"].start  # lip[0] is the jaw opening (GT_DIMS)
         # physical pose = latent * scale + offset (engine.model.POSE_LATENT_SCALE / _OFFSET)
         self.register_buffer("pose_scale", torch.tensor([30.0, 20.0, 15.0, 0.08, 0.08, 0.1]), persistent=False)
         self.register_buffer("pose_offset", torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]), persistent=False)
@@ -295,6 +296,20 @@ class Generator(nn.Module):
         self.rc = rc
         # --- local generators for the mouth and the eyes (ModelConfig.patches)
         self.patch = PatchRefiner(cfg) if cfg.patches else None
+        # --- the jaw calibration (ModelConfig.jaw_calibration), eval mode only: d' = d + sum_i c_i relu(d - x_i)
+        knots = [(float(a), float(b)) for a, b in cfg.jaw_calibration]
+        self.jaw_knots = len(knots)
+        if knots:
+            if not cfg.relative:
+                raise ValueError("ModelConfig.jaw_calibration needs relative (it maps the jaw relative to the source's)")
+            xs, ys = zip(*sorted(knots))
+            if xs[0] != 0.0 or ys[0] != 0.0 or any(b <= a for a, b in zip(xs, xs[1:])) or \
+                    any(b < a for a, b in zip(ys, ys[1:])):
+                raise ValueError(f"jaw_calibration must start at (0, 0) and rise: {knots}")
+            slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)] + [1.0]
+            coef = [slopes[0] - 1.0] + [slopes[i] - slopes[i - 1] for i in range(1, len(slopes))]
+            self.register_buffer("jaw_x", torch.tensor(xs), persistent=False)
+            self.register_buffer("jaw_c", torch.tensor(coef), persistent=False)
         # route warp + concatenations through kernels.warp (set by TorchRuntime; off for training and export)
         self.use_kernels = False
         for k, n_ in (("grid_lo", s // 4), ("grid_hi", s // 2), ("grid_full", s)):
@@ -369,6 +384,8 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor, feat_lo: torch.Tensor,
                 app: torch.Tensor, patches: bool = True) -> torch.Tensor:
+        if self.jaw_knots and not self.training:
+            z = self.calibrate_jaw(z, app)
         flow, occ, m = self.flow(z, feat_lo, app)
         if self.use_kernels:
             frame, w_src = self._forward_fused(flow, occ, m, source, feat_hi, feat_lo)
@@ -380,6 +397,15 @@ class Generator(nn.Module):
             anchors = app[:, k:k + 2 * PatchRefiner.N_ANCHORS].reshape(-1, PatchRefiner.N_ANCHORS, 2)
             frame = self.patch(frame, z, app[:, self.app_dim:k], flow, anchors, w_src)
         return frame
+
+    def calibrate_jaw(self, z: torch.Tensor, app: torch.Tensor) -> torch.Tensor:
+        """z (B, latents.total) with its jaw (lip[0]) moved by ModelConfig.jaw_calibration, relative to the
+        source's jaw (in app); below the source's jaw (closing an open mouth) the map is the identity."""
+        j = self.jaw_index  # lip[0]: the jaw opening
+        js = app[:, self.app_dim + j:self.app_dim + j + 1]  # (B,1) the source's jaw
+        d = z[:, j:j + 1] - js  # (B,1)
+        d2 = d + (F.relu(d - self.jaw_x) * self.jaw_c).sum(dim=1, keepdim=True)  # (B,1)
+        return torch.cat([z[:, :j], js + d2, z[:, j + 1:]], dim=1)
 
     def _forward_fused(self, flow: torch.Tensor, occ: torch.Tensor, m: torch.Tensor, source: torch.Tensor,
                        feat_hi: torch.Tensor, feat_lo: torch.Tensor) -> torch.Tensor:

@@ -191,3 +191,45 @@ def test_count_macs_includes_grid_sample():
 
     x, grid = torch.rand(2, 5, 8, 8), torch.rand(2, 6, 7, 2) * 2 - 1
     assert count_macs(F.grid_sample, x, grid, align_corners=False) == 4 * 2 * 5 * 6 * 7
+
+
+def test_jaw_calibration_maps_the_jaw_relative_to_the_source_in_eval_only():
+    import dataclasses
+
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.model import Marionette
+
+    knots = ((0.0, 0.0), (0.1, 0.25), (0.5, 0.6))
+    cfg = dataclasses.replace(ModelConfig.preset("talk-tiny"), jaw_calibration=knots)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # survives the checkpoint's JSON
+    g = Marionette(cfg).generator
+    n, k = cfg.latents.total, g.app_dim
+    app = torch.zeros(5, k + n + 6)
+    app[:, k] = 0.05  # the source's jaw
+    z = torch.zeros(5, n)
+    z[:, 0] = torch.tensor([0.0, 0.05, 0.15, 0.35, 0.85])  # d = -0.05, 0, 0.1, 0.3, 0.8
+    z[:, 3] = 1.0  # the other latents pass through
+    out = g.calibrate_jaw(z, app)
+    # below the source: identity; at a knot: its value; between: linear; past the last: slope 1
+    want = 0.05 + torch.tensor([-0.05, 0.0, 0.25, 0.25 + 0.35 * 0.5, 0.6 + 0.3])
+    assert torch.allclose(out[:, 0], want, atol=1e-6), out[:, 0]
+    assert torch.equal(out[:, 1:], z[:, 1:])
+    # G applies it in eval mode only (training sees the commanded jaw)
+    calls = []
+    orig = g.calibrate_jaw
+    g.calibrate_jaw = lambda *a: calls.append(1) or orig(*a)
+    s = cfg.image_size
+    src = torch.zeros(1, 3, s, s)
+    m = Marionette(cfg)
+    m.generator = g
+    hi, lo, app1 = m.encode_avatar(src)
+    g.train()
+    g(z[:1], src, hi, lo, app1)
+    assert not calls
+    g.eval()
+    g(z[:1], src, hi, lo, app1)
+    assert calls
+    with pytest.raises(ValueError, match="start at"):
+        Marionette(dataclasses.replace(cfg, jaw_calibration=((0.1, 0.2), (0.3, 0.1))))
