@@ -325,7 +325,7 @@ def test_bad_inputs_are_listed_not_fatal(tmp_path):
         ingest(IngestConfig(videos=(mute,), out=tmp_path / "other", progress=False))
 
 
-def make_simple_video(path: Path, seconds: float, x0: float = 240.0) -> None:
+def make_simple_video(path: Path, seconds: float, x0: float = 240.0, audio_seconds: float | None = None) -> None:
     """The astronaut photo swaying, with speech: one plain talking-head shot."""
     astro = F.load_photo(ASTRO)
     speech = _speech()
@@ -342,7 +342,7 @@ def make_simple_video(path: Path, seconds: float, x0: float = 240.0) -> None:
             f.pts, f.time_base = i, Fraction(1, SRC_FPS)
             for p in v.encode(f):
                 c.mux(p)
-        pcm = (speech[: int(seconds * 16000)] * 32767).astype(np.int16)
+        pcm = (speech[: int((seconds if audio_seconds is None else audio_seconds) * 16000)] * 32767).astype(np.int16)
         for i in range(0, len(pcm), 1024):
             fr = av.AudioFrame.from_ndarray(pcm[None, i:i + 1024], format="s16", layout="mono")
             fr.sample_rate, fr.pts, fr.time_base = 16000, i, Fraction(1, 16000)
@@ -445,3 +445,22 @@ def test_frames_come_upright_and_at_25_fps(tmp_path):
     # output frame k shows source frame floor(k * 30 / 25): the times say so
     np.testing.assert_allclose([t for _, t, _ in out], [math.floor(k * 30 / 25 + 1e-9) / 30 for k in range(25)],
                                atol=1e-6)
+
+
+def test_frames_past_the_speech_are_skipped(tmp_path):
+    """The audio track ends a second before the picture: those frames are listed as no_audio, not kept with
+    silence (a mouth moving over silence would teach lip sync wrong)."""
+    from trainer.ingest import IngestConfig, ingest
+
+    video = tmp_path / "short_audio.mp4"
+    make_simple_video(video, 3.0, audio_seconds=2.0)
+    out = tmp_path / "out"
+    s = ingest(IngestConfig(videos=(video,), out=out, min_seconds=1.0, progress=False))
+    assert s.done == 1 and s.clips == 1
+    (v,) = json.loads((out / "ingest_report.json").read_text())["videos"]
+    (clip,) = v["clips"]
+    # (AAC pads the speech to whole 64 ms packets: the decoded track may run up to one packet longer)
+    assert clip["start_s"] == 0.0 and 1.9 <= clip["duration"] <= 2.08, clip
+    no_audio = [x for x in v["skipped"] if x["reason"] == "no_audio"]
+    assert 23 <= sum(x["frames"] for x in no_audio) <= 25 and 2.0 <= no_audio[0]["start_s"] <= 2.08, v["skipped"]
+    assert no_audio[-1]["end_s"] == 3.0

@@ -15,9 +15,10 @@ Per input video (any container and codec the installed FFmpeg/PyAV decodes):
    frames portraits (eyes and mouth on the corpus template, `TEMPLATE_256`);
 5. frames count only once a full detection confirms them: frames followed by landmarks since the last
    detection are held back and kept when the next detection finds the same face, dropped otherwise;
-   frames with no face, several faces (another face at least half the followed one's width) or a face
-   smaller than `min_face` end the clip; a piece of a shot shorter than `min_seconds` is skipped and one
-   longer than `max_seconds` is cut into clips of at most that length;
+   frames with no face, several faces (another face at least half the followed one's width), a face
+   smaller than `min_face` or no speech under them (the audio track ends early or starts late) end the
+   clip; a piece of a shot shorter than `min_seconds` is skipped and one longer than `max_seconds` is cut
+   into clips of at most that length;
 6. every kept clip is written as the synthetic corpus writes its clips (`trainer.corpus.generate`),
    minus the ground truth:
 
@@ -413,6 +414,10 @@ class _VideoJob:
         self.n_clips = 0
         self.frames = 0
         self.force_detect = False
+        # the output frames the speech covers whole: [k_audio0, k_audio1)
+        spf = SAMPLE_RATE / cfg.fps
+        self.k_audio0 = max(0, int(math.ceil(-offset / spf - 1e-9)))
+        self.k_audio1 = max(0, int(math.floor((len(pcm) - offset) / spf + 1e-9)))
 
     # ---------------------------------------------------------------- bookkeeping
     def _skip(self, k0: int, k1: int, reason: str) -> None:
@@ -538,6 +543,12 @@ class _VideoJob:
                 self._end("no_face", prev_rgb)
                 self.tracker.reset()
                 self._prev_face = self._pending_face = None
+            if not self.k_audio0 <= k < self.k_audio1:  # video without its speech: of no use for training
+                self._end("no_audio", prev_rgb)
+                self._skip(k, k + 1, "no_audio")
+                self._prev_face = self._pending_face = None
+                prev_rgb = rgb
+                continue
             tf = self.tracker.update(rgb, detect=self.force_detect)
             face = self.tracker.face
             if face is not None and self.tracker.confirmed and self._jump(self._prev_face, face):
