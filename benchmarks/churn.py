@@ -1,6 +1,7 @@
 """Churn: N connect/disconnect cycles against a real `marionette serve` process, a share of them abrupt, with
 the server's RSS, OS threads, open file descriptors, asyncio tasks and scheduler sessions sampled every K
-cycles. Flat or not, with the fitted slopes, in benchmarks/results/churn.json and the curves in churn.png.
+cycles (after letting the server settle: every session ended, so a sample shows what was left behind; the
+figures while sessions were open are kept beside). Flat or not, with the fitted slopes, in benchmarks/results/churn.json and the curves in churn.png.
 
 Cycle kinds (streaming.fixtures.CHURN_KINDS): clean (talk, get video, close); and abrupt ones: vanish (goes
 silent without a goodbye, as a killed process looks from the server), kill (a real peer process killed with
@@ -82,29 +83,33 @@ async def sample(sp: ServeProcess, cycle: int, refused: int, failed: int) -> dic
 
 
 async def settle(sp: ServeProcess, timeout: float) -> None:
+    """Until the server has no session (and has run its collection, a second after the last one closed)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         m = await scrape(sp.url)
         if m.get("sessions", 1) == 0 and m.get("scheduler_sessions", 1) == 0:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.5)
             return
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.25)
 
 
 def verdicts(samples: list[dict], baseline: dict, settled: dict, cycles: int) -> dict:
+    """Counts against the baseline after warm-up; RSS against the first sample past a tenth of the cycles
+    (the allocator keeps the high-water mark of the sessions that were open at once, once)."""
     out = {}
     warm = [s for s in samples if s["cycle"] >= max(1, cycles // 10)]
     for key, tol in TOLERANCE.items():
         xs = np.array([s["cycle"] for s in warm], float)
         ys = np.array([s[key] for s in warm], float)
         slope = float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 3 else float("nan")
-        growth = settled[key] - baseline[key]
+        ref = warm[0] if key == "rss_mb" and warm else baseline
+        growth = settled[key] - ref[key]
         fitted = slope * cycles
         allow = tol + (0 if key == "rss_mb" else 1)  # counts: one of noise in the fit
         flat = bool(growth <= tol and (np.isnan(fitted) or fitted <= allow))
         if key == "scheduler_sessions":
             flat = settled[key] == 0
-        out[key] = {"baseline": baseline[key], "settled": settled[key], "growth": round(growth, 3),
+        out[key] = {"baseline": ref[key], "settled": settled[key], "growth": round(growth, 3),
                     "slope_per_1000_cycles": round(slope * 1000, 3), "tolerance": tol, "flat": flat}
     return out
 
@@ -186,7 +191,12 @@ async def main_async(a) -> dict:
             gave_up += r["refused"]
             failed += (not r["ok"]) and not r["refused"]
             if i % a.every == 0 or i == len(plan):
+                # what is left behind, not what open sessions hold: the server settles first (every session
+                # ended, its collection run), and the live figures just before are kept beside
+                live = await sample(sp, i, refused, failed)
+                await settle(sp, 30)
                 s = await sample(sp, i, refused, failed)
+                s["live"] = {k: live.get(k) for k in ("rss_mb", "threads", "fds", "tasks", "sessions")}
                 samples.append(s)
                 print(f"cycle {i:5d}  rss {s['rss_mb']:.1f} MB  threads {s['threads']}  fds {s['fds']}  "
                       f"tasks {s.get('tasks')}  sched {s.get('scheduler_sessions')}  sessions {s.get('sessions')}  "
