@@ -128,9 +128,13 @@ def plot(samples: list[dict], settled: dict, verdict: dict, path: Path, title: s
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     x = [s["cycle"] for s in samples]
     for ax, (k, label) in zip(axes.flat, keys):
-        ax.plot(x, [s[k] for s in samples], ".-", lw=1)
+        ax.plot(x, [s[k] for s in samples], ".-", lw=1, label="settled")
+        live = [(s["cycle"], s["live"][k]) for s in samples if "live" in s and s["live"].get(k) is not None]
+        if live:
+            ax.plot(*zip(*live), ":", color="gray", lw=1, label="while sessions were open")
+            ax.legend(fontsize=7)
         if k in settled:
-            ax.plot([x[-1]], [settled[k]], "r*", ms=10, label="settled")
+            ax.plot([x[-1]], [settled[k]], "r*", ms=10)
         v = verdict.get(k)
         ax.set_title(label + (f"  {'flat' if v['flat'] else 'GROWS'} ({v['slope_per_1000_cycles']:+.2f}/1000)"
                               if v else ""), fontsize=9)
