@@ -115,6 +115,8 @@ def test_offers_past_capacity_get_503_and_running_sessions_keep_their_rate(tiny)
             a = await _connect(st.url)
             try:
                 await _wait_for(lambda: 1 in srv.scheduler.round_times.live(), 20, "rounds of one measured")
+                control = _counts(srv, a.session)
+                await asyncio.sleep(2.5)  # the control window: the session alone, no offers
                 before = _counts(srv, a.session)
                 refused = []
                 for _ in range(3):  # a ramp past capacity: each one refused, none let in
@@ -131,11 +133,11 @@ def test_offers_past_capacity_get_503_and_running_sessions_keep_their_rate(tiny)
                 metrics = await _http("GET", st.url + "/metrics")
                 await asyncio.sleep(2.0)
                 after = _counts(srv, a.session)
-                return refused, health, info, metrics, before, after
+                return refused, health, info, metrics, control, before, after
             finally:
                 await a.close()
 
-        refused, health, info, metrics, before, after = asyncio.run(run())
+        refused, health, info, metrics, control, before, after = asyncio.run(run())
         for status, body, headers in refused:
             assert status == 503, body
             assert body["reason"] == "overloaded" and "capacity" in body["error"] and body["load"] > 0
@@ -150,12 +152,16 @@ def test_offers_past_capacity_get_503_and_running_sessions_keep_their_rate(tiny)
         text = metrics[1]
         assert _metric(text, "marionette_admitting") == 0 and _metric(text, "marionette_load") > 0.5
         assert _metric(text, "marionette_round_budget_seconds") == pytest.approx(0.024)
-        # the running session kept its frame rate: of its ticks while offers were refused, at least 24 in
-        # 25 got their frame
-        s0, d0 = before
-        s1, d1 = after
-        ticks = (s1 - s0) + (d1 - d0)
-        assert ticks > 25 and (s1 - s0) / ticks >= 24 / 25, (s1 - s0, d1 - d0, adm, _load())
+        # the running session kept its frame rate while offers were refused: of its ticks, at least 24 in 25
+        # got their frame; on a machine so busy that it could not do that even alone (the control window
+        # before), the refused offers cost it next to nothing (at most two ticks in 25 fewer than alone)
+        def share(x, y):
+            ticks = (y[0] - x[0]) + (y[1] - x[1])
+            assert ticks > 25
+            return (y[0] - x[0]) / ticks
+
+        alone, ramp = share(control, before), share(before, after)
+        assert ramp >= (24 / 25 if alone >= 24 / 25 else alone - 2 / 25), (alone, ramp, adm, _load())
 
 
 def test_admission_off_and_max_sessions_stays_a_hard_cap(tiny):
