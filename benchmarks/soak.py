@@ -50,6 +50,17 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _clean(o):
+    """NaN -> null (strict JSON)."""
+    if isinstance(o, float) and o != o:
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -201,14 +212,33 @@ async def main_async(a) -> None:
                         st = await t.stats()
                         if st.get("av_offset_ms") is not None:
                             offsets_last[i].append(st["av_offset_ms"])
-                    except asyncio.TimeoutError:
+                    except Exception:  # noqa: BLE001 - a session that died is handled at the minute's end
                         pass
             minute += 1
             row = {"minute": minute, "rss_mb": round(rss_mb(sp.pid), 1), "loadavg": round(os.getloadavg()[0], 2),
                    "per_session": []}
             for i, t in enumerate(talkers):
                 now = time.monotonic()
-                st = await t.stats()
+                try:
+                    st = await t.stats()
+                except Exception as e:  # noqa: BLE001 - the session died: record it, connect a new one
+                    nan = float("nan")
+                    row["per_session"].append({
+                        "fps_sent": 0.0, "fps_repeated": 0.0, "fps_received": 0.0, "dropped": nan, "drops": {},
+                        "av_offset_server_ms": nan, "av_offset_last_ms": nan, "av_offset_max_ms": nan,
+                        "av_offset_receiver_ms": nan, "audio_underrun_ms": nan, "audio_gap_ms": nan, "closed": True,
+                        "error": f"{type(e).__name__}: {e}"[:200]})
+                    print(f"session {i} lost ({type(e).__name__}: {e}); reconnecting", flush=True)
+                    res["reconnects"] = res.get("reconnects", 0) + 1
+                    try:
+                        await t.c.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    t = talkers[i] = Talker(sp.url, speech, t.relay)
+                    await t.start()
+                    prev[i] = (time.monotonic(), await t.stats(), t.c.video_frames_seen)
+                    offsets_last[i] = []
+                    continue
                 seen = t.c.video_frames_seen
                 t0, st0, seen0 = prev[i]
                 dt = now - t0
@@ -232,18 +262,18 @@ async def main_async(a) -> None:
             res["minutes"].append(row)
             ps = row["per_session"]
             print(f"min {minute:4d}  fps sent {min(p['fps_sent'] for p in ps):.1f}  received "
-                  f"{min(p['fps_received'] for p in ps):.1f}  dropped {sum(p['dropped'] for p in ps)}  "
+                  f"{min(p['fps_received'] for p in ps):.1f}  dropped {sum(p['dropped'] for p in ps):.0f}  "
                   f"A/V server {ps[0]['av_offset_server_ms']} ms receiver {ps[0]['av_offset_receiver_ms']} ms  "
                   f"RSS {row['rss_mb']} MB  load {row['loadavg']}", flush=True)
             summarise(res)
-            write_atomic(out_json, json.dumps(res, indent=1))
+            write_atomic(out_json, json.dumps(_clean(res), indent=1))
         for t in talkers:
             await t.c.close()
         for r in relays:
             r.close()
         res["server_log_tail"] = sp.log()[-2000:]
     summarise(res)
-    write_atomic(out_json, json.dumps(res, indent=1))
+    write_atomic(out_json, json.dumps(_clean(res), indent=1))
     plot(res, out_png)
     print(json.dumps(res["summary"], indent=1))
     print(f"wrote {out_json} and {out_png}")
@@ -261,15 +291,20 @@ def summarise(res: dict) -> None:
         s[f"s{i}_fps_sent_min"] = min(x["fps_sent"] for x in ss)
         s[f"s{i}_fps_received_min"] = min(x["fps_received"] for x in ss)
         s[f"s{i}_fps_repeated_max"] = max(x["fps_repeated"] for x in ss)
-        s[f"s{i}_dropped_total"] = sum(x["dropped"] for x in ss)
+        s[f"s{i}_dropped_total"] = sum(x["dropped"] for x in ss if x["dropped"] == x["dropped"])  # (not nan)
         s[f"s{i}_av_offset_server_ms_last"] = ss[-1]["av_offset_server_ms"]
-        s[f"s{i}_av_offset_receiver_drift_ms_per_hour"] = fit_per_hour(m, [x["av_offset_receiver_ms"] for x in ss])
-        s[f"s{i}_av_offset_last_drift_ms_per_hour"] = fit_per_hour(m, [x["av_offset_last_ms"] for x in ss])
+        s[f"s{i}_av_offset_receiver_drift_ms_per_hour"] = fit_per_hour(m, [_num(x["av_offset_receiver_ms"]) for x in ss])
+        s[f"s{i}_av_offset_last_drift_ms_per_hour"] = fit_per_hour(m, [_num(x["av_offset_last_ms"]) for x in ss])
     tr = res["rss_trace"]
     s["rss_mb_first"], s["rss_mb_last"] = (tr[0][1], tr[-1][1]) if tr else (None, None)
     s["rss_mb_per_hour"] = fit_per_hour([t / 60 for t, _ in tr], [r for _, r in tr], skip=skip)
     s["loadavg"] = [r["loadavg"] for r in rows]
+    s["reconnects"] = res.get("reconnects", 0)
     res["summary"] = s
+
+
+def _num(v):
+    return None if v is None or v != v else v
 
 
 def main() -> None:
