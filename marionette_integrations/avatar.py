@@ -225,7 +225,47 @@ def avatar_source(cfg: TalkingHeadConfig, p) -> tuple:
     return (Path(src).read_bytes() if isinstance(src, (str, Path)) else src), cfg.align
 
 
-class TalkingHead:
+class ControlMethods:
+    """set_expression / set_pose / set_gaze / blink as `control(message)` calls (the JSON of `serve`'s data
+    channel); shared by TalkingHead and the remote head (marionette_integrations.remote)."""
+
+    def control(self, msg: dict) -> None:  # pragma: no cover - defined by the classes using this
+        raise NotImplementedError
+
+    def set_expression(self, preset: str | None = "neutral", intensity: float = 1.0, vector=None,
+                       transition_ms: float | None = None) -> None:
+        msg = {"type": "expression", "intensity": intensity}
+        if vector is not None:
+            msg["vector"] = [float(v) for v in vector]
+        else:
+            msg["preset"] = preset
+        if transition_ms is not None:
+            msg["transition_ms"] = transition_ms
+        self.control(msg)
+
+    def set_pose(self, yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0, transition_ms: float | None = None,
+                 hold: bool = False) -> None:
+        """Head pose in degrees around which the idle motion sways (hold=True: exactly this pose, no sway)."""
+        self.control({"type": "source", "factor": "pose", "from": "controls" if hold else "idle"})
+        msg = {"type": "pose", "yaw": yaw, "pitch": pitch, "roll": roll}
+        if transition_ms is not None:
+            msg["transition_ms"] = transition_ms
+        self.control(msg)
+
+    def set_gaze(self, x: float = 0.0, y: float = 0.0, transition_ms: float | None = None, hold: bool = False) -> None:
+        """Gaze in [-1, 1] (hold=True: exactly there, no idle saccades or blinks)."""
+        self.control({"type": "source", "factor": "eye", "from": "controls" if hold else "idle"})
+        msg = {"type": "gaze", "x": x, "y": y}
+        if transition_ms is not None:
+            msg["transition_ms"] = transition_ms
+        self.control(msg)
+
+    def blink(self) -> None:
+        self.control({"type": "blink"})
+
+
+
+class TalkingHead(ControlMethods):
     """See the module doc. Create, `await start()`, then `push_audio` / `end_segment` / `interrupt` /
     controls from the event loop and iterate `frames()`; `await aclose()` at the end."""
 
@@ -391,37 +431,6 @@ class TalkingHead:
             self.interrupt()
         elif not isinstance(ctl, C.StatsRequest):
             self._controls.append(ctl)
-
-    def set_expression(self, preset: str | None = "neutral", intensity: float = 1.0, vector=None,
-                       transition_ms: float | None = None) -> None:
-        msg = {"type": "expression", "intensity": intensity}
-        if vector is not None:
-            msg["vector"] = [float(v) for v in vector]
-        else:
-            msg["preset"] = preset
-        if transition_ms is not None:
-            msg["transition_ms"] = transition_ms
-        self.control(msg)
-
-    def set_pose(self, yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0, transition_ms: float | None = None,
-                 hold: bool = False) -> None:
-        """Head pose in degrees around which the idle motion sways (hold=True: exactly this pose, no sway)."""
-        self.control({"type": "source", "factor": "pose", "from": "controls" if hold else "idle"})
-        msg = {"type": "pose", "yaw": yaw, "pitch": pitch, "roll": roll}
-        if transition_ms is not None:
-            msg["transition_ms"] = transition_ms
-        self.control(msg)
-
-    def set_gaze(self, x: float = 0.0, y: float = 0.0, transition_ms: float | None = None, hold: bool = False) -> None:
-        """Gaze in [-1, 1] (hold=True: exactly there, no idle saccades or blinks)."""
-        self.control({"type": "source", "factor": "eye", "from": "controls" if hold else "idle"})
-        msg = {"type": "gaze", "x": x, "y": y}
-        if transition_ms is not None:
-            msg["transition_ms"] = transition_ms
-        self.control(msg)
-
-    def blink(self) -> None:
-        self.control({"type": "blink"})
 
     # ------------------------------------------------------------------------------------ timing
     def _clock(self) -> float:

@@ -24,6 +24,12 @@ It sits between the TTS and the transport output, where Pipecat's Simli and Tavu
 * controls: `set_expression`, `set_pose`, `set_gaze`, `blink`, `control(message)` (the JSON messages of
   `marionette serve`), or a `MarionetteControlFrame(message)` sent down the pipeline.
 
+Where the model runs: in this process (a TalkingHead of its own, or `pool=` a TalkingHeadPool shared with other
+pipelines, batched by one scheduler thread), or on a running `marionette serve` (`remote="http://host:8080"`,
+`token=`: marionette_integrations.remote.RemoteTalkingHead; the images then come with the server's returned
+audio, which it delays to match its video, and an InterruptionFrame sends {"type": "interrupt"} on the data
+channel).
+
 Inference runs on the TalkingHead's worker thread, never on the event loop; frames are paced by one clock
 (the TalkingHead's, pull-based), at most `max_ahead` frames in flight.
 """
@@ -67,14 +73,25 @@ class MarionetteVideoService(FrameProcessor):
     the pipeline starts) or the `TalkingHeadConfig` fields (avatar=..., checkpoint=..., backend=...), and the
     model is loaded when the pipeline's StartFrame arrives. With `pool=` (a started
     `marionette_integrations.pool.TalkingHeadPool`) the head is one of the pool's (the fields override the pool's
-    config): several pipelines in one process share one model and one scheduler thread, batched."""
+    config): several pipelines in one process share one model and one scheduler thread, batched. With
+    `remote="http://host:8080"` (and `token=`, `avatar=<an avatar id the server knows>`, `controls=[...]`) the
+    avatar is rendered by a running `marionette serve` (marionette_integrations.remote.RemoteTalkingHead): the
+    TTS audio goes to it over WebRTC and its video comes back with its own (delayed, matching) audio."""
 
     def __init__(self, *, talking_head: TalkingHead | None = None, config: TalkingHeadConfig | None = None,
-                 pool=None, sync_with_audio: bool = True, drain_timeout_s: float = 30.0, name: str | None = None,
-                 **head_options):
+                 pool=None, remote: str | None = None, token: str | None = None, sync_with_audio: bool = True,
+                 drain_timeout_s: float = 30.0, name: str | None = None, **head_options):
         super().__init__(name=name)
-        if talking_head is not None and (config is not None or head_options or pool is not None):
+        if talking_head is not None and (config is not None or head_options or pool is not None or remote):
             raise ValueError("give a started talking_head or its configuration, not both")
+        if remote is not None:
+            if config is not None or pool is not None:
+                raise ValueError("remote=: the server has the model; give no config or pool")
+            from marionette_integrations.remote import RemoteTalkingHead
+
+            talking_head = RemoteTalkingHead(remote, token=token, **head_options)  # avatar=<id>, controls=...
+        elif token is not None:
+            raise ValueError("token= is the remote server's bearer token: give remote= too")
         self._pool = pool  # a started marionette_integrations.pool.TalkingHeadPool: batched with its other heads
         if talking_head is None:
             if pool is not None:
@@ -158,7 +175,10 @@ class MarionetteVideoService(FrameProcessor):
             return
         if self._head is None:
             self._head = TalkingHead(self._config, pool=self._pool)
-        if self._head.pipeline is None or self._head.motion is None:
+        ready = getattr(self._head, "ready", None)
+        if ready is None:
+            ready = self._head.pipeline is not None and self._head.motion is not None
+        if not ready:
             await self._head.start()
         self._started = True
         self._task = self.create_task(self._output())

@@ -329,3 +329,109 @@ def test_realtime_pace_and_alignment_at_pipecats_output_transport(pipeline, spee
     out_pcm = np.concatenate([np.frombuffer(a.audio, np.int16) for a in audio])
     assert np.array_equal(out_pcm[:len(speech)], speech)  # every sample, in order
     assert {a.pts for a in audio} <= set(pts.tolist())
+
+
+def test_remote_service_speaks_through_a_real_server_mouth_moves_rests_and_interrupt_acks(tmp_path, speech):
+    """`MarionetteVideoService(remote=...)`: a real `marionette serve` (ServerThread on 127.0.0.1, the same
+    responsive fixture model) renders the avatar; the service sends it the TTS audio over WebRTC and pushes
+    the video it gets back with the server's returned (delayed, matching) audio: frames arrive at 25 fps of
+    media time, the returned speech comes out whole, the mouth moves with it and rests in the silence, and an
+    InterruptionFrame is acknowledged by the server and stops the speech."""
+    from streaming.fixtures import ServerThread, mouth_deviation
+    from streaming.server import ServeConfig
+
+    long = espeak("This is a much longer sentence that will be interrupted before it ends, surely.", rate=RATE)
+    # the `tiny` network (64 px) with the z-responsive weights: a server that keeps up on this shared machine
+    # (with the 256 px `lite` one, rounds ran late enough here that its video froze for seconds)
+    ck = responsive_checkpoint(tmp_path / "tiny", "tiny")
+    cfg = ServeConfig(checkpoint=ck, config="tiny", backend="torch", threads=1, ice_hosts=("127.0.0.1",),
+                      max_sessions=2)
+    with ServerThread(cfg) as st:
+        service = MarionetteVideoService(remote=st.url, controls=list(STATIC_HEAD))
+        seen = {}
+
+        async def script(src, sink, task):
+            head = service.talking_head
+
+            async def until(cond, what, timeout=40.0):
+                t_end = time.monotonic() + timeout
+                while not cond():
+                    assert time.monotonic() < t_end, f"waited {timeout} s for {what}: {head.stats}"
+                    await asyncio.sleep(0.01)
+
+            await until(lambda: len(sink.images()) >= 15, "idle frames")
+            seen["speech_from"] = len(sink.images())
+            await src.speak(speech)
+            # TTSStoppedFrame is held back until the returned speech has ended
+            await until(lambda: sink.of(TTSStoppedFrame), "the end of the returned speech")
+            n = len(sink.images())
+            await until(lambda: len(sink.images()) >= n + 10, "idle frames after the speech")
+            seen["second_from"] = len(sink.images())
+            n_audio = len(sink.of(TTSAudioRawFrame))
+            await src.speak(long)
+            await until(lambda: len(sink.of(TTSAudioRawFrame)) >= n_audio + 12, "the second utterance's audio")
+            seen["interrupt_at"] = len(sink.images())
+            await task.queue_frame(InterruptionFrame())
+            await until(lambda: head.interrupt_acks and head.interrupt_acks[-1][1] is not None, "the interrupt's ack")
+            n = seen["ack_at"] = len(sink.images())
+            await until(lambda: len(sink.images()) >= n + 25, "frames after the interruption")
+            seen["stats"] = dict(head.stats)
+            seen["acks"] = list(head.interrupt_acks)
+            seen["off"] = dict(head._off)
+
+        sink = asyncio.run(run(service, script, timeout=180))
+    images, audio = sink.images(), sink.of(TTSAudioRawFrame)
+    print("remote head:", seen["stats"])
+    # video at 25 fps of the server's media clock (a dropped tick repeats its picture: pts stay consecutive)
+    pts = np.array([f.pts for f in images])
+    steps = np.diff(pts) // (NS // 25)
+    assert (steps >= 1).all() and np.mean(steps == 1) > 0.95, np.unique(steps, return_counts=True)
+    assert images[0].size == (64, 64) and images[0].sync_with_audio
+    # every audio frame follows the image of the same instant and carries 40 ms of the returned audio (48 kHz)
+    order = [(type(f).__name__, f.pts) for _, f in sink.items if isinstance(f, (OutputImageRawFrame, TTSAudioRawFrame))]
+    for i, (kind, p) in enumerate(order):
+        if kind == "TTSAudioRawFrame":
+            assert order[i - 1] == ("OutputImageRawFrame", p)
+    assert all(a.sample_rate == 48000 and a.num_frames == 1920 for a in audio)
+    # the first utterance came back whole (returned at 48 kHz, not the original 24 kHz): its energy as the server
+    # returns it (half of what was sent, -3 dB, as a plain AvatarClient measures the server's returned audio too;
+    # its timing may stretch: the server keeps late-arriving microphone audio in place, silence before it)
+    first = [a for a in audio if a.pts < images[seen["second_from"]].pts]
+    out = np.concatenate([np.frombuffer(a.audio, np.int16) for a in first]).astype(np.float64)
+    e_out, e_in = np.sum(out ** 2) / 48000, np.sum(speech.astype(np.float64) ** 2) / RATE
+    print(f"first utterance: {len(first)} audio frames, energy returned / sent {e_out / e_in:.2f}")
+    assert 0.35 < e_out / e_in < 1.5
+    # the mouth: moving with the returned speech, at rest in the silence before and after (head held still)
+    frames = frame_arrays(images)
+    dev = mouth_deviation(frames)
+    level = {a.pts: np.abs(np.frombuffer(a.audio, np.int16)).max() for a in audio}
+    loud = np.array([level.get(f.pts, 0) > 3000 for f in images])
+    quiet = np.zeros(len(images), bool)
+    quiet[:seen["speech_from"]] = True
+    stop_idx = next(i for i, f in enumerate(images) if f.pts > first[-1].pts)
+    quiet[stop_idx + 3:seen["second_from"]] = True
+    print(f"mouth deviation: speech {dev[loud].mean():.1f} (n={loud.sum()}), silence {dev[quiet].mean():.2f} "
+          f"(p95 {np.percentile(dev[quiet], 95):.2f})")
+    assert loud.sum() > 8 and dev[loud].mean() > 6 and dev[loud].mean() > 4 * dev[quiet].mean()
+    assert np.percentile(dev[quiet], 95) < 3
+    # aligned: the mouth follows the audio pushed with each picture best at a lag of 0 (+-1 frame)
+    rms_of = {a.pts: float(np.sqrt(np.mean(np.frombuffer(a.audio, np.int16).astype(np.float64) ** 2))) for a in audio}
+    lv = np.array([rms_of.get(f.pts, 0.0) for f in images])
+    span = slice(seen["speech_from"] - 5, seen["second_from"])
+    d, v = dev[span], lv[span]
+    corr = {lag: float(np.corrcoef(d[max(0, lag):len(d) + min(0, lag)], v[max(0, -lag):len(v) - max(0, lag)])[0, 1])
+            for lag in range(-4, 5)}
+    print("mouth-audio correlation by lag (frames):", {k: round(c, 2) for k, c in corr.items()})
+    assert abs(max(corr, key=corr.get)) <= 1
+    # the interruption: acknowledged by the server; the speech stops (most of the long utterance never plays)
+    def rms(a):
+        return float(np.sqrt(np.mean(np.frombuffer(a.audio, np.int16).astype(np.float64) ** 2)))
+
+    after = [a for a in audio if a.pts > images[seen["ack_at"] + 1].pts]
+    second = [a for a in audio if a.pts >= images[seen["second_from"]].pts]
+    if after:
+        print("acks", seen["acks"], "off", seen["off"], "audio after the ack:", [round(rms(a), 1) for a in after])
+    # no speech after the ack (a stray tail at most: quiet, and no more than the hangover's frames)
+    assert not [a for a in after if rms(a) > 300] and len(after) <= 10, [round(rms(a), 1) for a in after]
+    assert len(second) * 0.04 < 0.6 * len(long) / RATE
+    assert seen["stats"]["interrupts"] == 1
