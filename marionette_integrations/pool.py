@@ -190,6 +190,8 @@ class TalkingHeadPool:
         self.scheduler = None
         self.warmup_times: dict[int, float] = {}
         self._members: dict[int, _Member] = {}
+        self._members_lock = threading.Lock()
+        self._attaching = 0
         self._ticks: collections.OrderedDict = collections.OrderedDict()  # tick -> frames rendered in its round
         self._ticks_lock = threading.Lock()
         self.batch_rounds: collections.Counter = collections.Counter()  # batch size -> rounds (recent 2000 ticks)
@@ -237,8 +239,22 @@ class TalkingHeadPool:
         (TalkingHead.start calls it)."""
         if self.scheduler is None or not self.scheduler.alive:
             raise RuntimeError("start the pool first: pool = await TalkingHeadPool(...).start()")
-        if len(self._members) >= self.max_heads:
-            raise RuntimeError(f"the pool is full ({self.max_heads} heads)")
+        with self._members_lock:
+            if len(self._members) + self._attaching >= self.max_heads:
+                raise RuntimeError(f"the pool is full ({self.max_heads} heads)")
+            self._attaching += 1  # heads of several threads' loops (a LiveKit worker's jobs) attach at once
+        try:
+            await self._prepare(head)
+        finally:
+            with self._members_lock:
+                self._attaching -= 1
+        member = _Member(self, head)
+        head._member = member
+        with self._members_lock:
+            self._members[id(head)] = member
+        self.scheduler.add(member)
+
+    async def _prepare(self, head: TalkingHead) -> None:
         p = self.pipeline
         src, align = avatar_source(head.cfg, p)
         if align not in ("off", None):
@@ -250,13 +266,10 @@ class TalkingHeadPool:
         head.avatar = await self._on_scheduler(p.prepare_avatar, src, align)
         head._setup_motion()
         head.est_render = max(self.scheduler.est_round, self.warmup_times.get(1, 0.04))
-        member = _Member(self, head)
-        head._member = member
-        self._members[id(head)] = member
-        self.scheduler.add(member)
 
     def detach(self, head: TalkingHead) -> None:
-        member = self._members.pop(id(head), None)
+        with self._members_lock:
+            member = self._members.pop(id(head), None)
         if member is not None:
             self.scheduler.remove(member)
             member.close()

@@ -180,3 +180,143 @@ def test_realtime_through_livekits_av_synchronizer(pipeline):
     assert 23 <= rate <= 26.5
     assert np.array_equal(got[:len(speech)], speech)
     assert len(ends) == 1 and isinstance(log[ends[0] - 1][1], rtc.AudioFrame)
+
+
+# ================================================================================= the remote pattern
+def test_avatar_session_dispatch_and_job_metadata_are_validated():
+    """The agent side's AvatarSession builds the dispatch the worker accepts (AvatarJob as JSON metadata);
+    bad identities, fields and metadata are refused before anything is sent."""
+    from livekit.agents.voice.avatar import AvatarSession as BaseAvatarSession
+
+    from marionette_integrations.livekit import AGENT_NAME, AvatarJob, AvatarSession
+
+    s = AvatarSession(avatar="alice", sample_rate=16000, controls=[{"type": "expression", "preset": "happy"}])
+    assert isinstance(s, BaseAvatarSession) and s.provider == "marionette"
+    with pytest.raises(RuntimeError):
+        s.avatar_identity  # noqa: B018 - known once started
+    req = s.dispatch_request("room-1", "agent-AJ_1")
+    assert req.agent_name == AGENT_NAME and req.room == "room-1"
+    job = AvatarJob.from_metadata(req.metadata)
+    assert job == s.job and job.agent_identity == "agent-AJ_1" and job.avatar_identity == s.avatar_identity
+    assert job.avatar == "alice" and job.sample_rate == 16000 and job.controls[0]["preset"] == "happy"
+    for bad in ("", "not json", "[1]", '{"agent_identity": "a"}', '{"agent_identity": "a", "avatar_identity": "a"}',
+                '{"agent_identity": "a", "avatar_identity": "b", "sample_rate": 100}',
+                '{"agent_identity": "a", "avatar_identity": "b c"}',
+                '{"agent_identity": "a", "avatar_identity": "b", "avatar": "../etc/passwd"}',
+                '{"agent_identity": "a", "avatar_identity": "b", "extra": 1}'):
+        with pytest.raises(ValueError):
+            AvatarJob.from_metadata(bad)
+    with pytest.raises(ValueError):
+        AvatarSession(agent_name="no spaces")
+    with pytest.raises(ValueError):
+        AvatarSession(avatar_identity="x" * 200)
+
+
+def test_worker_accepts_wires_a_pooled_generator_fed_as_the_datastream_receiver_does_and_reports_load(
+        pipeline, tmp_path):
+    """The avatar worker without a LiveKit server: its AgentServer (explicit dispatch, jobs as threads, load =
+    the pool's), its request handler on real `JobRequest`s (accepted as the avatar's identity on the agent's
+    behalf; bad metadata, unknown avatars and a full pool refused), and the generator it gives AvatarRunner
+    for a job, fed exactly what DataStreamAudioReceiver yields (the byte stream cut by livekit-agents'
+    AudioByteStream into 100 ms frames, then AudioSegmentEnd): aligned frames, the mouth moving with the
+    speech and shut after it."""
+    from livekit.agents import AgentServer
+    from livekit.agents.job import JobRequest
+    from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+    from livekit.agents.utils.audio import AudioByteStream
+    from livekit.agents.worker import JobExecutorType
+    from livekit.protocol import agent, models
+
+    from marionette_integrations.livekit import AvatarJob, AvatarSession, AvatarWorker
+    from marionette_integrations.pool import TalkingHeadPool
+
+    tts_rate = 24000
+    speech = espeak("Hello there, how are you?", rate=tts_rate)
+    with pytest.raises(ValueError):
+        AvatarWorker(pool=None, avatars={"x": tmp_path / "missing.png"})
+    with pytest.raises(ValueError):
+        AvatarWorker(pool=None, load_threshold=1.5)
+
+    async def main():
+        pool = await TalkingHeadPool(TalkingHeadConfig(realtime=False, controls=STATIC_HEAD), pipeline=pipeline,
+                                     max_heads=1).start()
+        worker = AvatarWorker(pool)
+        srv = worker.server(url="ws://127.0.0.1:7880", api_key="key", api_secret="secret")
+        assert isinstance(srv, AgentServer) and srv._agent_name == worker.agent_name
+        assert srv._job_executor_type == JobExecutorType.THREAD and srv.load_fnc() == worker.load() == 0.0
+
+        decisions = []
+
+        async def on_reject(terminate):
+            decisions.append(("reject", None))
+
+        async def on_accept(args):
+            decisions.append(("accept", args))
+
+        def request(metadata):
+            job = agent.Job(id="AJ_1", type=agent.JobType.JT_ROOM, room=models.Room(name="room-1"),
+                            metadata=metadata, agent_name=worker.agent_name)
+            return JobRequest(job=job, on_reject=on_reject, on_accept=on_accept)
+
+        session = AvatarSession()
+        good = session.dispatch_request("room-1", "agent-AJ_9").metadata
+        await worker.on_request(request(good))
+        await worker.on_request(request("garbage"))
+        await worker.on_request(request(AvatarSession(avatar="nobody").dispatch_request("r", "a").metadata))
+        # the job, as the entrypoint starts it (its room part needs a LiveKit server)
+        job = AvatarJob.from_metadata(good)
+        head, gen = await worker.start_head(job)
+        opts = worker.runner_options(head, job)
+        assert (opts.video_width, opts.video_height, opts.video_fps) == (*head.frame_size, 25)
+        assert opts.audio_sample_rate == tts_rate and opts.audio_channels == 1
+        assert pool.heads == 1 and not pool.admitting()
+        await worker.on_request(request(good))  # full now (max_heads=1)
+        load = srv.load_fnc()
+        out = []
+        it = gen.__aiter__()
+        videos = lambda: [x for x in out if isinstance(x, rtc.VideoFrame)]  # noqa: E731
+        while len(videos()) < 4:
+            out.append(await it.__anext__())
+        bstream = AudioByteStream(sample_rate=tts_rate, num_channels=1, samples_per_channel=tts_rate // 10)
+        data = speech.tobytes()
+        for i in range(0, len(data), 4000):  # the byte stream's chunks
+            for f in bstream.push(data[i:i + 4000]):
+                await gen.push_audio(f)
+        for f in bstream.flush():
+            await gen.push_audio(f)
+        await gen.push_audio(AudioSegmentEnd())
+        while not any(isinstance(x, AudioSegmentEnd) for x in out):
+            out.append(await it.__anext__())
+        n_end = len(videos())
+        while len(videos()) < n_end + 5:
+            out.append(await it.__anext__())
+        await gen.aclose()
+        await pool.aclose()
+        return decisions, out, load
+
+    decisions, out, load = asyncio.run(asyncio.wait_for(main(), 240))
+    assert [d[0] for d in decisions] == ["accept", "reject", "reject", "reject"]
+    args = decisions[0][1]
+    assert args.identity == "marionette-avatar-agent-AJ_9"
+    assert args.attributes == {ATTRIBUTE_PUBLISH_ON_BEHALF: "agent-AJ_9"}
+    assert 0.0 < load <= 1.0  # one head on a pool of at most one: full
+    kinds = ["v" if isinstance(x, rtc.VideoFrame) else "a" if isinstance(x, rtc.AudioFrame) else "e" for x in out]
+    for i, k in enumerate(kinds):
+        if k == "a":
+            assert kinds[i - 1] == "v"
+    audio = [x for x in out if isinstance(x, rtc.AudioFrame)]
+    assert all(a.sample_rate == tts_rate and a.samples_per_channel == tts_rate // 25 for a in audio)
+    got = np.concatenate([np.frombuffer(bytes(a.data), np.int16) for a in audio])
+    assert np.array_equal(got[:len(speech)], speech)
+    vids = [x for x in out if isinstance(x, rtc.VideoFrame)]
+    w, h = vids[0].width, vids[0].height
+    img = np.stack([np.frombuffer(bytes(v.data), np.uint8).reshape(h, w, 4)[..., :3] for v in vids])
+    dev = np.abs(np.stack([mouth_region(x) for x in img]) - mouth_region(img[0])).mean(axis=(1, 2, 3))
+    loud, v = np.zeros(len(vids), bool), -1
+    for x in out:
+        if isinstance(x, rtc.VideoFrame):
+            v += 1
+        elif isinstance(x, rtc.AudioFrame):
+            loud[v] = np.abs(np.frombuffer(bytes(x.data), np.int16)).max() > 1000
+    print(f"mouth deviation: speech {dev[loud].mean():.1f}, silence after {dev[~loud][-5:].max():.2f}; load {load:.2f}")
+    assert loud.sum() > 10 and dev[loud].mean() > 6 and dev[~loud][-5:].max() < 3 and dev[:4].max() < 3
