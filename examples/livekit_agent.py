@@ -7,11 +7,15 @@ In-process (the agent's own process renders and publishes the avatar):
 
     python examples/livekit_agent.py dev
 
-Remote avatar worker (the avatar renders in a process of its own, e.g. on a GPU machine; the agent sends it
-the TTS audio over LiveKit's byte streams, `lk.audio_stream`):
+Remote avatar worker (the avatar renders in a worker of its own, e.g. on a GPU machine, which LiveKit
+dispatches to the agent's room; the agent sends it the TTS audio over LiveKit's byte streams,
+`lk.audio_stream`):
 
-    MARIONETTE_MODE=agent  python examples/livekit_agent.py dev   # the agent: DataStreamAudioOutput
-    MARIONETTE_MODE=worker MARIONETTE_ROOM=my-room python examples/livekit_agent.py   # the avatar worker
+    python -m marionette_integrations.livekit worker --avatar me.jpg      # on each GPU machine (LIVEKIT_* set)
+    MARIONETTE_MODE=agent python examples/livekit_agent.py dev            # the agent: AvatarSession
+
+By hand for one named room (no dispatch): `MARIONETTE_MODE=manual python examples/livekit_agent.py dev` and
+`MARIONETTE_MODE=worker MARIONETTE_ROOM=my-room python examples/livekit_agent.py`.
 
 The STT / LLM / TTS below are placeholders from livekit-agents' plugins pointed at local servers (an
 OpenAI-compatible endpoint such as Ollama's, and a local Whisper / TTS server): put in whichever you run.
@@ -29,7 +33,7 @@ from livekit.agents.voice.avatar import (AvatarOptions, AvatarRunner, DataStream
                                          DataStreamAudioReceiver, QueueAudioOutput)
 
 from marionette_integrations import TalkingHead, TalkingHeadConfig
-from marionette_integrations.livekit import MarionetteVideoGenerator
+from marionette_integrations.livekit import AvatarSession, MarionetteVideoGenerator
 
 AVATAR = os.environ.get("MARIONETTE_AVATAR")  # a portrait photo (default: the built-in avatar)
 AVATAR_IDENTITY = "marionette-avatar"
@@ -65,7 +69,11 @@ async def entrypoint(ctx: JobContext):
     await ctx.connect()
     session = make_session()
     if os.environ.get("MARIONETTE_MODE", "inprocess") == "agent":
-        # the avatar worker joins the room as AVATAR_IDENTITY and publishes the avatar on the agent's behalf
+        # LiveKit dispatches a Marionette avatar worker to this room; it joins as the avatar and publishes on
+        # the agent's behalf; the TTS audio goes to it (DataStreamAudioOutput, set by AvatarSession.start)
+        await AvatarSession(sample_rate=SAMPLE_RATE).start(session, room=ctx.room)
+    elif os.environ.get("MARIONETTE_MODE") == "manual":
+        # the same by hand, with a worker started for a named room (avatar_worker below)
         session.output.audio = DataStreamAudioOutput(ctx.room, destination_identity=AVATAR_IDENTITY,
                                                      sample_rate=SAMPLE_RATE)
     else:
@@ -81,7 +89,8 @@ async def entrypoint(ctx: JobContext):
 
 
 async def avatar_worker(room_name: str) -> None:
-    """The remote pattern's avatar side: join the room, take the agent's audio from `lk.audio_stream`."""
+    """The remote pattern by hand (MARIONETTE_MODE=worker, for one named room; `python -m
+    marionette_integrations.livekit worker` is the dispatched, batched, load-reporting form)."""
     token = (api.AccessToken().with_identity(AVATAR_IDENTITY).with_name("Marionette")
              .with_grants(api.VideoGrants(room_join=True, room=room_name)).to_jwt())
     room = rtc.Room()
