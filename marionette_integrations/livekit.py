@@ -316,8 +316,8 @@ class AvatarWorker:
         await ctx.connect()
         head, gen = await self.start_head(job)
         self.heads[ctx.room.name] = head
-        runner = AvatarRunner(ctx.room, audio_recv=DataStreamAudioReceiver(ctx.room, sender_identity=job.agent_identity),
-                              video_gen=gen, options=self.runner_options(head, job))
+        audio_recv = DataStreamAudioReceiver(ctx.room, sender_identity=job.agent_identity)
+        runner = AvatarRunner(ctx.room, audio_recv=audio_recv, video_gen=gen, options=self.runner_options(head, job))
 
         async def _close():
             await runner.aclose()

@@ -73,8 +73,9 @@ class _Member:
     def __init__(self, pool: "TalkingHeadPool", head: TalkingHead):
         self.pool, self.head = pool, head
         self.id = f"head-{next(self._ids)}"
-        self._queued: dict[int, tuple[concurrent.futures.Future, int, float | None]] = {}  # k -> (fut, epoch, first try)
-        self._building: dict[int, tuple[int, concurrent.futures.Future, bool, int]] = {}  # tick -> (k, fut, lips, epoch)
+        # frame k -> (future, epoch, first try); tick -> (frame k, future, lips open, epoch) being rendered
+        self._queued: dict[int, tuple[concurrent.futures.Future, int, float | None]] = {}
+        self._building: dict[int, tuple[int, concurrent.futures.Future, bool, int]] = {}
         self.closed = False
         self.rendered = 0
 

@@ -435,3 +435,58 @@ def test_remote_service_speaks_through_a_real_server_mouth_moves_rests_and_inter
     assert not [a for a in after if rms(a) > 300] and len(after) <= 10, [round(rms(a), 1) for a in after]
     assert len(second) * 0.04 < 0.6 * len(long) / RATE
     assert seen["stats"]["interrupts"] == 1
+
+
+def test_two_pipelines_share_one_pool_batched_interrupt_flushes_a_pooled_head(pipeline, speech):
+    """Two Pipecat pipelines in one process, each with `MarionetteVideoService(pool=...)`: one model, one
+    scheduler thread, rounds of batch size 2; the speaking pipeline's mouth moves, the silent one's does not;
+    an InterruptionFrame flushes the pooled head's pending speech."""
+    from marionette_integrations.pool import TalkingHeadPool
+
+    long = espeak("This is a much longer sentence that will be interrupted before it ends, surely.", rate=RATE)
+
+    async def main():
+        pool = await TalkingHeadPool(TalkingHeadConfig(realtime=False, controls=STATIC_HEAD), pipeline=pipeline).start()
+        talker, mute = MarionetteVideoService(pool=pool), MarionetteVideoService(pool=pool)
+        done = asyncio.Event()
+        seen = {}
+
+        async def speak(src, sink, task):
+            await src.speak(long)
+            while len(sink.speaking_images()) < 8:
+                await asyncio.sleep(0.01)
+            await task.queue_frame(InterruptionFrame())
+            while talker.talking_head.last_interrupt_frame is None:
+                await asyncio.sleep(0.005)
+            n = len(sink.images())
+            while len(sink.images()) < n + 8:
+                await asyncio.sleep(0.02)
+            seen["info"] = pool.info()
+            done.set()
+
+        async def listen(src, sink, task):
+            await done.wait()
+
+        sinks = await asyncio.gather(run(talker, speak), run(mute, listen))
+        heads = (talker.talking_head, mute.talking_head)
+        await pool.aclose()
+        return sinks, seen, heads
+
+    (s_talk, s_mute), seen, (h_talk, h_mute) = asyncio.run(asyncio.wait_for(main(), 240))
+    print("pool:", seen["info"])
+    assert h_talk.pool is h_mute.pool and seen["info"]["batch_rounds"].get(2, 0) >= 5
+    img_t, img_m = s_talk.images(), s_mute.images()
+    audio = s_talk.of(TTSAudioRawFrame)
+    assert not s_mute.of(TTSAudioRawFrame)
+    dev_t = mouth_dev(frame_arrays(img_t), frame_arrays(img_t[:1])[0])
+    dev_m = mouth_dev(frame_arrays(img_m), frame_arrays(img_m[:1])[0])
+    loud = np.array([f.pts in {a.pts for a in audio if np.abs(np.frombuffer(a.audio, np.int16)).max() > 1000}
+                     for f in img_t])
+    print(f"mouth deviation: talker speech {dev_t[loud].mean():.1f}, silent pipeline max {dev_m.max():.2f}")
+    assert loud.sum() >= 5 and dev_t[loud].mean() > 6 and dev_m.max() < 3
+    # the interruption: no speech from its frame on, most of the utterance dropped, the mouth shut after it
+    cut = h_talk.last_interrupt_frame
+    assert max(a.pts * 25 // NS for a in audio) < cut
+    assert sum(len(a.audio) for a in audio) // 2 < len(long) // 2
+    after = [i for i, f in enumerate(img_t) if f.pts * 25 // NS >= cut]
+    assert after and dev_t[after].max() < 3
