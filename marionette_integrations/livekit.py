@@ -252,8 +252,8 @@ class AvatarWorker:
     def __post_init__(self):
         if not isinstance(self.agent_name, str) or not _IDENTITY.match(self.agent_name):
             raise ValueError(f"agent_name {self.agent_name!r}: letters, digits and _ . : @ -")
-        if not 0 < float(self.load_threshold) <= 1:
-            raise ValueError(f"load_threshold {self.load_threshold}: in (0, 1]")
+        if not 0 < float(self.load_threshold) < 1:
+            raise ValueError(f"load_threshold {self.load_threshold}: in (0, 1) (LiveKit's production mode)")
         for name, path in self.avatars.items():
             if not _IDENTITY.match(name):
                 raise ValueError(f"avatar name {name!r}: letters, digits and _ . : @ -")
@@ -343,22 +343,45 @@ class AvatarWorker:
 
 def run_avatar_worker(*, url: str | None = None, api_key: str | None = None, api_secret: str | None = None,
                       avatars: dict | None = None, config=None, agent_name: str = AGENT_NAME,
-                      max_heads: int = 8, load_threshold: float = 0.9, dev: bool = False) -> None:
-    """Load the model (a TalkingHeadPool), register with LiveKit and serve avatar jobs until stopped."""
+                      max_heads: int = 8, load_threshold: float = 0.9, dev: bool = False,
+                      drain_timeout_s: int = 60, http_port: int | None = None) -> None:
+    """Load the model (a TalkingHeadPool), register with LiveKit and serve avatar jobs until SIGINT/SIGTERM
+    (then drain: no new jobs, up to `drain_timeout_s` for the running ones to end)."""
     import asyncio
-    import sys
-
-    from livekit.agents import cli
+    import signal
 
     from marionette_integrations.avatar import TalkingHeadConfig
     from marionette_integrations.pool import TalkingHeadPool
 
     pool = TalkingHeadPool(config or TalkingHeadConfig(), max_heads=max_heads)
     worker = AvatarWorker(pool, avatars=dict(avatars or {}), agent_name=agent_name, load_threshold=load_threshold)
-    asyncio.run(pool.start())  # the model and the scheduler thread (which outlives this loop)
-    srv = worker.server(url=url, api_key=api_key, api_secret=api_secret)
-    sys.argv = [sys.argv[0], "dev" if dev else "start"]  # livekit-agents' own command line runs the server
-    cli.run_app(srv)
+
+    async def serve() -> None:
+        await pool.start()
+        extra = {} if http_port is None else {"port": int(http_port)}
+        srv = worker.server(url=url, api_key=api_key, api_secret=api_secret, **extra)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        run = asyncio.ensure_future(srv.run(devmode=dev))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([run, stopping], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            if not run.done():
+                log.info("draining: no new avatar jobs; waiting up to %d s for %d running", drain_timeout_s,
+                         pool.heads)
+                try:
+                    await srv.drain(timeout=drain_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("drain timed out; closing the remaining avatar jobs")
+                await srv.aclose()
+            await run
+        finally:
+            stopping.cancel()
+            await pool.aclose()
+
+    asyncio.run(serve())
 
 
 def main(argv=None) -> int:
@@ -384,7 +407,11 @@ def main(argv=None) -> int:
     w.add_argument("--load-threshold", type=float, default=0.9,
                    help="LiveKit stops dispatching to this worker above this load (default %(default)s)")
     w.add_argument("--dev", action="store_true", help="livekit-agents' development mode")
+    w.add_argument("--drain-timeout", type=int, default=60, help="seconds running jobs get to end on SIGTERM")
+    w.add_argument("--http-port", type=int, default=None,
+                   help="livekit-agents' health/status HTTP port (default 8081; one per worker on a machine, 0: any)")
     a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     avatars = {}
     for i, item in enumerate(a.avatar):
         name, sep, path = item.partition("=")
@@ -398,7 +425,8 @@ def main(argv=None) -> int:
     try:
         cfg = TalkingHeadConfig(checkpoint=a.checkpoint, config=a.config, backend=a.backend, threads=a.threads)
         run_avatar_worker(url=a.url, api_key=a.api_key, api_secret=a.api_secret, avatars=avatars, config=cfg,
-                          agent_name=a.agent_name, max_heads=a.max_heads, load_threshold=a.load_threshold, dev=a.dev)
+                          agent_name=a.agent_name, max_heads=a.max_heads, load_threshold=a.load_threshold, dev=a.dev,
+                          drain_timeout_s=a.drain_timeout, http_port=a.http_port)
     except ValueError as e:
         ap.error(str(e))
     return 0
