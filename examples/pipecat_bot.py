@@ -10,12 +10,18 @@ speech), Marionette (the talking head), and Pipecat's SmallWebRTC transport with
 The avatar sits between the TTS and the transport output: it takes the TTS audio, and sends the video
 frames (25 fps) together with the same audio, aligned (`video_out_is_live=False` + images marked
 `sync_with_audio`, see marionette_integrations/pipecat.py). The model is loaded before the first
-connection (loading takes seconds), and every connection gets its own `TalkingHead` sharing it.
+connection (loading takes seconds) into a `TalkingHeadPool`: every connection gets its own `TalkingHead`,
+and one scheduler thread renders all of them as one batch per frame.
+
+With the avatar on a running `marionette serve` (e.g. a GPU machine) instead of in this process:
+
+    python examples/pipecat_bot.py --remote http://gpu-box:8080 --token "$MARIONETTE_TOKEN"
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 
@@ -39,24 +45,31 @@ except ImportError:  # older pipecat
     from pipecat.pipeline.runner import PipelineRunner
     from pipecat.pipeline.task import PipelineTask
 
-from marionette_integrations import TalkingHead, TalkingHeadConfig
+from marionette_integrations import TalkingHeadConfig
 from marionette_integrations.pipecat import MarionetteVideoService
 
 AVATAR = os.environ.get("MARIONETTE_AVATAR")  # set from --avatar below
-_MODEL = None  # streaming.pipeline.Pipeline, loaded once, shared by every connection
+REMOTE = os.environ.get("MARIONETTE_REMOTE")  # set from --remote below: a marionette serve's URL
+TOKEN = os.environ.get("MARIONETTE_TOKEN")
+POOL = None  # marionette_integrations.pool.TalkingHeadPool: the model, loaded once, shared by every connection
 
 
-def engine():
-    global _MODEL
-    if _MODEL is None:
-        from streaming.pipeline import Pipeline as Engine
+def start_pool():
+    global POOL
+    from marionette_integrations.pool import TalkingHeadPool
 
-        _MODEL = Engine.load(backend="auto")  # the built-in checkpoint when installed, else random weights
-    return _MODEL
+    # the built-in checkpoint when installed, else random weights; its scheduler thread outlives this loop
+    POOL = asyncio.run(TalkingHeadPool(TalkingHeadConfig(backend="auto")).start())
 
 
 async def bot(runner_args: RunnerArguments):
-    head = await TalkingHead(TalkingHeadConfig(avatar=AVATAR, expression="happy:0.3"), pipeline=engine()).start()
+    if REMOTE:
+        from marionette_integrations.remote import RemoteTalkingHead
+
+        head = await RemoteTalkingHead(REMOTE, token=TOKEN,
+                                       controls=[{"type": "expression", "preset": "happy:0.3"}]).start()
+    else:
+        head = await POOL.head(avatar=AVATAR, expression="happy:0.3").start()
     width, height = head.frame_size
     transport = await create_transport(runner_args, {
         "webrtc": lambda: TransportParams(audio_in_enabled=True, audio_out_enabled=True,
@@ -107,11 +120,18 @@ async def bot(runner_args: RunnerArguments):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--avatar", default=None, help="a portrait photo (default: the built-in avatar)")
+    ap.add_argument("--remote", default=None, help="a running marionette serve's URL (the avatar renders there)")
+    ap.add_argument("--token", default=None, help="its bearer token (serve --token)")
     known, rest = ap.parse_known_args()
     if known.avatar:
         os.environ["MARIONETTE_AVATAR"] = AVATAR = known.avatar
+    if known.remote:
+        os.environ["MARIONETTE_REMOTE"] = REMOTE = known.remote
+    if known.token:
+        os.environ["MARIONETTE_TOKEN"] = TOKEN = known.token
     sys.argv = [sys.argv[0], *rest]
-    engine()  # load (and on a CPU export to ONNX once) before the first connection
+    if not REMOTE:
+        start_pool()  # load (and on a CPU export to ONNX once) before the first connection
     from pipecat.runner.run import main
 
     main()

@@ -8,8 +8,11 @@
   one scheduler thread (`streaming.scheduler`, as `marionette serve`), their frames batched per round.
 * `marionette_integrations.pipecat.MarionetteVideoService`: a Pipecat FrameProcessor between the TTS and the
   transport output (`pip install 'marionette[pipecat]'`).
+* `marionette_integrations.remote.RemoteTalkingHead`: the same interface with the avatar rendered by a running
+  `marionette serve` (WebRTC client; `MarionetteVideoService(remote=url, token=...)`).
 * `marionette_integrations.livekit.MarionetteVideoGenerator`: a LiveKit Agents `VideoGenerator` for
-  `AvatarRunner` (`pip install 'marionette[livekit]'`).
+  `AvatarRunner` (`pip install 'marionette[livekit]'`); the remote pattern's avatar worker
+  (`python -m marionette_integrations.livekit worker`, `AvatarWorker`) and the agent side's `AvatarSession`.
 
 See docs/integrations.md.
 """
