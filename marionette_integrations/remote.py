@@ -186,6 +186,14 @@ class RemoteTalkingHead(ControlMethods):
                                    on_video=self._on_video,
                                    on_audio=self._on_audio)
         self.mic = PcmSource()
+        pc = self.client.pc
+
+        @pc.on("connectionstatechange")
+        def _state():  # the server went away (or closed the session): frames() ends
+            if pc.connectionState in ("failed", "closed") and self._video is not None:
+                log.warning("the connection to %s is %s", self.url, pc.connectionState)
+                self._video.put_nowait((0.0, 0, None))
+
         await self.client.connect(mic=self.mic, avatar=self.avatar_id,
                                   controls=self.initial_controls or None, timeout=self.connect_timeout_s)
         await self.wait_first_frame(self.connect_timeout_s)  # the frame size is the first frame's
