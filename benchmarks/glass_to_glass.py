@@ -171,7 +171,7 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         await asyncio.sleep(0.8)
         mic.clear()  # the speaker stops; what the server holds is what the interrupt must flush
         t_int = time.monotonic()
-        await c.request({"type": "interrupt"})
+        await c.request({"type": "interrupt", "until_sample": mic.position})
         interrupts.append(t_int)
         await asyncio.sleep(len(long_speech) / 48000 - 0.8 + 0.3)
     await asyncio.sleep(1.0)

@@ -284,7 +284,9 @@ class RemoteTalkingHead(ControlMethods):
 
         async def ack():
             try:
-                await self.client.request({"type": "interrupt"}, timeout=5.0)
+                # until_sample: the server also drops what the microphone sent before this and is still
+                # on its way (or not yet taken in), so none of the cut speech comes back
+                await self.client.request({"type": "interrupt", "until_sample": self.mic.position}, timeout=5.0)
                 entry[1] = time.monotonic()
             except (asyncio.TimeoutError, ConnectionError, RuntimeError) as e:
                 log.warning("interrupt not acknowledged: %s", e)

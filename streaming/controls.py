@@ -8,7 +8,8 @@ The same JSON objects arrive on the `control` data channel and on `POST /session
     {"type": "expression", "preset": "happy", "intensity": 0.8}  or "preset": "happy:0.5+sad:0.3",
     {"type": "expression", "vector": [..exp dims..]}             or a raw latent
     {"type": "source", "factor": "pose", "from": "webcam" | "idle" | "controls"}
-    {"type": "interrupt"}
+    {"type": "interrupt"}  (+ "until_sample": the sender's microphone position in 48 kHz samples, to drop
+                            audio it sent before interrupting that is still on its way)
     {"type": "stats"}                                            ask for a stats message now
 
 Any message may carry an "id" (string or number) that the answer echoes. Parsing is strict: an
@@ -85,7 +86,9 @@ class Source:
 
 @dataclass(frozen=True)
 class Interrupt:
-    pass
+    # the client's microphone position (48 kHz samples since its first) when it interrupted: audio it had
+    # sent before that and that arrives after the interrupt (in flight, or not yet taken in) is dropped too
+    until_sample: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,9 @@ def parse_control(msg: Any, ctx: ControlContext) -> Control:
                                f"choose {', '.join(SOURCES[factor])}")
         return Source(factor=factor, source=src)
     if t == "interrupt":
-        _check_fields(msg, ())
-        return Interrupt()
+        _check_fields(msg, ("until_sample",))
+        until = _number(msg, "until_sample", None, 0, 2 ** 53)
+        return Interrupt(until_sample=None if until is None else int(until))
     if t == "stats":
         _check_fields(msg, ())
         return StatsRequest()

@@ -100,6 +100,8 @@ class Session:
         self.frames_late = 0  # sent within the grace period after their tick
         self.frames_repeated = 0  # the last picture sent again for a dropped tick (not counted as sent)
         self.rest_picture = None  # the latest frame made without speech (av.VideoFrame)
+        self._discard_before_pts = 0  # inbound audio ending before this (48 kHz, the sender's clock) is dropped
+        self.audio_discarded_samples = 0
         self.drops: dict[str, int] = {}
         self._sent_times: deque = deque(maxlen=128)
         self._audio_sent: dict[int, float] = {}
@@ -184,6 +186,10 @@ class Session:
         async for frame in iter_frames(track):
             if self.closed:
                 return
+            if self._discard_before_pts and frame.pts is not None and frame.time_base is not None and \
+                    int(frame.pts * frame.time_base * RATE48) + frame.samples <= self._discard_before_pts:
+                self.audio_discarded_samples += frame.samples  # sent before an interrupt that covered it
+                continue
             try:
                 self.audio.push(frame, self.clock.now())
             except Exception:  # noqa: BLE001 - a broken frame must not end the session
@@ -228,16 +234,20 @@ class Session:
             self.metrics.controls.inc(type=type(c).__name__.lower(), result="ok")
             self.controls_applied += 1
             if isinstance(c, C.Interrupt):
-                self.interrupt()
+                self.interrupt(c.until_sample)
             elif isinstance(c, C.StatsRequest):
                 pass
             else:
                 self._controls.append(c)
 
-    def interrupt(self) -> None:
+    def interrupt(self, until_sample: int | None = None) -> None:
         """Flush pending audio (silenced from now on) and pending frames (discarded, including one
-        being generated); the next frame made shows the mouth closed."""
+        being generated); the next frame made shows the mouth closed. `until_sample`: the client's
+        microphone position when it interrupted (48 kHz samples from its first): inbound audio stamped
+        before it that arrives later is dropped as well."""
         self.audio.flush()
+        if until_sample is not None:
+            self._discard_before_pts = max(self._discard_before_pts, int(until_sample))
         with self._lock:
             self.epoch += 1
             n = len(self._slot)
@@ -522,6 +532,7 @@ class Session:
             "frames_dropped": self.frames_dropped,
             "frames_late": self.frames_late,
             "frames_repeated": self.frames_repeated,
+            "audio_discarded_ms": round(self.audio_discarded_samples / 48.0, 1),
             "drops": dict(self.drops),
             "latency_ms": round(self.latency_s * 1000, 1),
             "round_ms": round(sch.est_round * 1000, 2),

@@ -142,3 +142,34 @@ def test_receiver_of_finds_the_track():
         return found is tr.receiver
 
     assert asyncio.run(go())
+
+
+def test_interrupt_until_sample_drops_audio_sent_before_it(server):
+    """An interrupt that names the microphone position drops inbound audio stamped before it, even when it
+    arrives after the interrupt (here: a position 1 s ahead, so the next second of speech must vanish)."""
+    from streaming import controls as C
+    from streaming.fixtures import espeak
+
+    assert C.parse_controls([{"type": "interrupt", "until_sample": 4800}], None)[0].until_sample == 4800
+    with pytest.raises(C.ControlError):
+        C.parse_controls([{"type": "interrupt", "until_sample": -1}], None)
+
+    async def go():
+        mic = PcmSource()
+        c = AvatarClient(server.url, keep_frames=False)
+        await c.connect(mic=mic, controls=list(STATIC_HEAD))
+        await c.wait_first_frame(30)
+        await asyncio.sleep(0.5)
+        speech = espeak("Aaah I keep talking for quite a long while now without any pause at all aaah", wpm=140)
+        mic.append(speech)
+        await asyncio.sleep(0.6)
+        r = await c.request({"type": "interrupt", "until_sample": mic.position + 48000})
+        await asyncio.sleep(1.6)
+        st = await c.request({"type": "stats"})
+        await c.close()
+        return r, st
+
+    r, st = asyncio.run(go())
+    assert r["type"] == "ack", r
+    # about a second of the speech that kept coming was dropped on arrival (the rest: before and after)
+    assert 700 <= st["audio_discarded_ms"] <= 1000, st["audio_discarded_ms"]
