@@ -31,11 +31,12 @@ class PcmSource(MediaStreamTrack):
 
     `append(samples)` queues more audio; when the queue runs dry it sends silence. For each frame it
     records when it left (`sent`: list of (first sample index, monotonic time)), so a benchmark knows
-    when a given sample left the client."""
+    when a given sample left the client. Frames go out as stereo with both channels the same (as browsers
+    send them): given mono, aiortc's Opus encoder upmixes at -3 dB, so the server heard it 3 dB quieter."""
 
     kind = "audio"
 
-    def __init__(self, samples: np.ndarray | None = None, channels: int = 1):
+    def __init__(self, samples: np.ndarray | None = None, channels: int = 2):
         super().__init__()
         self._buf = np.zeros(0, np.int16)
         self._pos = 0  # samples sent so far (the index of the next sample)

@@ -171,5 +171,7 @@ def test_interrupt_until_sample_drops_audio_sent_before_it(server):
 
     r, st = asyncio.run(go())
     assert r["type"] == "ack", r
-    # about a second of the speech that kept coming was dropped on arrival (the rest: before and after)
-    assert 700 <= st["audio_discarded_ms"] <= 1000, st["audio_discarded_ms"]
+    # up to the second of speech that kept coming was dropped on arrival (what arrived before the interrupt
+    # was taken in is flushed instead: how much depends on how fast the control came through, so only a
+    # floor far below a second is asserted), never more than that second
+    assert 200 <= st["audio_discarded_ms"] <= 1000, st["audio_discarded_ms"]
