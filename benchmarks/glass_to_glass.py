@@ -190,7 +190,9 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
     frames = [(tt, pts, d) for (tt, pts, _), d in zip(regions, dev)]
     quiet = dev[settled]
     # "open": clearly above the rest picture's codec noise and a good part of the way to speech
-    thr_move = max(0.5, 4 * float(np.percentile(quiet, 95)))
+    # "moves": clearly above codec noise (mean |difference| of 1.5 grey levels at least: 0.5 was crossed by
+    # noise alone); "open": a quarter of the way to the mouth's 99th-percentile deviation
+    thr_move = max(1.5, 4 * float(np.percentile(quiet, 95)))
     thr = max(thr_move, 0.25 * float(np.percentile(dev, 99)))
     moved = []
     for s in onsets:  # the weaker criterion: the mouth starts to move (clearly above codec noise)
@@ -226,6 +228,7 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         "interrupt_to_decoded_rest_ms": percentiles(cut), "interrupts": len(interrupts),
         "interrupt_server_ms": stats.get("interrupt_latency_ms"),
         "onsets": len(onsets), "missed": misses, "threshold": thr, "threshold_move": thr_move,
+        "quiet_frames_over_move_threshold": float((quiet > thr_move).mean()) if len(quiet) else None,
         "client_decoded_ms": percentiles(decoded), "client_decoded_first_move_ms": percentiles(moved), "client_network_ms": percentiles(network),
         "server_ms": percentiles([1000 * x for x in server_onsets]),
         "stages_ms": stage_split(leaves, frames, thr, c, sess, tap, period) if sess else {},
@@ -324,10 +327,15 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path) -> dict:
     tp = np.array([r[0] for r in rows]) / 1000 - epoch_minus_mono  # presented, monotonic
     tr = np.array([np.nan if r[1] is None else r[1] for r in rows], np.float64) / 1000 - epoch_minus_mono
     g = np.array([r[3] for r in rows], np.float32)
-    rest = np.median(g[:12], axis=0)
+    # the mouth at rest: the frames of the 0.6 s before the first onset reached the server (settled head)
+    first = events[0][0] + t0c
+    settled = (tp > first - 0.7) & (tp < first - 0.1)
+    if settled.sum() < 5:
+        settled = np.arange(len(tp)) < 12
+    rest = np.median(g[settled], axis=0)
     dev = np.abs(g - rest).mean(axis=1)
-    quiet = dev[12:12 + 20]
-    thr_move = max(0.5, 4 * float(np.percentile(quiet, 95)))
+    quiet = dev[settled]
+    thr_move = max(1.5, 4 * float(np.percentile(quiet, 95)))
     thr = max(thr_move, 0.25 * float(np.percentile(dev, 99)))
     opened, moved, received = [], [], []
     for arrived, _k, _sent in events:
