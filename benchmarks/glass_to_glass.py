@@ -375,6 +375,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", default="balanced", help="the server's --latency level: low | balanced | safe")
     ap.add_argument("--backend", default="torch", help="the server's --backend (auto: ONNX Runtime on a CPU)")
     ap.add_argument("--threads", type=int, help="the server's inference threads (default: its own)")
+    ap.add_argument("--audio-packet-ms", type=float, default=5.0, help="the server's outbound Opus packet length")
     ap.add_argument("--interrupts", type=int, default=5, help="interrupts measured (aiortc client)")
     ap.add_argument("--client", choices=("aiortc", "chromium", "both"), default="both",
                     help="which client measures: aiortc (in this process), headless Chromium, or both in turn")
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ck, what = (a.checkpoint, str(a.checkpoint)) if a.checkpoint else default_checkpoint(Path(tmp), a.config)
         cfg = ServeConfig(checkpoint=ck, config=a.config, ice_hosts=("127.0.0.1",), latency=a.latency,
-                          backend=a.backend, threads=a.threads)
+                          backend=a.backend, threads=a.threads, audio_packet_ms=a.audio_packet_ms)
         with ServerThread(cfg) as st:
             t0 = time.time()
             res["loadavg_start"] = os.getloadavg()
@@ -402,6 +403,7 @@ def main(argv=None) -> int:
                         "pipeline_latency_ms": 1000 * st.server.latency_s,
                         "lead_ms": 1000 * st.server.lead_s, "duration_s": time.time() - t0,
                         "latency_level": a.latency, "client_audio_prefetch": a.client_audio_prefetch,
+                        "audio_packet_ms": a.audio_packet_ms,
                         "backend": a.backend, "threads": st.server.pipeline.threads,
                         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
                                     "python": platform.python_version()}})

@@ -40,14 +40,19 @@ def receiver_of(pc, track):
     return None
 
 
-def immediate_audio_buffer(capacity: int = 16):
-    """A jitter buffer for audio that releases each packet the moment it arrives.
+def immediate_audio_buffer(capacity: int = 16, reorder_prefetch: int = 4, calm_s: float = 10.0):
+    """A jitter buffer for audio that releases each packet the moment it arrives, until the network
+    reorders packets.
 
     aiortc's own buffer knows a frame is complete only when a packet of the next one arrives, so even
     with prefetch 0 it holds every audio packet one packet time (20 ms). An Opus packet is a whole
-    frame: nothing is gained by waiting. Packets older than the newest released one (reordered or
-    duplicated) are dropped, as a lost packet would be; `InboundAudio` places what arrives by its
-    arrival time and fills gaps with silence, so the stream keeps its clock."""
+    frame: on a network that keeps packets in order nothing is gained by waiting. A packet older than
+    the newest released one (reordered, or a duplicate) cannot be played in order any more and is
+    dropped, and the buffer then holds `reorder_prefetch` packets as aiortc's does (`reordered` counts
+    those events), until `calm_s` seconds pass without another; `InboundAudio` places what arrives by its
+    arrival time and fills gaps with silence, so the stream keeps its clock either way."""
+    import time
+
     from aiortc.jitterbuffer import JitterBuffer, JitterFrame
     from aiortc.utils import uint16_add
 
@@ -55,12 +60,26 @@ def immediate_audio_buffer(capacity: int = 16):
         def __init__(self):
             super().__init__(capacity=capacity)
             self._next_seq: int | None = None
+            self._held: JitterBuffer | None = None  # while the network reorders: aiortc's own buffer
+            self._last_reorder = 0.0
+            self.reordered = 0
 
         def add(self, packet):
             seq = packet.sequence_number
-            if self._next_seq is not None and uint16_add(seq, -self._next_seq) >= 0x8000:
-                return False, None  # behind what was already released: late or duplicate
-            self._next_seq = uint16_add(seq, 1)
+            now = time.monotonic()
+            late = self._next_seq is not None and uint16_add(seq, -self._next_seq) >= 0x8000
+            if late:
+                self.reordered += 1
+                self._last_reorder = now
+            else:
+                self._next_seq = uint16_add(seq, 1)
+            if self._held is not None:
+                if late or now - self._last_reorder < calm_s:
+                    return self._held.add(packet)  # aiortc's buffer puts reordered packets back in order
+                self._held = None  # calm again: back to releasing at once
+            if late:  # the first reordering seen: this packet is lost, the next ones are held
+                self._held = JitterBuffer(capacity=capacity, prefetch=reorder_prefetch)
+                return False, None
             return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
 
     return ImmediateJitterBuffer()

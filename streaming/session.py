@@ -101,6 +101,9 @@ class Session:
         self.frames_repeated = 0  # the last picture sent again for a dropped tick (not counted as sent)
         self.rest_picture = None  # the latest frame made without speech (av.VideoFrame)
         self._discard_before_pts = 0  # inbound audio ending before this (48 kHz, the sender's clock) is dropped
+        self._audio_sender = None
+        self._jittery_since: float | None = None  # when the peer last reported jitter (its RTCP receiver reports)
+        self.peer_audio_jitter_ms: float | None = None
         self.audio_discarded_samples = 0
         self.drops: dict[str, int] = {}
         self._sent_times: deque = deque(maxlen=128)
@@ -171,6 +174,7 @@ class Session:
             tr.sender.replaceTrack(self.video_track if tr.kind == "video" else self.audio_track)
             if tr.kind == "audio":
                 self.audio_track.packet_ms = self.audio_packet_ms
+                self._audio_sender = tr.sender
             if tr.kind == "video":
                 time_encoder(tr.sender, self._note_video_encoded)
                 if self.frame_end_hint:
@@ -533,6 +537,8 @@ class Session:
             "frames_late": self.frames_late,
             "frames_repeated": self.frames_repeated,
             "audio_discarded_ms": round(self.audio_discarded_samples / 48.0, 1),
+            "audio_packet_ms": self.audio_track.packet_ms,
+            "peer_audio_jitter_ms": None if self.peer_audio_jitter_ms is None else round(self.peer_audio_jitter_ms, 1),
             "drops": dict(self.drops),
             "latency_ms": round(self.latency_s * 1000, 1),
             "round_ms": round(sch.est_round * 1000, 2),
@@ -598,7 +604,33 @@ class Session:
                 return
             if now >= next_stats:
                 next_stats = now + self.stats_interval_s
+                await self._adapt_audio_packets(now)
                 self.send(self.stats())
+
+    async def _adapt_audio_packets(self, now: float) -> None:
+        """Short outbound audio packets keep a receiver's buffer short only on a calm network: a receiver
+        holds a fixed number of packets, so on a jittery one (the peer's RTCP reports, > 4 ms) they are
+        20 ms long (aiortc's 4 packets then cover 80 ms of jitter) until 10 s without it."""
+        sender, want = self._audio_sender, self.audio_packet_ms
+        if sender is None or not want or want >= 20:
+            return
+        try:
+            report = await sender.getStats()
+        except Exception:  # noqa: BLE001 - stats are advisory
+            return
+        jit = [getattr(st, "jitter", None) for st in report.values() if getattr(st, "type", "") == "remote-inbound-rtp"]
+        jit = [j for j in jit if j is not None]
+        if not jit:
+            return
+        self.peer_audio_jitter_ms = max(jit) / 48.0  # RTP timestamp units at 48 kHz
+        if self.peer_audio_jitter_ms > 4.0:
+            self._jittery_since = now
+        calm = self._jittery_since is None or now - self._jittery_since > 10.0
+        packet = want if calm else 20.0
+        if packet != self.audio_track.packet_ms:
+            log.info("session %s: outbound audio in %g ms packets (peer jitter %.1f ms)", self.id, packet,
+                     self.peer_audio_jitter_ms)
+            self.audio_track.packet_ms = packet
 
     async def close(self, reason: str = "closed") -> None:
         if self.closed:

@@ -132,6 +132,7 @@ class DelayedAudioTrack(MediaStreamTrack):
         self._silence = np.zeros((1, AUDIO_SAMPLES), np.int16)
         self.packet_ms = packet_ms
         self._encoder = None
+        self._encoder_ms: float | None = None
         self._packets: deque = deque()  # (clock time due, av.Packet) of the frame being sent
 
     async def recv(self):
@@ -149,6 +150,8 @@ class DelayedAudioTrack(MediaStreamTrack):
 
     def _encode(self, j: int, frame: av.AudioFrame) -> None:
         n = int(round(AUDIO_RATE * self.packet_ms / 1000))
+        if self._encoder is not None and self._encoder_ms != self.packet_ms:
+            self._encoder = None  # the packet length changed (the network's jitter): a new encoder
         if self._encoder is None:
             c = av.CodecContext.create("libopus", "w")
             c.sample_rate = AUDIO_RATE
@@ -158,7 +161,7 @@ class DelayedAudioTrack(MediaStreamTrack):
             c.time_base = AUDIO_TIME_BASE
             c.options = {"frame_duration": f"{self.packet_ms:g}", "application": "lowdelay"}
             c.open()
-            self._encoder = c
+            self._encoder, self._encoder_ms = c, self.packet_ms
         pcm = frame.to_ndarray().reshape(1, -1)
         base = self._clock.audio_pts(j, self.j0)
         for i in range(AUDIO_SAMPLES // n):
