@@ -15,6 +15,7 @@ the audio played at that instant are the same moment of the speaker's audio.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -141,7 +142,8 @@ class DelayedAudioTrack(MediaStreamTrack):
         while not self._packets:
             frame = await self._recv_frame()
             j = self._next - 1
-            self._encode(j, frame)
+            # encoding is blocking work: off the event loop, as aiortc runs its own encoders
+            await asyncio.get_running_loop().run_in_executor(None, self._encode, j, frame)
         due, packet = self._packets.popleft()
         await self._clock.sleep_until(due)
         if self.readyState != "live":
