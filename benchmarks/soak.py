@@ -17,6 +17,7 @@ At the end: the fitted drift of each A/V offset (ms per hour), the RSS slope aft
 
     .venv/bin/python benchmarks/soak.py [--minutes 480] [--sessions 1] [--model builtin|tiny]
                                         [--loss 0.0 --jitter-ms 0] [--out benchmarks/results/soak]
+    .venv/bin/python benchmarks/soak.py --plot-only benchmarks/results/soak.json   # a run stopped early
 
 Each client speaks espeak-ng sentences with pauses in a loop and counts video without decoding it (so the
 client costs this machine little). --loss/--jitter-ms put each client behind a streaming.netem relay.
@@ -316,7 +317,16 @@ def main() -> None:
     p.add_argument("--loss", type=float, default=0.0, help="packet loss through a netem relay (0..1)")
     p.add_argument("--jitter-ms", type=float, default=0.0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak")
+    p.add_argument("--plot-only", type=Path, metavar="JSON", help=(
+        "summarise and plot a record already written (a run stopped early has its JSON but no plot)"))
     a = p.parse_args()
+    if a.plot_only is not None:
+        res = json.loads(a.plot_only.read_text())
+        summarise(res)
+        write_atomic(a.plot_only, json.dumps(_clean(res), indent=1))
+        plot(res, a.plot_only.with_suffix(".png"))
+        print(json.dumps(res["summary"], indent=1))
+        return
     import logging
 
     logging.basicConfig(level=logging.WARNING)
