@@ -65,9 +65,9 @@ builtin: setup
 		--identities 120 --clips-per-identity 2 --seconds 8 --size 64 --seed 1 --device $(DEVICE)
 	test -f $(BUILTIN_RUN)/eval256/manifest.json || $(BIN)/marionette corpus --out $(BUILTIN_RUN)/eval256 \
 		--identities 10 --clips-per-identity 2 --seconds 6 --size 256 --seed 2 --device $(DEVICE)
-	@# the factor oracle that evaluates the model (rendered frames only)
+	@# the factor oracle that evaluates the model (rendered frames only): global 96 px + eye/mouth crops at 256 px
 	test -f $(BUILTIN_RUN)/oracle/oracle.json || $(BIN)/marionette oracle --out $(BUILTIN_RUN)/oracle \
-		--steps 4000 --batch 32 --size 128 --device $(DEVICE)
+		--steps 3000 --batch 32 --size 96 --regions --render-pool 10000 --device $(DEVICE)
 	@# render (E_app, E_mot + heads, G on pairs rendered on the fly) -> state -> patch (mouth/eye nets) -> audio -> idle
 	$(BIN)/marionette train --config talk --stage all --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/talk \
 		--device $(DEVICE) --workers 1 --ckpt-every 250 $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \

@@ -163,8 +163,10 @@ class ModelConfig:
                 head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16, refine_channels=8,
                 mouth_channels=8)),
             # the built-in design: lite's networks with ground-truth latents, relative motion and the explicit
-            # pose warp (trained on pairs rendered on the fly: `marionette train --config talk`)
-            "talk": cls(name="talk", lookahead_ms=40, gt_latents=True, relative=True, pose_warp=True, local_z=True,
+            # pose warp (trained on pairs rendered on the fly: `marionette train --config talk`). No lookahead:
+            # through G and the oracle, 0 ms keeps 97 % of the best lip-sync correlation (80 ms), 40 ms 98 %
+            # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
+            "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
                         patches=True),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
                              pose_warp=True, local_z=True, patches=True, net=NetworkConfig(

@@ -73,7 +73,11 @@ def test_render_opens_the_mouth_with_real_speech_and_shuts_it_in_the_pauses(tmp_
     jaw = O.read_factors(oracle, O.uint8_to_float(frames))[:, O.group_slices()["mouth"].start]
     r = mouth_vs_speech(jaw, load_audio(wav, SAMPLE_RATE), fps)
     assert r["pause_frames"] >= 20 and r["speech_frames"] >= 20, r
-    assert r["ratio"] >= 2.0 and r["pause_shut_fraction"] >= 0.5, r
+    # the mouth moves at least twice as much in speech as in the pauses, opens wider in speech, and is shut in
+    # the pauses (movement, not the ratio of mean levels: that one depends on where the oracle reads a shut
+    # mouth, 0.00 or 0.02, more than on the frames)
+    assert r["movement_ratio"] >= 2.0 and r["pause_shut_fraction"] >= 0.5, r
+    assert r["jaw_speech_p90"] > r["jaw_pause_p90"], r
 
 
 def test_the_builtin_exports_and_onnxruntime_matches_torch(tmp_path):

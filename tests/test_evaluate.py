@@ -100,9 +100,14 @@ def test_mouth_vs_speech_finds_the_pauses_of_real_recordings():
         if r["pause_frames"]:
             with_pauses += 1
             assert r["ratio"] > 3 and r["pause_shut_fraction"] > 0.5, (f.name, r)
+            assert r["movement_ratio"] > 2 and r["jaw_speech_p90"] > r["jaw_pause_p90"], (f.name, r)
             assert r["level_correlation"] > 0.9
             flat = E.mouth_vs_speech(np.full(n, 0.5) + 0.01 * np.sin(np.arange(n)), x, 25)
             assert 0.8 < flat["ratio"] < 1.25 and flat["pause_shut_fraction"] == 0.0
+            assert 0.5 < flat["movement_ratio"] < 2
+            # an oracle that reads a shut mouth at 0.02 instead of 0: the movement is the same, the level ratio not
+            up = E.mouth_vs_speech(env + 0.02, x, 25)
+            assert up["movement_ratio"] == pytest.approx(r["movement_ratio"], rel=1e-6)
     assert with_pauses >= len(files) - 2  # a 1-2 s card utterance may have no 160 ms pause
 
 

@@ -231,3 +231,107 @@ def test_trained_oracle_beats_predicting_the_mean(small_corpus, tmp_path):
         assert cols[c]["mae_pct"] < 0.7 * cols[c]["mean_baseline_pct"], (c, cols[c])
     yaw = meta["accuracy"]["groups"]["pose"]["columns"]["yaw"]
     assert yaw["mae"] < yaw["mean_baseline_mae"], yaw
+
+
+# =================================================================================== region branch
+def _small_regions(size: int = 64) -> O.FactorOracle:
+    torch.manual_seed(0)
+    return O.FactorOracle(O.OracleNetConfig(size=size, channels=(8, 16, 16, 32, 32), embed_dim=24, regions=True,
+                                            region_size=16, region_channels=(8, 8), region_dim=12)).eval()
+
+
+def test_region_crops_follow_the_eye_line():
+    """A crop is centred on its anchor (moved along the eye line's normal), scaled by the eye distance and
+    turned with it; the left eye's crop is mirrored. Checked on a frame whose pixels are their own
+    coordinates."""
+    S, r = 128, 33
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, S), torch.linspace(-1, 1, S), indexing="ij")
+    frame = torch.stack([xs, ys, torch.zeros_like(xs)])[None]  # (1, 3, S, S): x, y
+    for roll in (0.0, 0.4):
+        u = torch.tensor([math.cos(roll), math.sin(roll)])
+        n = torch.tensor([-u[1], u[0]])
+        d = 0.4
+        er, el = torch.tensor([-0.1, -0.2]), torch.tensor([-0.1, -0.2]) + d * u
+        m = (er + el) / 2 + 0.5 * n
+        a = torch.stack([er, el, m])[None]
+        cr, cl, cm = O.region_crops(frame, a, r)
+        mid = r // 2
+        for crop, anchor, (off, side), flip in ((cr, er, O.EYE_CROP, False), (cl, el, O.EYE_CROP, True),
+                                                (cm, m, O.MOUTH_CROP, False)):
+            centre = anchor + off * d * n
+            np.testing.assert_allclose(crop[0, :2, mid, mid].numpy(), centre.numpy(), atol=0.02)
+            # one step right in the crop moves along u (against it when mirrored), one step down along n
+            step = (crop[0, :2, mid, mid + 4] - crop[0, :2, mid, mid]) / (4 * side * d / r)
+            np.testing.assert_allclose(step.numpy(), (-u if flip else u).numpy(), atol=0.05)
+            step = (crop[0, :2, mid + 4, mid] - crop[0, :2, mid, mid]) / (4 * side * d / r)
+            np.testing.assert_allclose(step.numpy(), n.numpy(), atol=0.05)
+
+
+def test_region_crops_land_on_the_rendered_eyes_and_mouth():
+    """With the renderer's anchors the crops hold what the eye and mouth factors change, for turned, rolled
+    and scaled heads: a blink changes the middle of the eye crops and not their borders, and opening the jaw
+    changes the mouth crop."""
+    from trainer.corpus.face import FaceRenderer, anchor_points, sample_identity
+
+    rng = np.random.default_rng(9)
+    n = 6
+    ids = np.stack([sample_identity(rng) for _ in range(n)])
+    fac = O.sample_factors(rng, n)
+    fac["eyes"][:] = 0.0
+    fac["mouth"][:, 0] = 0.0
+    r = FaceRenderer(128)
+    a = anchor_points(torch.from_numpy(ids), torch.from_numpy(fac["pose"]))
+    base = O.region_crops(r.render(ids, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"]), a, 32)
+    blink, jaw = {k: v.copy() for k, v in fac.items()}, {k: v.copy() for k, v in fac.items()}
+    blink["eyes"][:, 2:] = 1.0
+    jaw["mouth"][:, 0] = 0.8
+    crops = {}
+    for name, f in (("blink", blink), ("jaw", jaw)):
+        crops[name] = O.region_crops(r.render(ids, f["pose"], f["eyes"], f["mouth"], f["expression"]), a, 32)
+    ring = torch.ones(32, 32, dtype=torch.bool)
+    ring[3:-3, 3:-3] = False
+    for j in (0, 1):  # both eyes
+        d = (crops["blink"][j] - base[j]).abs().mean(1)  # (n, 32, 32)
+        centre, border = d[:, 12:26, 6:26].mean(dim=(1, 2)), d[:, ring].mean(1)
+        assert (centre > 0.01).all() and (border < 0.2 * centre).all(), (j, centre, border)
+    d = (crops["jaw"][2] - base[2]).abs().mean(1)
+    assert (d[:, 6:26, 6:26].mean(dim=(1, 2)) > 0.01).all()
+
+
+def test_region_oracle_forward_save_load_and_gradients(tmp_path):
+    o = _small_regions()
+    x = torch.rand(3, 3, 96, 96)  # any square size; the crops come from the input itself
+    out = o(x)
+    assert [v.shape for v in out.values()] == [(3, fa.dims(g)) for g in fa.GROUP_NAMES]
+    assert o.anchors(x).shape == (3, 3, 2)
+    assert o.features(x).shape == (3, 24 + 3 * 12)
+    # given anchors replace the found ones; NaN rows fall back to the found ones
+    a = torch.zeros(3, 3, 2)
+    a[:, 0, 0], a[:, 1, 0] = -0.3, 0.3
+    given = o.normalised(x, a)
+    assert not torch.allclose(given, o.normalised(x))
+    mixed = a.clone()
+    mixed[1] = float("nan")
+    got = o.normalised(x, mixed)
+    assert torch.allclose(got[0], given[0]) and torch.allclose(got[1], o.normalised(x)[1], atol=1e-6)
+    xi = torch.rand(2, 3, 64, 64, requires_grad=True)
+    o.features(xi).sum().backward()
+    assert float(xi.grad.abs().sum()) > 0
+    d = O.save_oracle(o, tmp_path / "oracle")
+    o2, _ = O.load_oracle(d)
+    assert o2.cfg.regions and torch.equal(o2.flat(x), o.flat(x))
+    with pytest.raises(InputError, match="no region branch"):
+        _small().anchors(x)
+    # an oracle written before the region branch existed loads as a global-only one
+    assert not O.OracleNetConfig.from_dict({"size": 64}).regions
+    with pytest.raises(InputError, match="region_size"):
+        O.OracleNetConfig(regions=True, region_size=20)
+
+
+def test_train_region_oracle_reports_anchor_error(tmp_path):
+    cfg = O.OracleConfig(data=None, out=tmp_path / "oracle", steps=3, batch_size=4, size=64, regions=True,
+                         render_size=96, render_pool=8, eval_frames=8, log_every=1)
+    oracle, meta = O.load_oracle(O.train_oracle(cfg))
+    assert oracle.cfg.regions and meta["trained"]["regions"] and meta["trained"]["render_size"] == 96
+    px = meta["accuracy_rendered"]["anchors_px"]
+    assert px["size"] == 96 and all(px[k]["median"] >= 0 for k in O.REGION_ANCHORS)

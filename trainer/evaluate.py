@@ -792,8 +792,9 @@ def mouth_vs_speech(jaw: np.ndarray, samples: np.ndarray, fps: float, sample_rat
     frames: within min(20 dB, half the range) of the top. Pause frames: within min(10 dB, 35 % of the range)
     of the floor, in runs of >= 4 frames (160 ms at 25 fps), the frame after a run's start onward (the mouth
     may take one frame to close). Reports the mean jaw in each, their ratio, the share of pause frames with the
-    jaw under 0.15 (shut) and the correlation of the jaw with the level in dB (at the best offset of +-2
-    frames)."""
+    jaw under 0.15 (shut), the 90th percentile of the jaw in each, how much the jaw moves per frame in each
+    (mean |change| between consecutive frames) and their ratio, and the correlation of the jaw with the
+    level in dB (at the best offset of +-2 frames)."""
     from engine.audio import frame_energy
 
     n = len(jaw)
@@ -822,6 +823,17 @@ def mouth_vs_speech(jaw: np.ndarray, samples: np.ndarray, fps: float, sample_rat
     if speech.any() and pause.any():
         out["ratio"] = out["jaw_speech"] / max(out["jaw_pause"], 1e-3)
         out["pause_shut_fraction"] = float((jaw[pause] < 0.15).mean())
+        out["jaw_speech_p90"] = float(np.percentile(jaw[speech], 90))
+        out["jaw_pause_p90"] = float(np.percentile(jaw[pause], 90))
+    # movement: mean |jaw change| between consecutive frames of speech, and of pauses. Unlike the ratio of
+    # levels it does not depend on where the oracle puts a shut mouth (one reading a shut mouth at 0.02
+    # instead of 0.00 turns a ratio of 15 into 1.2 for the same frames)
+    step = np.abs(np.diff(jaw))
+    in_speech, in_pause = speech[1:] & speech[:-1], pause[1:] & pause[:-1]
+    if in_speech.any() and in_pause.any():
+        out["movement_speech"] = float(step[in_speech].mean())
+        out["movement_pause"] = float(step[in_pause].mean())
+        out["movement_ratio"] = out["movement_speech"] / max(out["movement_pause"], 1e-3)
     sweep = offset_sweep([jaw], [np.maximum(db, top - 40)], 2)
     k, c = max(sweep, key=lambda kc: kc[1])
     out["level_correlation"], out["level_offset_ms"] = c, k * 1000.0 / fps

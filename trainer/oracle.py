@@ -80,15 +80,27 @@ def flat_factors(groups: Mapping[str, Any]) -> np.ndarray:
 @dataclass(frozen=True)
 class OracleNetConfig:
     """size: the frame size the oracle works at (inputs of any square size are resized to it);
-    channels: widths of the stride-2 stages after the stem; embed_dim: `features` size; stem_stride: the
-    stem's stride (1 at 128 px; 2 at 256 px reads the native corpus frames for about the same compute)."""
+    channels: widths of the stride-2 stages after the stem; embed_dim: the global embedding's size; stem_stride:
+    the stem's stride (1 at 128 px; 2 at 256 px reads the native corpus frames for about the same compute).
+    regions: also read crops of both eyes (with the brows) and the mouth, `region_size` px each, taken from the
+    input at its own resolution (256 px frames: about native detail) where the global branch locates the eyes
+    and the mouth (`REGION_ANCHORS`); region_channels / region_dim: the crops' CNN and their embedding. Gaze,
+    mouth width and rounding move a few pixels of a 128 px frame; the crops see them at 2x."""
 
     size: int = 128
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)
     embed_dim: int = 256
     stem_stride: int = 1
+    regions: bool = False
+    region_size: int = 48
+    region_channels: tuple[int, ...] = (16, 32, 64, 96)
+    region_dim: int = 128
 
     def __post_init__(self):
+        if self.regions:
+            kr = 2 ** len(self.region_channels)
+            if self.region_size < 16 or self.region_size % kr:
+                raise InputError(f"oracle region_size must be >= 16 and divisible by {kr}, got {self.region_size!r}")
         k = self.stem_stride * 2 ** len(self.channels)
         if not isinstance(self.size, int) or self.size < 32 or self.size % k:
             raise InputError(f"oracle size must be an integer >= 32 divisible by {k}, got {self.size!r}")
@@ -114,12 +126,61 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
                          nn.SiLU())
 
 
+def _region_net(cfg: OracleNetConfig) -> nn.Sequential:
+    """A crop (B, 3, r, r) -> (B, region_dim): stem + stride-2 stages, flatten, linear."""
+    ch = cfg.region_channels
+    layers = [_conv(3, ch[0], 1)]
+    cin = ch[0]
+    for c in ch:
+        layers += [_conv(cin, c, 2), _conv(c, c, 1)]
+        cin = c
+    side = cfg.region_size // 2 ** len(ch)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, cfg.region_dim), nn.SiLU())
+
+
+# Crop geometry, in units of the distance d between the eyes, along the eye line u (towards the left eye) and
+# its normal n (down the face): (offset along n of the crop's centre, crop side). The eye crop reaches from
+# 0.7 d above the eye (the brow) to 0.3 d below it (squint, cheek); the mouth crop spans 1.2 d around a point
+# 0.25 d below the mouth centre (a wide smile, the lower lip of an open jaw).
+EYE_CROP = (-0.2, 1.0)
+MOUTH_CROP = (0.25, 1.2)
+REGION_ANCHORS = ("right_eye", "left_eye", "mouth")
+
+
+def region_crops(x: torch.Tensor, anchors: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """Crops of frames x (B, C, H, W) (square) at anchors (B, 3, 2) (right eye, left eye, mouth centre; grid
+    coordinates, x right, y down, -1..1) -> three (B, C, size, size): right eye, left eye mirrored (so that it
+    looks like a right eye), mouth. Each is a rotated square aligned with the eye line and scaled by the eye
+    distance (`EYE_CROP`, `MOUTH_CROP`), so that roll, scale and position do not change what a crop shows."""
+    a = anchors.to(x)
+    v = a[:, 1] - a[:, 0]  # (B, 2) right eye -> left eye
+    d = v.norm(dim=1, keepdim=True).clamp(min=1e-3)  # (B, 1)
+    u = v / d
+    n = torch.stack([-u[:, 1], u[:, 0]], 1)  # (B, 2) down the face when u points right
+
+    def crop(centre, off_side, flip):
+        off, side = off_side
+        c = centre + off * d * n  # (B, 2)
+        half = 0.5 * side * d
+        ux = -u if flip else u
+        theta = torch.stack([half * ux, half * n, c], 2)  # (B, 2, 3): output (x, y, 1) -> input (x, y)
+        grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    return crop(a[:, 0], EYE_CROP, False), crop(a[:, 1], EYE_CROP, True), crop(a[:, 2], MOUTH_CROP, False)
+
+
 class FactorOracle(nn.Module):
     """Regressor frame -> factor groups. Input (B, 3, H, W) in [0, 1] (resized to `cfg.size`).
 
     Stem (full resolution) + len(channels) stride-2 stages -> flatten -> embedding e (B, embed_dim)
     -> linear -> normalised factors y in ~[0, 1] ((value - low) / (high - low) per column, the corpus'
     ranges) -> units. `forward` gives {group: (B, D)} in the units of `factors.FACTOR_GROUPS`.
+
+    With `cfg.regions`: e also gives the anchors a (B, 3, 2) (right eye, left eye, mouth centre, grid_sample
+    coordinates, as `trainer.corpus.face.anchor_points`); crops of both eyes and the mouth, oriented and scaled
+    by the eye line (`region_crops`, computed, not learned), are read at the input's resolution by two small
+    CNNs (the left eye mirrored so both eyes share one), and y comes from [e, eye_r, eye_l, mouth].
     """
 
     def __init__(self, cfg: OracleNetConfig = OracleNetConfig()):
@@ -134,7 +195,13 @@ class FactorOracle(nn.Module):
         self.body = nn.Sequential(*layers)
         side = cfg.size // (cfg.stem_stride * 2 ** len(ch))
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.embed_dim), nn.SiLU())
-        self.head = nn.Linear(cfg.embed_dim, N_OUT)
+        head_in = cfg.embed_dim
+        if cfg.regions:
+            self.anchor_head = nn.Linear(cfg.embed_dim, 6)
+            self.eye_net = _region_net(cfg)
+            self.mouth_net = _region_net(cfg)
+            head_in += 3 * cfg.region_dim
+        self.head = nn.Linear(head_in, N_OUT)
         self.register_buffer("low", torch.from_numpy(LOW.copy()), persistent=False)
         self.register_buffer("span", torch.from_numpy(RANGE.copy()), persistent=False)
         with torch.no_grad():  # start at the middle of every range
@@ -152,13 +219,45 @@ class FactorOracle(nn.Module):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         return x * 2.0 - 1.0  # (B, 3, s, s)
 
-    def features(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> penultimate embedding (B, embed_dim)."""
-        return self.embed(self.body(self._prepare(frames)))
+    def _input(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.dim() == 3:
+            frames = frames.unsqueeze(0)
+        p = self.head.weight
+        return frames.to(device=p.device, dtype=p.dtype) * 2.0 - 1.0  # (B, 3, H, W) at its own size
 
-    def normalised(self, frames: torch.Tensor) -> torch.Tensor:
+    def anchors(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, 2) where the oracle finds the right eye, the left eye and the mouth centre
+        (grid_sample coordinates). Needs `cfg.regions`."""
+        if not self.cfg.regions:
+            raise InputError("this oracle has no region branch (OracleNetConfig.regions=False)")
+        e = self.embed(self.body(self._prepare(frames)))
+        return self.anchor_head(e).view(-1, 3, 2)
+
+    def features_and_anchors(self, frames: torch.Tensor, anchors: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) in [0, 1] -> (penultimate embedding (B, embed_dim [+ 3 * region_dim]), the anchors it
+        finds (B, 3, 2) or None without regions). The crops are taken at `anchors` (B, 3, 2) where given and
+        finite (training: the renderer's), elsewhere where the oracle finds them."""
+        e = self.embed(self.body(self._prepare(frames)))  # (B, embed_dim)
+        if not self.cfg.regions:
+            return e, None
+        found = self.anchor_head(e).view(-1, 3, 2)  # (B, 3, 2)
+        a = found
+        if anchors is not None:
+            anchors = anchors.to(e)
+            a = torch.where(torch.isfinite(anchors), anchors, found.detach())
+        eye_r, eye_l, mouth = region_crops(self._input(frames), a, self.cfg.region_size)
+        n = len(e)
+        eyes = self.eye_net(torch.cat([eye_r, eye_l]))  # (2B, region_dim)
+        return torch.cat([e, eyes[:n], eyes[n:], self.mouth_net(mouth)], 1), found
+
+    def features(self, frames: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> penultimate embedding (B, embed_dim [+ 3 * region_dim])."""
+        return self.features_and_anchors(frames, anchors)[0]
+
+    def normalised(self, frames: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N_OUT) factors as fractions of their ranges (columns: `COLUMNS`)."""
-        return self.head(self.features(frames))
+        return self.head(self.features(frames, anchors))
 
     def flat(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N_OUT) factors in units (columns: `COLUMNS`)."""
@@ -381,6 +480,10 @@ class OracleConfig:
     render_pool: rendered frames are drawn from a pool of this many frames rendered once up front (0: fresh
     frames every step); None = fresh on CUDA, a pool of 16384 elsewhere (the CPU renderer takes tens of ms
     per 128 px frame, several times a training step's share).
+    regions: the oracle also reads eye and mouth crops at the input's resolution (`OracleNetConfig.regions`);
+    rendered frames then default to 256 px (`render_size`), the crops are taken at the renderer's anchors
+    moved by N(0, anchor_jitter) (grid units; 0.015 is 2 px at 256) so that they tolerate the anchors the
+    oracle finds itself at evaluation, and the anchor head learns from the renderer's anchors.
     max_real_frames: cap on the decoded train frames kept in memory (evenly spread over the clips).
     eval_frames: frames of each accuracy check written to meta: "accuracy_rendered" (fresh renders of
     unseen identities) and "accuracy" (decoded frames of the val split, else test, evenly spread).
@@ -400,6 +503,8 @@ class OracleConfig:
     max_real_frames: int = 20000
     eval_frames: int = 1024
     log_every: int = 100
+    regions: bool = False
+    anchor_jitter: float = 0.015
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
@@ -450,16 +555,17 @@ def corpus_frames(data: Path, splits: Iterable[str], max_frames: int, size: int,
 
 @torch.no_grad()
 def rendered_frames(n: int, size: int, render_size: int, device, seed: int, batch: int = 64,
-                    uint8: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+                    uint8: bool = False, with_anchors: bool = False):
     """n frames rendered from `sample_factors` and fresh identities (seeded) at `render_size`, resized to
-    `size`: (frames (n, 3, size, size) on `device`, float in [0, 1] or uint8, truth (n, N_OUT))."""
+    `size`: (frames (n, 3, size, size) on `device`, float in [0, 1] or uint8, truth (n, N_OUT)) [+ the
+    anchors (n, 3, 2) of `trainer.corpus.face.anchor_points` with `with_anchors`]."""
     from tqdm import tqdm
 
-    from trainer.corpus.face import FaceRenderer, sample_identity
+    from trainer.corpus.face import FaceRenderer, anchor_points, sample_identity
 
     rng = np.random.default_rng([seed, 8])
     renderer = FaceRenderer(render_size, device=device)
-    frames, truth = [], []
+    frames, truth, anchors = [], [], []
     for i in tqdm(range(0, n, batch), desc="rendering", leave=False, disable=None):
         k = min(batch, n - i)
         fac = sample_factors(rng, k)
@@ -467,10 +573,16 @@ def rendered_frames(n: int, size: int, render_size: int, device, seed: int, batc
         x = resize_frames(renderer.render(ident, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"]), size)
         frames.append(x.mul(255.0).round_().to(torch.uint8) if uint8 else x)
         truth.append(flat_factors(fac))
+        if with_anchors:
+            anchors.append(anchor_points(torch.from_numpy(ident), torch.from_numpy(fac["pose"])).to(device))
+        if (i // batch) % 20 == 19:
+            log.info("oracle: rendered %d/%d frames", i + k, n)
     if not frames:
-        return (torch.zeros(0, 3, size, size, device=device, dtype=torch.uint8 if uint8 else torch.float32),
-                np.zeros((0, N_OUT), np.float32))
-    return torch.cat(frames), np.concatenate(truth)
+        out = (torch.zeros(0, 3, size, size, device=device, dtype=torch.uint8 if uint8 else torch.float32),
+               np.zeros((0, N_OUT), np.float32))
+        return out + (torch.zeros(0, 3, 2, device=device),) if with_anchors else out
+    out = (torch.cat(frames), np.concatenate(truth))
+    return out + (torch.cat(anchors),) if with_anchors else out
 
 
 def _heldout_split(data: Path | None) -> str | None:
@@ -489,33 +601,37 @@ def train_oracle(cfg: OracleConfig) -> Path:
     training settings and the held-out accuracy in meta). Deterministic for a seed on one device."""
     from tqdm import tqdm
 
-    from trainer.corpus.face import FaceRenderer, sample_identity
+    from trainer.corpus.face import FaceRenderer, anchor_points, sample_identity
 
     device = torch.device(cfg.device)
-    net_cfg = OracleNetConfig(size=cfg.size, stem_stride=2 if cfg.size >= 256 else 1)
+    net_cfg = OracleNetConfig(size=cfg.size, stem_stride=2 if cfg.size >= 256 else 1, regions=cfg.regions)
+    render_size = cfg.render_size or (max(cfg.size, 256) if cfg.regions else cfg.size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         oracle = FactorOracle(net_cfg).to(device)
     rng = np.random.default_rng([cfg.seed, 7])
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    # frames are kept at the size the oracle reads them: its global size, or the crops' source resolution
+    keep = render_size if cfg.regions else cfg.size
 
     real_f, real_t = torch.zeros(0), np.zeros((0, N_OUT), np.float32)
     if cfg.data is not None and cfg.render_fraction < 1.0:
-        real_f, real_t, _ = corpus_frames(Path(cfg.data), ["train"], cfg.max_real_frames, cfg.size,
+        real_f, real_t, _ = corpus_frames(Path(cfg.data), ["train"], cfg.max_real_frames, keep,
                                           desc="oracle: decoding train frames")
         log.info("oracle: %d decoded train frames", len(real_f))
     n_real = 0 if len(real_f) == 0 else int(round(cfg.batch_size * (1.0 - cfg.render_fraction)))
     n_render = cfg.batch_size - n_real
-    renderer = FaceRenderer(cfg.render_size or cfg.size, device=device) if n_render > 0 else None
+    renderer = FaceRenderer(render_size, device=device) if n_render > 0 else None
     pool = cfg.render_pool if cfg.render_pool is not None else (0 if device.type == "cuda" else 16384)
-    pool_f, pool_y = None, None
+    pool_f, pool_y, pool_a = None, None, None
     if n_render and pool > 0:
-        pool_f, t = rendered_frames(pool, cfg.size, cfg.render_size or cfg.size, device, seed=cfg.seed,
-                                    uint8=True)  # a quarter of the memory of float frames
+        pool_f, t, pool_a = rendered_frames(pool, keep, render_size, device, seed=cfg.seed, uint8=True,
+                                            with_anchors=True)  # uint8: a quarter of the memory of float frames
         pool_y = torch.from_numpy((t - LOW) / RANGE).to(device)
         log.info("oracle: rendered a pool of %d frames", len(pool_f))
     real_f = real_f.to(device) if n_real else real_f
     real_y = torch.from_numpy((real_t - LOW) / RANGE).to(device) if n_real else None
+    swap = torch.tensor([1, 0, 2], device=device)
 
     opt = torch.optim.AdamW(oracle.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warm = min(100, max(1, cfg.steps // 10))
@@ -530,27 +646,43 @@ def train_oracle(cfg: OracleConfig) -> Path:
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="oracle", disable=None)
     for step in bar:
-        xs, ys = [], []
+        xs, ys, As = [], [], []
         if n_render and pool_f is not None:
             idx = torch.from_numpy(rng.integers(0, len(pool_f), size=n_render)).to(device)
             xs.append(pool_f[idx].float().div_(255.0))
             ys.append(pool_y[idx])
+            As.append(pool_a[idx])
         elif n_render:
             fac = sample_factors(rng, n_render)
             ident = np.stack([sample_identity(rng) for _ in range(n_render)])
             img = renderer.render(ident, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"])
-            xs.append(resize_frames(img, cfg.size))
+            xs.append(resize_frames(img, keep))
             ys.append(torch.from_numpy((flat_factors(fac) - LOW) / RANGE).to(device))
+            As.append(anchor_points(torch.from_numpy(ident), torch.from_numpy(fac["pose"])).to(device))
         if n_real:
             idx = torch.from_numpy(rng.integers(0, len(real_f), size=n_real)).to(device)
             xs.append(real_f[idx].float().div_(255.0))
             ys.append(real_y[idx])
+            As.append(torch.full((n_real, 3, 2), float("nan"), device=device))  # found by the oracle itself
         y = torch.cat(ys).float()
-        x, y = mirror(torch.cat(xs), y, torch.rand(len(y), generator=gen, device=device) < 0.5)
+        flip = torch.rand(len(y), generator=gen, device=device) < 0.5
+        x, y = mirror(torch.cat(xs), y, flip)
+        anchors = torch.cat(As)
+        if cfg.regions:  # a mirrored frame: x -> -x, and the eyes swap
+            am = anchors[:, swap] * torch.tensor([-1.0, 1.0], device=device)
+            anchors = torch.where(flip.view(-1, 1, 1), am, anchors)
         x = augment(x, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = F.smooth_l1_loss(oracle.normalised(x), y, beta=0.05)
+        if cfg.regions:
+            jitter = cfg.anchor_jitter * torch.randn(anchors.shape, generator=gen, device=device)
+            feat, found = oracle.features_and_anchors(x, anchors + jitter)
+            known = torch.isfinite(anchors)
+            loss = F.smooth_l1_loss(oracle.head(feat), y, beta=0.05)
+            if bool(known.any()):
+                loss = loss + 4.0 * F.smooth_l1_loss(found[known], anchors[known], beta=0.01)
+        else:
+            loss = F.smooth_l1_loss(oracle.normalised(x), y, beta=0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -564,17 +696,27 @@ def train_oracle(cfg: OracleConfig) -> Path:
     meta: dict[str, Any] = {
         "trained": {"steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed, "lr": cfg.lr,
                     "render_fraction": cfg.render_fraction if n_real else 1.0, "render_pool": pool,
-                    "render_size": cfg.render_size or cfg.size,
+                    "render_size": render_size, "regions": cfg.regions, "anchor_jitter": cfg.anchor_jitter,
                     "real_frames": int(len(real_f)), "data": None if cfg.data is None else str(cfg.data),
                     "final_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None},
     }
-    f, t = rendered_frames(cfg.eval_frames, cfg.size, cfg.render_size or cfg.size, device, seed=cfg.seed + 10_000)
+    f, t, a = rendered_frames(cfg.eval_frames, keep, render_size, device, seed=cfg.seed + 10_000,
+                              with_anchors=True)
     meta["accuracy_rendered"] = accuracy(read_factors(oracle, f), t)
+    if cfg.regions and len(f):
+        with torch.no_grad():
+            found = torch.cat([oracle.anchors(f[i:i + 64]) for i in range(0, len(f), 64)])
+        err = (found - a).norm(dim=-1) * (render_size / 2.0)  # (N, 3) px at render_size
+        meta["accuracy_rendered"]["anchors_px"] = {
+            "size": render_size, **{n: {"median": float(err[:, j].median()), "p95": float(err[:, j].quantile(0.95))}
+                                    for j, n in enumerate(REGION_ANCHORS)}}
+        log.info("oracle anchors on unseen identities, median px at %d: %s", render_size,
+                 ", ".join(f"{n} {float(err[:, j].median()):.2f}" for j, n in enumerate(REGION_ANCHORS)))
     log.info("oracle on %d frames rendered for unseen identities, MAE %% of range: %s", len(t),
              ", ".join(f"{g} {v['mae_pct']:.1f}" for g, v in meta["accuracy_rendered"]["groups"].items()))
     split = _heldout_split(None if cfg.data is None else Path(cfg.data))
     if split is not None:
-        f, t, _ = corpus_frames(Path(cfg.data), [split], cfg.eval_frames, cfg.size, desc="oracle: held-out frames")
+        f, t, _ = corpus_frames(Path(cfg.data), [split], cfg.eval_frames, keep, desc="oracle: held-out frames")
         pred = read_factors(oracle, f.to(device).float().div_(255.0))
         acc = accuracy(pred, t, baseline=real_t.mean(0) if len(real_t) else None)
         acc["split"] = split
