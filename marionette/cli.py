@@ -369,13 +369,15 @@ def _cmd_oracle(argv: list[str]) -> int:
     p.add_argument("--regions", action="store_true", help=(
         "also read eye and mouth crops at the frame's own resolution (256 px rendered frames), where gaze, "
         "mouth width and rounding are visible; the built-in oracle's design"))
+    p.add_argument("--region-size", type=_positive_int, default=48, help="the eye and mouth crops' side in px (--regions)")
     p.add_argument("--render-pool", type=int, default=None, help=(
         "rendered frames drawn from a pool of this many (0: fresh every step; default: 16384 on CPU, fresh on CUDA)"))
     a = p.parse_args(argv)
     from trainer.oracle import OracleConfig, train_oracle
 
     print(train_oracle(OracleConfig(data=a.data, out=a.out, steps=a.steps, batch_size=a.batch_size, size=a.size,
-                                    device=a.device, seed=a.seed, regions=a.regions, render_pool=a.render_pool)))
+                                    device=a.device, seed=a.seed, regions=a.regions, region_size=a.region_size,
+                                    render_pool=a.render_pool)))
     return 0
 
 

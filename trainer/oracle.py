@@ -504,6 +504,7 @@ class OracleConfig:
     eval_frames: int = 1024
     log_every: int = 100
     regions: bool = False
+    region_size: int = 48
     anchor_jitter: float = 0.015
 
     def __post_init__(self):
@@ -604,7 +605,8 @@ def train_oracle(cfg: OracleConfig) -> Path:
     from trainer.corpus.face import FaceRenderer, anchor_points, sample_identity
 
     device = torch.device(cfg.device)
-    net_cfg = OracleNetConfig(size=cfg.size, stem_stride=2 if cfg.size >= 256 else 1, regions=cfg.regions)
+    net_cfg = OracleNetConfig(size=cfg.size, stem_stride=2 if cfg.size >= 256 else 1, regions=cfg.regions,
+                              region_size=cfg.region_size)
     render_size = cfg.render_size or (max(cfg.size, 256) if cfg.regions else cfg.size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -696,7 +698,8 @@ def train_oracle(cfg: OracleConfig) -> Path:
     meta: dict[str, Any] = {
         "trained": {"steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed, "lr": cfg.lr,
                     "render_fraction": cfg.render_fraction if n_real else 1.0, "render_pool": pool,
-                    "render_size": render_size, "regions": cfg.regions, "anchor_jitter": cfg.anchor_jitter,
+                    "render_size": render_size, "regions": cfg.regions, "region_size": cfg.region_size,
+                    "anchor_jitter": cfg.anchor_jitter,
                     "real_frames": int(len(real_f)), "data": None if cfg.data is None else str(cfg.data),
                     "final_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None},
     }
