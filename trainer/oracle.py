@@ -207,38 +207,36 @@ class FactorOracle(nn.Module):
         with torch.no_grad():  # start at the middle of every range
             self.head.bias.fill_(0.5)
 
-    def _prepare(self, frames: torch.Tensor) -> torch.Tensor:
+    def _input(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) or (3, H, W) in [0, 1] -> (B, 3, H, W) in [-1, 1] on the oracle's device, at its own size."""
         if frames.dim() == 3:
             frames = frames.unsqueeze(0)
         if frames.dim() != 4 or frames.shape[1] != 3:
             raise InputError(f"oracle frames must be (B, 3, H, W) in [0, 1], got {tuple(frames.shape)}")
         p = self.head.weight
-        x = frames.to(device=p.device, dtype=p.dtype)
+        return frames.to(device=p.device, dtype=p.dtype) * 2.0 - 1.0
+
+    def _global(self, x: torch.Tensor) -> torch.Tensor:
+        """`_input` frames (B, 3, H, W) -> the global embedding e (B, embed_dim), read at `cfg.size`."""
         s = self.cfg.size
         if tuple(x.shape[-2:]) != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return x * 2.0 - 1.0  # (B, 3, s, s)
-
-    def _input(self, frames: torch.Tensor) -> torch.Tensor:
-        if frames.dim() == 3:
-            frames = frames.unsqueeze(0)
-        p = self.head.weight
-        return frames.to(device=p.device, dtype=p.dtype) * 2.0 - 1.0  # (B, 3, H, W) at its own size
+        return self.embed(self.body(x))
 
     def anchors(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 3, 2) where the oracle finds the right eye, the left eye and the mouth centre
         (grid_sample coordinates). Needs `cfg.regions`."""
         if not self.cfg.regions:
             raise InputError("this oracle has no region branch (OracleNetConfig.regions=False)")
-        e = self.embed(self.body(self._prepare(frames)))
-        return self.anchor_head(e).view(-1, 3, 2)
+        return self.anchor_head(self._global(self._input(frames))).view(-1, 3, 2)
 
     def features_and_anchors(self, frames: torch.Tensor, anchors: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, H, W) in [0, 1] -> (penultimate embedding (B, embed_dim [+ 3 * region_dim]), the anchors it
         finds (B, 3, 2) or None without regions). The crops are taken at `anchors` (B, 3, 2) where given and
         finite (training: the renderer's), elsewhere where the oracle finds them."""
-        e = self.embed(self.body(self._prepare(frames)))  # (B, embed_dim)
+        x = self._input(frames)  # (B, 3, H, W)
+        e = self._global(x)  # (B, embed_dim)
         if not self.cfg.regions:
             return e, None
         found = self.anchor_head(e).view(-1, 3, 2)  # (B, 3, 2)
@@ -246,7 +244,7 @@ class FactorOracle(nn.Module):
         if anchors is not None:
             anchors = anchors.to(e)
             a = torch.where(torch.isfinite(anchors), anchors, found.detach())
-        eye_r, eye_l, mouth = region_crops(self._input(frames), a, self.cfg.region_size)
+        eye_r, eye_l, mouth = region_crops(x, a, self.cfg.region_size)
         n = len(e)
         eyes = self.eye_net(torch.cat([eye_r, eye_l]))  # (2B, region_dim)
         return torch.cat([e, eyes[:n], eyes[n:], self.mouth_net(mouth)], 1), found
@@ -660,7 +658,8 @@ def train_oracle(cfg: OracleConfig) -> Path:
             img = renderer.render(ident, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"])
             xs.append(resize_frames(img, keep))
             ys.append(torch.from_numpy((flat_factors(fac) - LOW) / RANGE).to(device))
-            As.append(anchor_points(torch.from_numpy(ident), torch.from_numpy(fac["pose"])).to(device))
+            As.append(anchor_points(torch.from_numpy(ident), torch.from_numpy(fac["pose"])).to(device) if cfg.regions
+                      else torch.full((n_render, 3, 2), float("nan"), device=device))  # (unused without regions)
         if n_real:
             idx = torch.from_numpy(rng.integers(0, len(real_f), size=n_real)).to(device)
             xs.append(real_f[idx].float().div_(255.0))
