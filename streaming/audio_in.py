@@ -7,9 +7,17 @@ arrived (refined to the earliest estimate during the first second, then fixed). 
 played at `anchor + n / 48000 + latency`, by the outbound audio track and, as lips, by the video
 frame whose tick shows it, both through `offset48` (an integer, a multiple of 10 ms), so the two
 outbound tracks can never disagree about which audio belongs to which tick. Gaps in what the peer
-sends (DTX, a muted sender, a stall) show up as frames arriving later than nominal: silence of the
-missing length is inserted, so what follows keeps its place. A sender whose clock runs fast (frames
-persistently early) has 10 ms dropped now and then, so latency does not creep.
+sends are told apart by the frames' own timestamps (RTP, through aiortc's `pts`):
+- the sender skipped samples (DTX, a muted sender): its timestamps jump, and silence of exactly the
+  skipped length is inserted at once, so what follows keeps its place;
+- the sender stalled and then sends what it held in a burst (a client whose event loop was busy): the
+  timestamps run on, the frames are written where they belong and nothing is inserted. Inserting the
+  stall's length here (what arrival times alone suggest) would push every later sample that far behind
+  its tick for good: the lips of a client that stalled 0.8 s once moved 0.8 s late for minutes;
+- frames keep arriving late at the real-time pace for `late_confirm_s` (a sender that lost time without
+  saying so, or no timestamps; a burst catches up faster): silence of that lateness is inserted then.
+A sender whose clock runs fast (frames persistently early) has 10 ms dropped now and then, so latency
+does not creep.
 
 Voice activity. webrtcvad (mode 3) on every 10 ms hop, AND an energy gate (above an absolute floor
 and 9 dB above the noise floor, tracked by minimum statistics), AND no isolated single hops: noise
@@ -33,12 +41,14 @@ RATE48 = 48000
 RATE16 = 16000
 HOP16 = 160  # 10 ms at 16 kHz
 HOP48 = 480
+FLUSH_GUARD_HOPS = 2  # hops after an interrupt's flush whose speech is the cut-off tail, not new speech
 
 
 class InboundAudio:
     def __init__(self, latency_s: float, *, vad_mode: int = 3, ring_s: float = 6.0, hangover_hops: int = 3,
                  floor_db: float = -55.0, snr_db: float = 9.0, anchor_settle_s: float = 1.0,
-                 late_gap_s: float = 0.06, early_drop_s: float = 0.03, hop_ring: int = 1 << 14):
+                 late_gap_s: float = 0.06, early_drop_s: float = 0.03, late_confirm_s: float = 0.1,
+                 hop_ring: int = 1 << 14):
         import av
         import webrtcvad
 
@@ -73,6 +83,10 @@ class InboundAudio:
         self._settle = float(anchor_settle_s)
         self._late_gap = float(late_gap_s)
         self._early_drop = float(early_drop_s)
+        self._late_confirm = float(late_confirm_s)
+        self._late_since: float | None = None  # arrival time of the first of a run of late frames
+        self._late_first = 0.0
+        self._next_pts48: int | None = None  # the sender's timestamp (48 kHz) the next frame should carry
         self._early_min = math.inf
         self._early_window_start: float | None = None
         self.flush_before = 0  # stream samples before this position are silenced (interrupt)
@@ -109,6 +123,7 @@ class InboundAudio:
         x = np.concatenate(chunks).astype(np.int16, copy=False)
         self.frames_in += 1
         self.last_arrival = now
+        skipped = self._skipped_by_sender(frame)
         end = self.n48 + len(x)
         if self.anchor is None:
             self._first_arrival = now
@@ -117,13 +132,29 @@ class InboundAudio:
             cand = now - end / RATE48
             if cand < self.anchor - 1e-4:
                 self._set_anchor(cand)
+        elif skipped > 0:  # the sender's timestamps jumped (DTX, muted): keep what follows in place
+            self._write(np.zeros(skipped, np.int16), now)
+            self.inserted_samples += skipped
+            self._late_since = None
         else:
             lateness = now - (self.anchor + end / RATE48)
-            if lateness > self._late_gap:  # a gap in what the peer sent: keep what follows in place
-                gap = int(round(lateness * RATE48 / HOP48)) * HOP48
-                self._write(np.zeros(gap, np.int16), now)
-                self.inserted_samples += gap
+            if lateness > self._late_gap:
+                # late, with no jump in the timestamps: a stall whose burst is catching up (write in place),
+                # or a sender late for good: frames keep arriving at the real-time pace, their lateness does not
+                # shrink, for `late_confirm_s` (insert it then)
+                if self._late_since is None:
+                    self._late_since, self._late_first = now, lateness
+                elapsed = now - self._late_since
+                if elapsed >= self._late_confirm:
+                    if self._late_first - lateness < 0.5 * elapsed:  # not catching up at 1.5x real time
+                        gap = int(round(lateness * RATE48 / HOP48)) * HOP48
+                        self._write(np.zeros(gap, np.int16), now)
+                        self.inserted_samples += gap
+                        self._late_since = None
+                    else:
+                        self._late_since, self._late_first = now, lateness
             else:
+                self._late_since = None
                 if self._early_window_start is None:
                     self._early_window_start = now
                 self._early_min = min(self._early_min, lateness)
@@ -133,6 +164,20 @@ class InboundAudio:
                         self.dropped_samples += HOP48
                     self._early_window_start, self._early_min = now, math.inf
         self._write(x, now)
+
+    def _skipped_by_sender(self, frame) -> int:
+        """Samples (48 kHz) the sender's timestamps skipped before this frame (0: contiguous, no timestamp,
+        or a repeat); advances the expected timestamp."""
+        pts, tb = getattr(frame, "pts", None), getattr(frame, "time_base", None)
+        if pts is None or tb is None or not frame.sample_rate:
+            self._next_pts48 = None
+            return 0
+        pts48 = int(round(float(pts * tb) * RATE48))
+        expected, self._next_pts48 = self._next_pts48, pts48 + frame.samples * RATE48 // frame.sample_rate
+        if expected is None:
+            return 0
+        skipped = pts48 - expected
+        return skipped if skipped >= HOP48 // 2 else 0  # under 5 ms: rounding in the sender's timestamps
 
     def _write(self, x: np.ndarray, now: float) -> None:
         n = len(x)
@@ -216,7 +261,10 @@ class InboundAudio:
         """Lip gate (0 or 1) of a video frame whose own audio is hops [h0, h0 + n): speech in those
         hops or within the hangover before them, isolated single hops ignored, nothing flushed."""
         with self._lock:
-            flush_hop = -(-self.flush_before // HOP48)
+            # the hops just after a flush still carry the cut-off speech's tail (the Opus decoder's and the
+            # resamplers' delay): one such hop, with the hop before it, used to reopen the mouth for 1-2 frames
+            # after an interrupt
+            flush_hop = -(-self.flush_before // HOP48) + (FLUSH_GUARD_HOPS if self.flush_before else 0)
             lo = max(h0 - self.hangover_hops, flush_hop, self.n_hops - self._hops + 1, 0)
             hi = min(h0 + n, self.n_hops)
             if hi <= lo or h0 + n <= flush_hop:
@@ -224,7 +272,7 @@ class InboundAudio:
             for h in range(lo, hi):
                 if not self._speech[h % self._hops]:
                     continue
-                prev_ok = h - 1 >= 0 and h - 1 >= self.n_hops - self._hops and self._speech[(h - 1) % self._hops]
+                prev_ok = h - 1 >= max(flush_hop, self.n_hops - self._hops, 0) and self._speech[(h - 1) % self._hops]
                 next_ok = h + 1 < self.n_hops and self._speech[(h + 1) % self._hops]
                 if prev_ok or next_ok:
                     return 1.0

@@ -267,6 +267,26 @@ def test_inbound_audio_is_positioned_on_the_clock_and_flushable(speech48):
     assert a.gate(0, a.n_hops) == 0.0
 
 
+def test_the_cut_off_speech_tail_after_a_flush_does_not_reopen_the_gate(speech48):
+    """An interrupt flushes mid-word; the next 20 ms decoded still carry the word's tail (codec and
+    resampler delay). No frame after the flush may open the lips on it (it reopened the mouth for 1-2
+    frames after every interrupt)."""
+    a = InboundAudio(0.2)
+    sil = np.zeros(48000, np.int16)
+    frames20 = speech48[:len(speech48) // 960 * 960].reshape(-1, 960).astype(np.float32)
+    loud = np.convolve((frames20 ** 2).mean(1), np.ones(3), "valid")  # 60 ms windows
+    cut = (int(np.argmax(loud)) + 1) * 960  # mid-vowel, where the loudest 60 ms of the phrase are
+    _feed(a, np.concatenate([sil, speech48[:cut]]))
+    assert _frame_gates(a).sum() > 0  # it was talking
+    a.flush()
+    flush_hop = a.flush_before // HOP48
+    t0 = 0.02 + a.n48 / 48000
+    tail = speech48[cut:cut + 960]  # 20 ms of the word after the cut
+    for i, f in _frames(np.concatenate([tail, sil])):
+        a.push(f, t0 + i / 48000)
+    assert max(a.gate(h, 4) for h in range(flush_hop - 3, a.n_hops - 4)) == 0.0
+
+
 def test_gap_in_the_inbound_stream_keeps_later_audio_in_place():
     a = InboundAudio(0.2, anchor_settle_s=0.1)
     tone = (np.sin(np.arange(48000) * 0.05) * 8000).astype(np.int16)
@@ -280,6 +300,42 @@ def test_gap_in_the_inbound_stream_keeps_later_audio_in_place():
     assert a.inserted_samples == pytest.approx(0.3 * 48000, abs=HOP48)
     assert a.n48 == len(frames) * 960 + a.inserted_samples
     assert a.n48 > n_before
+
+
+def test_timestamp_jump_inserts_exactly_what_the_sender_skipped():
+    a = InboundAudio(0.2, anchor_settle_s=0.1)
+    tone = (np.sin(np.arange(48000) * 0.05) * 8000).astype(np.int16)
+    frames = list(_frames(tone))
+    skip = 12000  # 250 ms of DTX: no packets, the RTP timestamps run on
+    for i, f in frames[:25]:
+        a.push(f, 0.02 + i / 48000)
+    for i, f in frames[25:]:
+        f.pts = i + skip
+        a.push(f, 0.02 + (i + skip) / 48000)
+    assert a.inserted_samples == skip
+    assert a.n48 == len(frames) * 960 + skip
+
+
+def test_stall_then_burst_keeps_the_stream_in_place():
+    """A sender that stalls 0.6 s and then sends what it held, a frame every 5 ms until it has caught up
+    (timestamps contiguous): nothing is inserted, so the audio after the burst keeps its place on the
+    clock (it used to be pushed 0.6 s late for good: the lips of a client whose loop was busy once moved
+    0.6 s behind its voice)."""
+    a = InboundAudio(0.2, anchor_settle_s=0.1)
+    tone = (np.sin(np.arange(48000 * 3) * 0.05) * 8000).astype(np.int16)
+    frames = list(_frames(tone))
+    stall_from, stall_s = 50, 0.6
+    t_resume = 0.02 + frames[stall_from][0] / 48000 + stall_s
+    for j, (i, f) in enumerate(frames):
+        t = 0.02 + i / 48000
+        if j >= stall_from:
+            t = max(t, t_resume + (j - stall_from) * 0.005)
+        a.push(f, t)
+    assert a.inserted_samples == 0 and a.dropped_samples == 0
+    assert a.n48 == len(frames) * 960
+    # what arrives on time still plays `latency` after it arrived: the last frame's end is where it was sent
+    last_start, _ = frames[-1]
+    assert a.position_at(0.02 + last_start / 48000 + 0.2) == pytest.approx(a.n48, abs=HOP48)
 
 
 # ------------------------------------------------------------------------------------------ motion
