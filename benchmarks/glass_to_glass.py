@@ -267,7 +267,7 @@ v.requestVideoFrameCallback(tick);
 """
 
 
-def chromium_run(server, n_onsets: int, seed: int, tmp: Path) -> dict:
+def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = False) -> dict:
     """The same measurement from headless Chromium (the demo page, a fake microphone playing the words
     from a WAV file). Chromium's own capture and send timing are not visible from here, so the clock
     starts when the onset reaches the server (the aiortc run shows the uplink on loopback is ~2 ms,
@@ -361,7 +361,11 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path) -> dict:
     vjb = 1000 * v["jitterBufferDelay"] / v["jitterBufferEmittedCount"] if v.get("jitterBufferEmittedCount") else None
     ajb = 1000 * au["jitterBufferDelay"] / au["jitterBufferEmittedCount"] if au.get("jitterBufferEmittedCount") else None
     hold = 1000 * (tp - tr)
-    return {
+    extra = {"trace": {"presented": tp.tolist(), "received": [None if not np.isfinite(x) else x for x in tr],
+                       "rtp": [r[2] for r in rows], "dev": dev.tolist(),
+                       "onsets_arrived": [e[0] + t0c for e in events], "onset_ticks": [e[1] for e in events]}} \
+        if trace else {}
+    return {**extra,
         "session_stats": sess.stats() if sess is not None else None,
         "onsets_at_server": len(events), "frames": len(rows), "threshold": thr, "threshold_move": thr_move,
         "server_arrival_to_presented_open_ms": percentiles(opened),
@@ -392,6 +396,8 @@ def main(argv=None) -> int:
                     help="which client measures: aiortc (in this process), headless Chromium, or both in turn")
     ap.add_argument("--client-audio-prefetch", type=int, default=0,
                     help="audio packets the client's aiortc jitter buffer holds (aiortc's own default: 4 = 80 ms)")
+    ap.add_argument("--no-playout-delay", action="store_true",
+                    help="do not ask browsers for the latency level's playout delay (the RTP header extension)")
     ap.add_argument("--trace", action="store_true",
                     help="keep every decoded frame's arrival time and mouth deviation, the onsets and interrupts")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "glass_to_glass.json")
@@ -400,7 +406,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ck, what = (a.checkpoint, str(a.checkpoint)) if a.checkpoint else default_checkpoint(Path(tmp), a.config)
         cfg = ServeConfig(checkpoint=ck, config=a.config, ice_hosts=("127.0.0.1",), latency=a.latency,
-                          backend=a.backend, threads=a.threads, audio_packet_ms=a.audio_packet_ms)
+                          backend=a.backend, threads=a.threads, audio_packet_ms=a.audio_packet_ms,
+                          playout_delay=not a.no_playout_delay)
         with ServerThread(cfg) as st:
             t0 = time.time()
             res["loadavg_start"] = os.getloadavg()
@@ -408,7 +415,7 @@ def main(argv=None) -> int:
                 res["aiortc"] = asyncio.run(run(st.url, st, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts, a.trace))
                 res["aiortc"]["loadavg_end"] = os.getloadavg()
             if a.client in ("chromium", "both"):
-                res["chromium"] = chromium_run(st, a.onsets, a.seed, Path(tmp))
+                res["chromium"] = chromium_run(st, a.onsets, a.seed, Path(tmp), a.trace)
                 res["chromium"]["loadavg_end"] = os.getloadavg()
             res.update({"model": what, "config": st.server.pipeline.cfg.name,
                         "image_size": st.server.pipeline.cfg.image_size,

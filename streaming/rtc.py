@@ -15,6 +15,10 @@ server's sessions and the client.
   frame period later (40 ms at 25 fps). An RTP packet with no payload is padding to libwebrtc (Chromium)
   and is dropped there. Needs a track whose frames have consecutive timestamps (`AvatarVideoTrack` with
   `fill_gaps`), and keeps the sender reports' RTP/NTP pair on the last real packet.
+* `request_playout_delay` (+ `offered_extmap_id`, `answer_with_extmap`): the playout-delay RTP header
+  extension on the video, when the offer has it (Chromium's does): the receiver renders each frame as
+  soon as it is decoded instead of holding it for smoothing. aiortc does not negotiate this extension, so
+  the answer's SDP gets its extmap line and the sender's header-extension map writes it.
 * `iter_frames`: a received track's frames until it ends.
 """
 
@@ -168,3 +172,66 @@ async def iter_frames(track):
         except MediaStreamError:
             return
         yield frame
+
+
+# ------------------------------------------------------------------------------------ playout delay
+PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
+
+
+def _media_sections(sdp: str) -> list[list[str]]:
+    """The SDP's lines split into the session part and one list per m-section."""
+    parts: list[list[str]] = [[]]
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            parts.append([])
+        parts[-1].append(line)
+    return parts
+
+
+def offered_extmap_id(sdp: str, mid: str | None, uri: str) -> int | None:
+    """The id the offer gives header extension `uri` in the m-section whose mid is `mid` (None: not offered)."""
+    if mid is None:
+        return None
+    for sec in _media_sections(sdp)[1:]:
+        if f"a=mid:{mid}" not in sec:
+            continue
+        for line in sec:
+            if line.startswith("a=extmap:") and line.split()[-1] == uri:
+                try:
+                    return int(line[len("a=extmap:"):].split()[0].split("/")[0])
+                except ValueError:
+                    return None
+    return None
+
+
+def answer_with_extmap(sdp: str, mid: str, ext_id: int, uri: str) -> str:
+    """The answer with `a=extmap:ext_id uri` added to the m-section whose mid is `mid`."""
+    parts = _media_sections(sdp)
+    for sec in parts[1:]:
+        if f"a=mid:{mid}" in sec and not any(line.startswith(f"a=extmap:{ext_id} ") for line in sec):
+            sec.insert(sec.index(f"a=mid:{mid}") + 1, f"a=extmap:{ext_id} {uri}")
+    return "\r\n".join(line for sec in parts for line in sec) + "\r\n"
+
+
+def request_playout_delay(sender, ext_id: int, min_ms: int = 0, max_ms: int = 0) -> bool:
+    """Every RTP packet `sender` sends carries the playout-delay header extension (`ext_id`, as the offer
+    named it): the receiver is asked to show each frame between `min_ms` and `max_ms` after it could.
+    libwebrtc (Chromium) otherwise holds decoded video for its own smoothing (its jitterBufferDelay); 0/0
+    is its low-latency rendering mode, frames shown as they are decoded. True if hooked."""
+    from aiortc.rtp import pack_header_extensions, unpack_header_extensions
+
+    hx = getattr(sender, "_RTCRtpSender__rtp_header_extensions_map", None)
+    if hx is None or getattr(hx, "_marionette_playout", None) is not None or not 1 <= ext_id <= 14:
+        return False
+    lo, hi = (max(0, min(4095, int(round(v / 10)))) for v in (min_ms, max_ms))
+    value = ((lo << 12) | hi).to_bytes(3, "big")
+    plain = hx.set
+
+    def with_delay(values):
+        profile, data = plain(values)
+        pairs = [p for p in unpack_header_extensions(profile, data) if p[0] != ext_id] if data else []
+        return pack_header_extensions(pairs + [(ext_id, value)])
+
+    hx.set = with_delay
+    hx._marionette_playout = (lo * 10, hi * 10)
+    return True

@@ -55,6 +55,8 @@ class Session:
         self.frame_end_hint = frame_end_hint  # streaming.rtc.hint_frame_end on the video sender
         self.audio_packet_ms = audio_packet_ms  # outbound Opus packet duration (None: aiortc's 20 ms)
         self._on_closed = on_closed
+        self.video_sender = self.video_mid = None  # the avatar video's RTCRtpSender and its m-section (attach_outbound)
+        self.playout_delay_ms: tuple[int, int] | None = None  # what the receiver was asked to hold (None: not asked)
         self.loop = asyncio.get_running_loop()
         self.created = time.monotonic()
         self.closed = False
@@ -176,6 +178,7 @@ class Session:
                 self.audio_track.packet_ms = self.audio_packet_ms
                 self._audio_sender = tr.sender
             if tr.kind == "video":
+                self.video_sender, self.video_mid = tr.sender, tr.mid
                 time_encoder(tr.sender, self._note_video_encoded)
                 if self.frame_end_hint:
                     hint_frame_end(tr.sender, self.video_track.next_timestamp)
@@ -538,6 +541,7 @@ class Session:
             "frames_repeated": self.frames_repeated,
             "audio_discarded_ms": round(self.audio_discarded_samples / 48.0, 1),
             "audio_packet_ms": self.audio_track.packet_ms,
+            "playout_delay_ms": None if self.playout_delay_ms is None else list(self.playout_delay_ms),
             "peer_audio_jitter_ms": None if self.peer_audio_jitter_ms is None else round(self.peer_audio_jitter_ms, 1),
             "drops": dict(self.drops),
             "latency_ms": round(self.latency_s * 1000, 1),

@@ -27,7 +27,7 @@ from aiortc.rtp import RtpPacket  # noqa: E402
 
 from streaming.client import AvatarClient, PcmSource  # noqa: E402
 from streaming.fixtures import STATIC_HEAD, ServerThread, responsive_checkpoint, speech_with_pauses  # noqa: E402
-from streaming.rtc import immediate_audio_buffer, receiver_of  # noqa: E402
+from streaming.rtc import PLAYOUT_DELAY_URI, immediate_audio_buffer, receiver_of  # noqa: E402
 from streaming.server import ServeConfig  # noqa: E402
 
 
@@ -178,3 +178,102 @@ def test_interrupt_until_sample_drops_audio_sent_before_it(server):
     # was taken in is flushed instead: how much depends on how fast the control came through, so only a
     # floor far below a second is asserted), never more than that second
     assert 200 <= st["audio_discarded_ms"] <= 1000, st["audio_discarded_ms"]
+
+
+def test_sdp_extmap_helpers_find_and_add_the_playout_delay_extension():
+    from streaming.fixtures import offer_sdp
+    from streaming.rtc import PLAYOUT_DELAY_URI, answer_with_extmap, offered_extmap_id
+
+    sdp = offer_sdp()
+    video_mid = next(line.split(":", 1)[1] for sec in sdp.split("m=")[1:] if sec.startswith("video")
+                     for line in sec.splitlines() if line.startswith("a=mid:"))
+    assert offered_extmap_id(sdp, video_mid, PLAYOUT_DELAY_URI) is None  # aiortc does not offer it
+    with_ext = _with_offered_playout_delay(sdp, 9)
+    assert offered_extmap_id(with_ext, video_mid, PLAYOUT_DELAY_URI) == 9
+    assert offered_extmap_id(with_ext, "no-such-mid", PLAYOUT_DELAY_URI) is None
+    answer = answer_with_extmap(sdp, video_mid, 9, PLAYOUT_DELAY_URI)
+    video = answer.split("m=video", 1)[1]
+    assert f"a=extmap:9 {PLAYOUT_DELAY_URI}" in video and PLAYOUT_DELAY_URI not in answer.split("m=video", 1)[0]
+    assert answer_with_extmap(answer, video_mid, 9, PLAYOUT_DELAY_URI).count(PLAYOUT_DELAY_URI) == 1
+
+
+def _with_offered_playout_delay(sdp: str, ext_id: int) -> str:
+    """An offer whose video section advertises the playout-delay extension (as Chromium's does)."""
+    from streaming.rtc import PLAYOUT_DELAY_URI
+
+    head, video = sdp.split("m=video", 1)
+    lines = video.split("\r\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith("a=mid:"))
+    lines.insert(at + 1, f"a=extmap:{ext_id} {PLAYOUT_DELAY_URI}")
+    return head + "m=video" + "\r\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def low_server(tmp_path_factory):
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt-low") / "responsive", "lite")
+    with ServerThread(ServeConfig(checkpoint=ck, config="lite", ice_hosts=("127.0.0.1",), latency="low")) as st:
+        yield st
+
+
+def test_a_receiver_that_offers_playout_delay_gets_zero_on_every_video_packet_at_low(low_server, server):
+    """A real aiortc peer whose offer names the extension (as Chromium's does): at --latency low the answer
+    negotiates it and every video RTP packet carries min = max = 0 (show each frame as it is decoded); audio
+    carries none. At balanced (the default) the browser keeps its own playout delay."""
+    answer, seen, stats = asyncio.run(_offer_with_playout_delay(low_server))
+    assert f"a=extmap:11 {PLAYOUT_DELAY_URI}" in answer.split("m=video", 1)[1]
+    assert stats["playout_delay_ms"] == [0, 0]
+    assert len(seen["video"]) > 20 and all(ext.get(11) == b"\x00\x00\x00" for ext in seen["video"])
+    assert not any(11 in ext for ext in seen["audio"])
+    answer, seen, stats = asyncio.run(_offer_with_playout_delay(server))
+    assert PLAYOUT_DELAY_URI not in answer and stats["playout_delay_ms"] is None
+    assert len(seen["video"]) > 20 and not any(11 in ext for ext in seen["video"])
+
+
+async def _offer_with_playout_delay(server):
+    """Offer what Chromium offers (the playout-delay extension on the video) from a real aiortc peer; (answer,
+    header extensions of each received packet by kind, the session's stats)."""
+    import aiohttp
+    from aiortc import RTCSessionDescription
+    from aiortc.rtp import HeaderExtensionsMap, unpack_header_extensions
+
+    from streaming.rtc import peer_connection
+
+    pc = peer_connection()
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = _with_offered_playout_delay(pc.localDescription.sdp, 11)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/offer", json={"sdp": offer, "type": "offer"}) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+    seen = {"video": [], "audio": []}
+    kinds = {}  # payload type -> kind, from the answer
+    for sec in body["sdp"].split("m=")[1:]:
+        for line in sec.splitlines():
+            if line.startswith("a=rtpmap:"):
+                kinds[int(line[9:].split()[0])] = sec.split()[0]
+    transport = pc.getTransceivers()[0].receiver.transport  # max-bundle: one transport for both
+    handle = transport._handle_rtp_data
+
+    class Spy(HeaderExtensionsMap):
+        def get(self, profile, value):
+            self.raw = dict(unpack_header_extensions(profile, value)) if value else {}
+            return super().get(profile, value)
+
+    async def spy(data, arrival_time_ms):
+        sp = Spy()
+        packet = RtpPacket.parse(data, sp)
+        if packet.payload_type in kinds and kinds[packet.payload_type] in seen:
+            seen[kinds[packet.payload_type]].append(sp.raw)
+        return await handle(data, arrival_time_ms)
+    transport._handle_rtp_data = spy
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="answer"))
+    for _ in range(100):
+        if len(seen["video"]) > 20:
+            break
+        await asyncio.sleep(0.1)
+    stats = server.server.sessions[body["session"]].stats()
+    await pc.close()
+    return body["sdp"], seen, stats
+
