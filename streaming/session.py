@@ -82,6 +82,7 @@ class Session:
         self._interrupt_tick: int | None = None
         self.interrupts = 0
         self.interrupt_latencies: deque = deque(maxlen=100)  # interrupt -> first flushed-state frame sent (s)
+        self.interrupt_rest_latencies: deque = deque(maxlen=100)  # interrupt -> the rest picture sent early (s)
         self.epoch = 0
         self.k_start: int | None = None
         self._last_built = -1  # the latest tick a frame request was built for (rounds may run ahead)
@@ -266,6 +267,8 @@ class Session:
             nxt = self.clock.video_tick_at(self.clock.now()) + 1
             for k in range(nxt, max(nxt, self._last_built) + 1):
                 self.scheduler.request_redo(self, k)
+        if self.video_track is not None:
+            self.video_track.cut_now()  # the tick being waited for shows the mouth at rest now
         log.debug("session %s: interrupt (%d pending frames flushed)", self.id, n)
 
     def send(self, obj: dict, **extra) -> bool:
@@ -430,6 +433,13 @@ class Session:
             self.metrics.audio_underruns.inc(missing)
         return pcm
 
+    def note_interrupt_frame_sent(self, t: float) -> None:
+        """The track sent the rest picture early at an interrupt (AvatarVideoTrack.cut_now)."""
+        if self._interrupt_at is not None:
+            lat = t - self._interrupt_at
+            self.interrupt_rest_latencies.append(lat)
+            self.metrics.stage_latency.observe(lat, stage="interrupt_to_rest_sent")
+
     def note_video_sent(self, k: int, t: float) -> None:
         self.frames_sent += 1
         if self._interrupt_tick is not None and k >= self._interrupt_tick:
@@ -554,6 +564,7 @@ class Session:
             "onset_latency_ms": _percentiles_ms(self.onset_latencies),
             "interrupts": self.interrupts,
             "interrupt_latency_ms": _percentiles_ms(self.interrupt_latencies),
+            "interrupt_rest_sent_ms": _percentiles_ms(self.interrupt_rest_latencies),
             "lip": round(self.lip_energy, 4),
             "sources": dict(self.motion.modes),
             "audio_frames_in": self.audio.frames_in,

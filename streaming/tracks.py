@@ -44,6 +44,31 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.frames_sent = 0
         self.frames_dropped = 0
         self.frames_repeated = 0
+        self.frames_cut = 0  # ticks whose frame went out early, at an interrupt, showing the mouth at rest
+        self._cut: asyncio.Event | None = None
+
+    def cut_now(self) -> None:
+        """An interrupt (on the event loop): the tick being waited for goes out now, with the latest silent
+        picture, instead of when it is due (0-40 ms later). Its timestamp stays the tick's, so the frame
+        after it and the frame-end hint are unchanged; a receiver that shows frames as they come (aiortc, a
+        browser asked for zero playout delay) sees the mouth shut about a tick sooner."""
+        if self.fill_gaps and self._cut is not None:
+            self._cut.set()
+
+    async def _sleep_until_tick(self, k: int) -> bool:
+        """Sleep until tick k is due; True if an interrupt cut the wait short."""
+        if self._cut is None:
+            self._cut = asyncio.Event()
+        delay = self._clock.video_time(k) - self._clock.now()
+        if delay <= 0:
+            self._cut.clear()
+            return False
+        try:
+            await asyncio.wait_for(self._cut.wait(), delay)
+        except asyncio.TimeoutError:
+            return False
+        self._cut.clear()
+        return True
 
     def next_timestamp(self) -> int | None:
         """The 90 kHz timestamp the next frame will carry, when it is certain (None otherwise)."""
@@ -74,9 +99,17 @@ class AvatarVideoTrack(MediaStreamTrack):
                 # a stall skipped this tick (already counted): its repeat goes out at once
                 self._next = k + 1
                 return self._repeat(k)
-            await self._clock.sleep_until(self._clock.video_time(k))
+            cut = await self._sleep_until_tick(k)
             if self.readyState != "live":
                 raise MediaStreamError
+            if cut and self._last is not None and s.rest_picture is not None:
+                self._next = k + 1
+                s.take_frame(k, count=False)  # made before the interrupt (the flush cleared it) or being remade
+                s.count_drop("flush")
+                self.frames_dropped += 1
+                self.frames_cut += 1
+                s.note_interrupt_frame_sent(time.monotonic())
+                return self._repeat(k, s.rest_picture)
             # an event-loop stall longer than a tick: skip to the current tick, never catch up in a burst
             # of generated frames (repeats of the last picture, with gaps filled, cost an encode each)
             current = self._clock.video_tick_at(self._clock.now())

@@ -277,3 +277,26 @@ async def _offer_with_playout_delay(server):
     await pc.close()
     return body["sdp"], seen, stats
 
+
+
+def test_an_interrupt_sends_the_rest_picture_at_once_on_the_tick_grid(server):
+    """At an interrupt the tick being waited for goes out at once with the mouth at rest (not 0-40 ms later,
+    when due), stamped with its own tick: the receiver's timestamps stay one frame apart throughout."""
+    async def run():
+        audio, _ = speech_with_pauses(["Aaah I am speaking for a long time without stopping at all"], pause_s=0.5,
+                                      lead_s=0.8)
+        c = AvatarClient(server.url, keep_frames=False)
+        await c.connect(mic=PcmSource(audio), controls=list(STATIC_HEAD))
+        await c.wait_first_frame(30)
+        await asyncio.sleep(1.2)
+        for _ in range(3):
+            await c.request({"type": "interrupt"})
+            await asyncio.sleep(0.3)
+        stats = await c.request({"type": "stats"}, timeout=10)
+        cut = server.server.sessions[c.session].video_track.frames_cut
+        await c.close()
+        return stats, cut, np.array([x[1] for x in c.received.video])
+
+    stats, cut, pts = asyncio.run(run())
+    assert cut == 3 and stats["interrupt_rest_sent_ms"]["n"] == 3, (cut, stats)
+    assert len(pts) > 40 and (np.diff(pts) == 3600).all(), np.unique(np.diff(pts))

@@ -4,7 +4,8 @@ quiet machine). Same server and client as test_streaming_e2e.py: lite config, 25
 
   * >= 24 fps of 256x256 video received for the whole run, no stall;
   * the two outbound tracks leave within 20 ms of each other for the same instant (one clock);
-  * `interrupt`: the first frame made after the flush leaves within one tick (+ the 12 ms grace);
+  * `interrupt`: the rest picture leaves at once (<= 15 ms), the first frame made after the flush within three
+    ticks (+ the 12 ms grace);
   * a peer killed mid-stream is cleaned up within seconds.
 """
 
@@ -63,8 +64,13 @@ def test_interrupt_within_one_tick(server):
 
     r = asyncio.run(run_session(server.url, np.concatenate([np.zeros(24000, np.int16), speech]), 4.0,
                                 controls=list(STATIC_HEAD), actions=[(1.2, interrupts)]))
+    rest = r["stats"]["interrupt_rest_sent_ms"]  # the tick being waited for goes out at once, mouth at rest
+    assert rest["n"] == 5 and rest["p95"] <= 15, (rest, _load())
+    # the first frame made after the flush: the tick after the one the rest picture took, or the one after that
+    # when its frame was already made (the lead) and there was no time left to remake it (it repeats the rest
+    # picture): due within three ticks (+ the grace)
     lat = r["stats"]["interrupt_latency_ms"]
-    assert lat["n"] == 5 and lat["p95"] <= 1000 / 25 + 15, (lat, _load())
+    assert lat["n"] == 5 and lat["p95"] <= 3 * 1000 / 25 + 15, (lat, _load())
 
 
 def test_a_killed_peer_is_gone_within_seconds(server):
