@@ -238,6 +238,9 @@ def _cmd_serve(argv: list[str]) -> int:
         "keep their audio buffers as short as their video's; 20 saves ~60 kbit/s of headers)"))
     p.add_argument("--no-frame-end-hint", action="store_true", help=(
         "do not send the empty RTP packet that lets aiortc receivers release each video frame at once"))
+    p.add_argument("--no-playout-delay", action="store_true", help=(
+        "at --latency low, do not ask browsers to show each frame as it is decoded (the playout-delay RTP header "
+        "extension): their own playout delay keeps the picture in step with their audio buffer, ~20 ms later"))
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(
         "real photos (--avatar and uploads): require (default) finds and aligns the face and streams it pasted "
@@ -290,7 +293,7 @@ def _cmd_serve(argv: list[str]) -> int:
                       metrics_host=a.metrics_host or "127.0.0.1", metrics_port=a.metrics_port,
                       round_budget_ms=a.round_budget_ms, admission=not a.no_admission,
                       drain_timeout_s=max(0.0, a.drain_timeout), audio_packet_ms=a.audio_packet_ms,
-                      frame_end_hint=not a.no_frame_end_hint)
+                      frame_end_hint=not a.no_frame_end_hint, playout_delay=not a.no_playout_delay)
     serve(cfg)
     return 0
 
