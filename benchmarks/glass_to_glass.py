@@ -258,6 +258,7 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
             moved.append(1000 * (t[idx[0]] - t_leave))
     decoded, network, misses, leaves = [], [], 0, []
     by_onset: dict[str, list[float]] = {"open_mouth_onset": [], "closed_lips_onset": []}
+    shut_first = {w: closed_lips_onset(w) for w in WORDS}
     for i, s in enumerate(onsets):
         t_leave = send_time_of_sample(mic.sent, s)
         if t_leave is None:
@@ -270,8 +271,7 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         leaves.append(t_leave)
         j = idx[0]
         decoded.append(1000 * (t[j] - t_leave))
-        by_onset["closed_lips_onset" if closed_lips_onset(WORDS[i % len(WORDS)]) else "open_mouth_onset"].append(
-            decoded[-1])
+        by_onset["closed_lips_onset" if shut_first[WORDS[i % len(WORDS)]] else "open_mouth_onset"].append(decoded[-1])
         first_packet = c.first_packet_time("video", frames[j][1])
         if first_packet is not None:
             network.append(1000 * (first_packet - t_leave))

@@ -45,30 +45,38 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.frames_dropped = 0
         self.frames_repeated = 0
         self.frames_cut = 0  # ticks whose frame went out early, at an interrupt, showing the mouth at rest
-        self._cut: asyncio.Event | None = None
+        self._cut_pending = False
+        self._waiter: asyncio.Future | None = None  # resolved when the tick is due (False) or cut short (True)
 
     def cut_now(self) -> None:
         """An interrupt (on the event loop): the tick being waited for goes out now, with the latest silent
         picture, instead of when it is due (0-40 ms later). Its timestamp stays the tick's, so the frame
         after it and the frame-end hint are unchanged; a receiver that shows frames as they come (aiortc, a
         browser asked for zero playout delay) sees the mouth shut about a tick sooner."""
-        if self.fill_gaps and self._cut is not None:
-            self._cut.set()
+        if not self.fill_gaps:
+            return
+        self._cut_pending = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(True)
 
     async def _sleep_until_tick(self, k: int) -> bool:
-        """Sleep until tick k is due; True if an interrupt cut the wait short."""
-        if self._cut is None:
-            self._cut = asyncio.Event()
+        """Sleep until tick k is due (one timer, as asyncio.sleep); True if an interrupt cut the wait short."""
         delay = self._clock.video_time(k) - self._clock.now()
-        if delay <= 0:
-            self._cut.clear()
-            return False
+        cut, self._cut_pending = self._cut_pending, False
+        if delay <= 0 or cut:
+            return cut and delay > 0
+        loop = asyncio.get_running_loop()
+        w = self._waiter = loop.create_future()
+        timer = loop.call_later(delay, lambda: w.done() or w.set_result(False))
         try:
-            await asyncio.wait_for(self._cut.wait(), delay)
-        except asyncio.TimeoutError:
-            return False
-        self._cut.clear()
-        return True
+            cut = await w
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if cut:
+            self._cut_pending = False
+        return cut
 
     def next_timestamp(self) -> int | None:
         """The 90 kHz timestamp the next frame will carry, when it is certain (None otherwise)."""
