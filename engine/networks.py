@@ -398,6 +398,32 @@ class Generator(nn.Module):
             frame = self.patch(frame, z, app[:, self.app_dim:k], flow, anchors, w_src)
         return frame
 
+    # ---- the frame in two phases (a late-bound mouth: the streaming path's latency)
+    def body(self, z: torch.Tensor, source: torch.Tensor, feat_hi: torch.Tensor, feat_lo: torch.Tensor,
+             app: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything of the frame except the mouth net's change, from a *provisional* z (its lip may be a
+        frame old): -> MouthInputs (pre (B,3,S,S), win (B,1,S,S), grid (B,S,S,2), square (B,3,n,n)), which
+        `mouth(inputs, z, app)` finishes with the final z. With the same z, body + mouth == forward.
+        Needs patches (the mouth square is what makes the mouth)."""
+        if self.patch is None:
+            raise ValueError("body/mouth need ModelConfig.patches")
+        if self.jaw_knots and not self.training:
+            z = self.calibrate_jaw(z, app)
+        flow, occ, m = self.flow(z, feat_lo, app)
+        w_lo, w_hi, w_src = self.warp(flow, occ, source, feat_hi, feat_lo)
+        frame = self.refine(m, w_lo, w_hi, w_src)
+        k = self.app_dim + self.z_total
+        anchors = app[:, k:k + 2 * PatchRefiner.N_ANCHORS].reshape(-1, PatchRefiner.N_ANCHORS, 2)
+        return self.patch.body(frame, z, app[:, self.app_dim:k], flow, anchors, w_src)
+
+    def mouth(self, pre: torch.Tensor, win: torch.Tensor, grid: torch.Tensor, square: torch.Tensor,
+              z: torch.Tensor, app: torch.Tensor) -> torch.Tensor:
+        """The mouth net's change from the final z, pasted into `body`'s frame -> (B,3,S,S) in [-1,1]."""
+        if self.jaw_knots and not self.training:
+            z = self.calibrate_jaw(z, app)
+        z_s = app[:, self.app_dim:self.app_dim + self.z_total]
+        return self.patch.mouth(pre, win, grid, square, z, z_s)
+
     def calibrate_jaw(self, z: torch.Tensor, app: torch.Tensor) -> torch.Tensor:
         """z (B, latents.total) with its jaw (lip[0]) moved by ModelConfig.jaw_calibration, relative to the
         source's jaw (in app); below the source's jaw (closing an open mouth) the map is the identity."""
@@ -567,8 +593,45 @@ class PatchRefiner(nn.Module):
                                    z_t[:, self.exp], z_s[:, self.exp]], dim=1))
         return mouth, eyes[0], eyes[1]
 
+    def _place(self, a_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Square k's geometry at frame anchors a_t: its sampling grid (B,n,n,2), the frame's pixels in its
+        coordinates (B,S,S,2) (the paste-back grid) and its feathered window (B,1,S,S)."""
+        centre, half, u, v = self.boxes(a_t)
+        g = self.grid_mouth if k == 2 else self.grid_eye  # (1,n,n,2)
+        sx = -1.0 if k == 1 else 1.0  # the image-right eye is sampled mirrored
+        c, h = centre[:, k], half[:, k].view(-1, 1, 1, 1)  # (B,2), (B,1,1,1)
+        px, py = g[..., :1] * sx, g[..., 1:]  # (1,n,n,1)
+        grid = c.view(-1, 1, 1, 2) + h * (px * u.view(-1, 1, 1, 2) + py * v.view(-1, 1, 1, 2))  # (B,n,n,2)
+        # back: frame pixel q -> patch coordinates ((q - c).u / h * sx, (q - c).v / h)
+        q = self.grid_full - c.view(-1, 1, 1, 2)  # (B,S,S,2)
+        qx = (q * u.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h * sx
+        qy = (q * v.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h
+        edge = torch.maximum(qx.abs(), qy.abs()).permute(0, 3, 1, 2)  # (B,1,S,S): 1 on the square's border
+        win = ((1.0 - edge) / PATCH_FEATHER).clamp(0.0, 1.0)
+        return grid, torch.cat([qx, qy], dim=-1), win
+
+    def body(self, frame: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, flow: torch.Tensor,
+             a_s: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`forward` without the mouth net: the eyes applied, the mouth square cut and its window and paste
+        grid computed -> (pre (B,3,S,S): the frame with `base` inside the mouth window, win (B,1,S,S),
+        grid (B,S,S,2), square (B,3,n,n)); `mouth` adds the net's change. Same arithmetic as `apply`."""
+        out = self.apply(frame, z_t, z_s, self.target_anchors(a_s, flow), base=base, squares=(0, 1), clamp=False,
+                         with_anchors=True)
+        out, a_t = out
+        grid, back, win = self._place(a_t, 2)
+        square = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out + win * (base - out), win, back, square
+
+    def mouth(self, pre: torch.Tensor, win: torch.Tensor, grid: torch.Tensor, square: torch.Tensor,
+              z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+        """`body`'s outputs and the final z -> the frame (B,3,S,S) in [-1,1]: the mouth net's change pasted."""
+        delta = self.mouth_net(square, self.conditions(z_t, z_s)[0])  # (B,3,n,n)
+        back = F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return (pre + win * back).clamp(-1.0, 1.0)
+
     def apply(self, frame: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, a_t: torch.Tensor,
-              base: torch.Tensor | None = None, with_window: bool = False):
+              base: torch.Tensor | None = None, with_window: bool = False, squares=(0, 1, 2),
+              clamp: bool = True, with_anchors: bool = False):
         """frame (B,3,S,S) in [-1,1], z_t, z_s (B,total), frame anchors a_t (B,3,2) -> refined frame (and, with
         `with_window`, the union (B,1,S,S) of the feathered paste windows). Inside each square the frame
         becomes base + the net's change, base (default: the frame) being what the net reads: G's pose-warped
@@ -576,30 +639,22 @@ class PatchRefiner(nn.Module):
         source-moved-to-the-target-pose in training."""
         if base is None:
             base = frame
-        centre, half, u, v = self.boxes(a_t)
         cond = self.conditions(z_t, z_s)
         out = frame
         win_all = []
-        for k in range(3):
-            g = self.grid_mouth if k == 2 else self.grid_eye  # (1,n,n,2)
+        for k in squares:
             net = self.mouth_net if k == 2 else self.eye_net
-            sx = -1.0 if k == 1 else 1.0  # the image-right eye is sampled mirrored
-            c, h = centre[:, k], half[:, k].view(-1, 1, 1, 1)  # (B,2), (B,1,1,1)
-            px, py = g[..., :1] * sx, g[..., 1:]  # (1,n,n,1)
-            grid = c.view(-1, 1, 1, 2) + h * (px * u.view(-1, 1, 1, 2) + py * v.view(-1, 1, 1, 2))  # (B,n,n,2)
+            grid, back_grid, win = self._place(a_t, k)
             patch = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
             delta = net(patch, cond[0] if k == 2 else cond[1 + k])  # (B,3,n,n)
-            # back: frame pixel q -> patch coordinates ((q - c).u / h * sx, (q - c).v / h)
-            q = self.grid_full - c.view(-1, 1, 1, 2)  # (B,S,S,2)
-            qx = (q * u.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h * sx
-            qy = (q * v.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h
-            back = F.grid_sample(delta, torch.cat([qx, qy], dim=-1), mode="bilinear", padding_mode="zeros",
+            back = F.grid_sample(delta, back_grid, mode="bilinear", padding_mode="zeros",
                                  align_corners=False)  # (B,3,S,S)
-            edge = torch.maximum(qx.abs(), qy.abs()).permute(0, 3, 1, 2)  # (B,1,S,S): 1 on the square's border
-            win = ((1.0 - edge) / PATCH_FEATHER).clamp(0.0, 1.0)
             out = out + win * (base - out + back)
             win_all.append(win)
-        out = out.clamp(-1.0, 1.0)
+        if clamp:
+            out = out.clamp(-1.0, 1.0)
+        if with_anchors:
+            return out, a_t
         if with_window:
             return out, torch.stack(win_all, 0).amax(0)
         return out

@@ -37,6 +37,7 @@ class Pipeline:
         import threading
 
         self._aligned_lock = threading.Lock()
+        self.phase_times: dict[int, tuple[float, float]] = {}  # warmup's two-phase round times (see warmup)
         from engine.idle_model import load_idle_model
 
         # the learned idle motion model, when the checkpoint has one (small: one GRU step per frame, CPU)
@@ -151,14 +152,37 @@ class Pipeline:
         frame (engine.face.Compositor), and then a list of (H, W, 3) uint8 frames is returned."""
         from engine.runtimes.torch_runtime import to_uint8_hwc
 
-        rows = list(avatars)
-        if all(a is avatars[0] for a in avatars):
-            avatars = avatars[0]  # one avatar for every row: broadcast, no copy
-        frames = to_uint8_hwc(self.rt.generate(avatars, self._torch.from_numpy(z)))
+        frames = to_uint8_hwc(self.rt.generate(self._broadcast(avatars), self._torch.from_numpy(z)))
+        return self._paste(avatars, frames)
+
+    @staticmethod
+    def _broadcast(avatars: list):
+        return avatars[0] if all(a is avatars[0] for a in avatars) else avatars  # one for every row: no copy
+
+    @staticmethod
+    def _paste(rows: list, frames: np.ndarray):
         faces = [getattr(a, "face", None) for a in rows]
         if all(f is None or f.compositor is None for f in faces):
             return frames
         return [f.paste(fr[None])[0] if f is not None else fr for f, fr in zip(faces, frames)]
+
+    # the frame in two phases (streaming.scheduler): the body ahead of the audio, the mouth net last
+    @property
+    def late_mouth(self) -> bool:
+        """Whether the runtime makes the mouth in a phase of its own (patch models on torch / ONNX Runtime)."""
+        return bool(getattr(self.rt, "late_mouth", False))
+
+    def generate_body(self, avatars: list, z: np.ndarray):
+        """Everything of the frames but the mouth net's change, from a provisional z (the lips one frame
+        old) -> an opaque value for `generate_mouth`."""
+        return self.rt.generate_body(self._broadcast(avatars), self._torch.from_numpy(z))
+
+    def generate_mouth(self, body, avatars: list, z: np.ndarray):
+        """`generate_body`'s value and the final z -> frames as `generate` returns them."""
+        from engine.runtimes.torch_runtime import to_uint8_hwc
+
+        frames = to_uint8_hwc(self.rt.generate_mouth(body, self._broadcast(avatars), self._torch.from_numpy(z)))
+        return self._paste(avatars, frames)
 
     @staticmethod
     def to_video_frames(frames_u8: np.ndarray) -> list:
@@ -185,6 +209,23 @@ class Pipeline:
                 if i >= 2:
                     times.append(time.perf_counter() - t)
             out[b] = float(np.percentile(times, 90))
+        # the two phases' own (`phase_times`: {batch: (body, mouth + E_aud + conversion)}, 90th percentiles)
+        self.phase_times = {}
+        if self.late_mouth:
+            for b in batch_sizes:
+                z = np.zeros((b, lat.total), np.float32)
+                mel = np.zeros((b, self.cfg.audio.n_mels, self.cfg.mel_window), np.float32)
+                body_t, mouth_t = [], []
+                for i in range(repeats + 2):
+                    t0 = time.perf_counter()
+                    body = self.generate_body([avatar] * b, z)
+                    t1 = time.perf_counter()
+                    self.encode_audio(mel)
+                    self.to_video_frames(self.generate_mouth(body, [avatar] * b, z))
+                    if i >= 2:
+                        body_t.append(t1 - t0)
+                        mouth_t.append(time.perf_counter() - t1)
+                self.phase_times[b] = (float(np.percentile(body_t, 90)), float(np.percentile(mouth_t, 90)))
         self.encode_motion(np.zeros((1, s, s, 3), np.uint8))
         return out
 

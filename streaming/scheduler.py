@@ -9,6 +9,14 @@ queued, and the video tracks count the missing frames as drops. Other work that 
 the event loop (preparing an uploaded avatar) is `submit`ted and runs between rounds on the same
 thread, so inference is never concurrent with itself.
 
+Two phases (`body_lead_s` set and a runtime that has them, `Pipeline.late_mouth`): only the mouth net
+reads the newest audio, so a round is split. The *body* of tick k (G, the eyes, the mouth square cut,
+from the pose / eye / expression latents and the previous frame's lip: 44-57 dB from the frame made with
+the current lip) runs `body_lead` before the mouth is due; the *mouth* (the session's audio window, E_aud,
+the mouth net and its paste, the colour conversion: ~3 ms of the ~27 on 2 CPU cores) runs `lead` before
+tick k is due. The pipeline latency then holds only the mouth's lead, not the whole round's. Redos are
+whole rounds.
+
 Admission control reads `round_times`: the recent round durations per batch size (90th percentile),
 seeded by the warmup's, and `RoundTimes.predict(n)`, the round time n sessions would take (measured when
 n has run lately, else extrapolated from the largest measured batch below n; see `RoundTimes`).
@@ -149,6 +157,9 @@ class Scheduler:
         self.last_batch = 0
         self.errors = 0
         self.round_times = RoundTimes()  # per batch size: what admission control predicts from
+        self.body_lead_s: float | None = None  # two phases: how long before the mouth phase the body starts
+        self.est_body = 0.0  # EWMAs of the two phases (s)
+        self.est_mouth = 0.0
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Scheduler":
@@ -211,7 +222,99 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.stage_latency.observe(time.perf_counter() - t0, stage="redo")
 
+    @property
+    def phased(self) -> bool:
+        """Whether rounds run in two phases (body ahead of the audio, the mouth last)."""
+        return self.body_lead_s is not None and bool(getattr(self.pipeline, "late_mouth", False))
+
+    def _body_lead(self) -> float:
+        return max(self.body_lead_s or 0.0, self.est_body * 1.15)
+
+    @property
+    def start_lead_s(self) -> float:
+        """How long before a tick is due the first work for it starts (a new session's first tick is later)."""
+        return self.lead_s + (self._body_lead() if self.phased else 0.0)
+
     # ------------------------------------------------------------------------------------ loop
+    def _wait_until(self, due: float) -> None:
+        """Idle until clock time `due`, running redos and submitted jobs meanwhile."""
+        clock = self.clock
+        while not self._stop.is_set():
+            self._run_redos()
+            self._run_jobs(until=due)
+            self._wake.clear()
+            if clock.now() >= due:
+                break
+            if self._jobs.empty() and not self._redo:
+                clock.wait_until(due, self._wake)
+
+    def _sleep_until(self, due: float) -> None:
+        """Idle until clock time `due`, running nothing (between a body and its mouth)."""
+        while not self._stop.is_set() and self.clock.now() < due:
+            self._wake.clear()
+            self.clock.wait_until(due, self._wake)
+
+    def _account(self, k: int, n: int, dt: float) -> None:
+        if not n:
+            return
+        self.rounds += 1
+        self.est_round = dt if self.rounds == 1 else 0.8 * self.est_round + 0.2 * dt
+        self.round_times.add(n, dt)
+        if self.clock.now() > self.clock.video_time(k):
+            self.late_rounds += 1
+        if self.metrics is not None:
+            self.metrics.stage_latency.observe(dt, stage="round")
+            self.metrics.batch_size.observe(n)
+
+    def _run_phased(self) -> None:
+        clock = self.clock
+        k = clock.next_video_tick(clock.now() + self.start_lead_s)
+        while not self._stop.is_set():
+            now = clock.now()
+            if now + self.est_body + self.est_mouth > clock.video_time(k):  # lost: the first tick still on time
+                k2 = clock.video_tick_at(now + self.est_body + self.est_mouth) + 1
+                self.skipped_ticks += k2 - k
+                k = k2
+            mouth_lead = max(self.lead_s, self.est_mouth * 1.15)
+            self._wait_until(clock.video_time(k) - mouth_lead - self._body_lead())
+            if self._stop.is_set():
+                break
+            t0 = time.perf_counter()
+            try:
+                jobs, body = self.body_round(k)
+            except Exception:  # noqa: BLE001 - a bad round must not kill the server
+                self.errors += 1
+                log.exception("scheduler body round for tick %d failed", k)
+                jobs, body = [], None
+            t_body = time.perf_counter() - t0
+            n = 0
+            t_mouth = 0.0
+            if jobs:
+                self._sleep_until(clock.video_time(k) - mouth_lead)
+                t1 = time.perf_counter()
+                try:
+                    n = self.mouth_round(jobs, body)
+                except Exception:  # noqa: BLE001
+                    self.errors += 1
+                    log.exception("scheduler mouth round for tick %d failed", k)
+                t_mouth = time.perf_counter() - t1
+            if n:
+                first = self.rounds == 0
+                self.est_body = t_body if first else 0.8 * self.est_body + 0.2 * t_body
+                self.est_mouth = t_mouth if first else 0.8 * self.est_mouth + 0.2 * t_mouth
+            self._account(k, n, t_body + t_mouth)
+            k += 1
+            self._run_redos()
+        self._cancel_jobs()
+
+    def _cancel_jobs(self) -> None:
+        while True:
+            try:
+                fut, *_ = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            fut.cancel()
+
     def _run_jobs(self, until: float | None) -> None:
         """Run queued jobs; stop when the queue is empty or (if given) clock time `until` has passed."""
         while until is None or self.clock.now() < until:
@@ -230,22 +333,17 @@ class Scheduler:
         clock = self.clock
         k = clock.next_video_tick(clock.now() + self.lead_s)
         while not self._stop.is_set():
+            if self.phased:  # two phases were configured after the start (the server's warmup)
+                self._run_phased()
+                return
             # the first tick a round started now can still make: never work on a tick already lost
             now = clock.now()
             if now + self.est_round > clock.video_time(k):
                 k2 = clock.video_tick_at(now + self.est_round) + 1
                 self.skipped_ticks += k2 - k
                 k = k2
-            due = clock.video_time(k) - max(self.lead_s, self.est_round * 1.15)
             # idle until the round is due, running redos and submitted jobs meanwhile
-            while not self._stop.is_set():
-                self._run_redos()
-                self._run_jobs(until=due)
-                self._wake.clear()
-                if clock.now() >= due:
-                    break
-                if self._jobs.empty() and not self._redo:
-                    clock.wait_until(due, self._wake)
+            self._wait_until(clock.video_time(k) - max(self.lead_s, self.est_round * 1.15))
             if self._stop.is_set():
                 break
             t0 = time.perf_counter()
@@ -255,25 +353,10 @@ class Scheduler:
                 self.errors += 1
                 log.exception("scheduler round for tick %d failed", k)
                 n = 0
-            dt = time.perf_counter() - t0
-            if n:
-                self.rounds += 1
-                self.est_round = dt if self.rounds == 1 else 0.8 * self.est_round + 0.2 * dt
-                self.round_times.add(n, dt)
-                if clock.now() > clock.video_time(k):
-                    self.late_rounds += 1
-                if self.metrics is not None:
-                    self.metrics.stage_latency.observe(dt, stage="round")
-                    self.metrics.batch_size.observe(n)
+            self._account(k, n, time.perf_counter() - t0)
             k += 1
             self._run_redos()
-        # fail whatever is still queued
-        while True:
-            try:
-                fut, *_ = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            fut.cancel()
+        self._cancel_jobs()  # fail whatever is still queued
 
     # ----------------------------------------------------------------------------------- round
     def _observe(self, stage: str, t0: float) -> float:
@@ -282,15 +365,14 @@ class Scheduler:
             self.metrics.stage_latency.observe(t - t0, stage=stage)
         return t
 
-    def round(self, k: int, only: tuple | None = None) -> int:
-        """Generate tick k for every live session (or just `only`). Returns the batch size."""
+    def _jobs_for(self, k: int, only: tuple | None, phased: bool) -> list[FrameJob]:
         jobs: list[FrameJob] = []
-        t = time.perf_counter()
         for s in (self._sessions if only is None else only):
             if not s.wants_tick(k):
                 continue
             try:
-                job = s.build_job(k)
+                begin = getattr(s, "begin_job", None) if phased else None
+                job = begin(k) if begin is not None else s.build_job(k)
             except Exception:  # noqa: BLE001
                 log.exception("session %s: building the frame request failed; closing it", s.id)
                 s.fail_from_thread("internal error while building a frame")
@@ -299,25 +381,30 @@ class Scheduler:
                 jobs.append(job)
         if only is None:
             self.last_batch = len(jobs)
-        if not jobs:
-            return 0
-        t = self._observe("prepare", t)
-        p = self.pipeline
-        # webcam rows: E_mot once per new driving frame
+        return jobs
+
+    def _webcams(self, jobs: list[FrameJob], t: float) -> float:
+        """Webcam rows: E_mot once per new driving frame."""
         cam = [j for j in jobs if j.webcam is not None]
         if cam:
-            lat = p.encode_motion(np.stack([j.webcam for j in cam]))
+            lat = self.pipeline.encode_motion(np.stack([j.webcam for j in cam]))
             for r, j in enumerate(cam):
                 j.session.set_webcam_latents({f: v[r] for f, v in lat.items()})
             t = self._observe("motion_encoder", t)
-        # lip rows from audio: E_aud once for all speaking sessions
+        return t
+
+    def _lips(self, jobs: list[FrameJob], t: float) -> float:
+        """Lip rows from audio: E_aud once for all speaking sessions."""
         aud = [j for j in jobs if j.mel is not None and j.gate > 0]
         if aud:
-            lips = p.encode_audio(np.stack([j.mel for j in aud]))
+            lips = self.pipeline.encode_audio(np.stack([j.mel for j in aud]))
             for r, j in enumerate(aud):
                 j.lip = lips[r] * np.float32(j.gate)
             t = self._observe("audio_encoder", t)
-        lat_cfg = p.cfg.latents
+        return t
+
+    def _z(self, jobs: list[FrameJob]) -> np.ndarray:
+        lat_cfg = self.pipeline.cfg.latents
         sl = lat_cfg.slices()
         z = np.zeros((len(jobs), lat_cfg.total), np.float32)
         for r, j in enumerate(jobs):
@@ -325,10 +412,55 @@ class Scheduler:
                 z[r, sl["lip"]] = j.lip
             for f in ("pose", "eye", "exp"):
                 z[r, sl[f]] = j.rest[f]
-        frames = p.generate([j.avatar for j in jobs], z)
-        t = self._observe("generate", t)
-        out = p.to_video_frames(frames)
-        t = self._observe("convert", t)
+        return z
+
+    def _deliver(self, jobs: list[FrameJob], frames, t: float) -> None:
+        out = self.pipeline.to_video_frames(frames)
+        self._observe("convert", t)
         for j, f in zip(jobs, out):
             j.session.deliver(j.tick, f, j.epoch, z_lip=j.lip)
+
+    def round(self, k: int, only: tuple | None = None) -> int:
+        """Generate tick k for every live session (or just `only`) in one piece. Returns the batch size."""
+        t = time.perf_counter()
+        jobs = self._jobs_for(k, only, phased=False)
+        if not jobs:
+            return 0
+        t = self._observe("prepare", t)
+        t = self._webcams(jobs, t)
+        t = self._lips(jobs, t)
+        frames = self.pipeline.generate([j.avatar for j in jobs], self._z(jobs))
+        self._deliver(jobs, frames, self._observe("generate", t))
+        return len(jobs)
+
+    def body_round(self, k: int) -> tuple[list[FrameJob], Any]:
+        """The first phase of tick k: every live session's request without its audio, and the body of its
+        frame from the provisional lip -> (jobs, body) for `mouth_round`."""
+        t = time.perf_counter()
+        jobs = self._jobs_for(k, None, phased=True)
+        if not jobs:
+            return [], None
+        t = self._observe("prepare", t)
+        t = self._webcams(jobs, t)
+        body = self.pipeline.generate_body([j.avatar for j in jobs], self._z(jobs))
+        self._observe("generate_body", t)
+        return jobs, body
+
+    def mouth_round(self, jobs: list[FrameJob], body) -> int:
+        """The second phase: the audio of each request (the newest there is), E_aud, the mouth net and its
+        paste, the conversion, and each frame delivered. Returns the batch size."""
+        t = time.perf_counter()
+        for j in jobs:
+            finish = getattr(j.session, "finish_job", None)
+            if finish is None:
+                continue
+            try:
+                finish(j)
+            except Exception:  # noqa: BLE001 - the row stays (the body has it), with its mouth shut
+                log.exception("session %s: the audio part of the frame request failed", j.session.id)
+                j.lip, j.mel = None, None
+        t = self._observe("prepare_audio", t)
+        t = self._lips(jobs, t)
+        frames = self.pipeline.generate_mouth(body, [j.avatar for j in jobs], self._z(jobs))
+        self._deliver(jobs, frames, self._observe("generate_mouth", t))
         return len(jobs)

@@ -162,6 +162,9 @@ class ServeConfig:
     frame_end_hint: bool = True
     audio_packet_ms: float | None = 5.0
     playout_delay: bool = True  # ask browsers for the latency level's playout delay (LatencyLevel.playout_delay_ms)
+    # make each frame in two phases where the runtime can (streaming.scheduler): the body ahead of the audio,
+    # the mouth net last, so the pipeline latency holds the mouth's ~3 ms lead instead of the whole round's
+    late_mouth: bool = True
     # real photos (engine.face), for --avatar and uploads: "require" (the CLI's default) finds and aligns the
     # face, 400 without one; "auto" aligns when a face is found; "off" (the library default) uses images as
     # they are. Aligned avatars stream output_size frames around the face ("512": 512x512; "crop": the
@@ -351,14 +354,18 @@ class AvatarServer:
         else:
             self.round_budget_s = max(period * 0.5, period - cfg.admission_margin_ms / 1000)
         level = LATENCY_LEVELS[cfg.latency]
+        phases = p.phase_times.get(1) if cfg.late_mouth and p.late_mouth else None
         if cfg.lead_ms is not None:
             lead = cfg.lead_ms / 1000
         else:
-            p90 = self.warmup_times.get(1, period)
+            # two phases: the lead covers the mouth phase (E_aud, the mouth net, the conversion) only
+            p90 = phases[1] if phases else self.warmup_times.get(1, period)
             lead = min(level.lead_max_periods * period,
                        max(level.lead_min_ms / 1000, level.lead_factor * p90 + level.lead_add_ms / 1000))
         self.lead_s = lead
         self.scheduler.lead_s = lead
+        if phases:  # the body starts this long before the mouth phase (the same rule, on the body's time)
+            self.scheduler.body_lead_s = level.lead_factor * phases[0] + level.lead_add_ms / 1000
         mc = p.cfg
         overhang = mc.audio.right_overhang / mc.audio.sample_rate
         margin = level.audio_margin_ms if cfg.audio_margin_ms is None else cfg.audio_margin_ms
@@ -373,9 +380,11 @@ class AvatarServer:
                 await self.stop()
                 raise
         self.started = time.time()
-        log.info("model %s (%dpx, lookahead %d ms%s), %d fps, round %.1f ms -> lead %.0f ms, pipeline latency %.0f ms",
+        log.info("model %s (%dpx, lookahead %d ms%s), %d fps, round %.1f ms%s -> lead %.0f ms, pipeline latency %.0f ms",
                  mc.name, mc.image_size, mc.lookahead_ms, ", random weights" if p.random_weights else "",
-                 cfg.fps, 1000 * self.warmup_times.get(1, 0), 1000 * lead, 1000 * self.latency_s)
+                 cfg.fps, 1000 * self.warmup_times.get(1, 0),
+                 f" (body {1000 * phases[0]:.1f} ms ahead, mouth {1000 * phases[1]:.1f} ms last)" if phases else "",
+                 1000 * lead, 1000 * self.latency_s)
 
     async def _start_metrics_site(self) -> None:
         """/metrics alone on metrics_host:metrics_port (a private address a scraper reaches, not the public one)."""
@@ -569,6 +578,8 @@ class AvatarServer:
             "model": p.cfg.name, "image_size": p.cfg.image_size, "fps": self.cfg.fps,
             "lookahead_ms": p.cfg.lookahead_ms, "latency_ms": round(self.latency_s * 1000, 1),
             "latency_level": self.cfg.latency, "lead_ms": round(self.lead_s * 1000, 1),
+            "late_mouth": self.scheduler.phased,
+            "body_lead_ms": round(self.scheduler.body_lead_s * 1000, 1) if self.scheduler.phased else None,
             "audio_margin_ms": round(self.audio_margin_s * 1000, 1),
             "random_weights": p.random_weights, "presets": sorted(p.presets),
             "exp_dim": p.cfg.latents.exp, "max_sessions": self.cfg.max_sessions,

@@ -90,6 +90,8 @@ class Session:
         self._webcam = None  # streaming.webcam.WebcamFramer: face-tracked crops, made at the first frame used
         self.speaking = False
         self.lip_energy = 0.0
+        self._audio_lip = None  # the last frame's lip from audio: the next body's provisional lip
+        self._lag_energy = False  # the idle motion hears the frame before (set by the two-phase rounds)
         self._onsets_pending: dict[int, float] = {}
         self.onset_latencies: deque = deque(maxlen=2000)  # speech onset arrival -> its first open-mouth frame sent (s)
         # (arrival, tick, sent) of each speech onset, clock seconds: a benchmark splits the latency with them
@@ -262,6 +264,7 @@ class Session:
             self._slot.clear()
             self._last_flush = self.clock.now()
             self._interrupt_at, self._interrupt_tick = time.monotonic(), None
+            self._audio_lip = None  # bodies made from now on start from a shut mouth
         self.interrupts += 1
         if self.k_start is not None:  # remake the flushed ticks' frames now rather than lose them
             nxt = self.clock.video_tick_at(self.clock.now()) + 1
@@ -288,7 +291,7 @@ class Session:
     # ========================================================================= scheduler side
     def start_video(self) -> int:
         """Called by the video track's first recv(): the first tick this session gets frames for."""
-        k = self.clock.video_tick_at(self.clock.now() + self.lead_s + 0.002) + 1
+        k = self.clock.video_tick_at(self.clock.now() + self.scheduler.start_lead_s + 0.002) + 1
         with self._lock:
             self.k_start = k
         self.scheduler.add(self)
@@ -312,7 +315,17 @@ class Session:
         return h0, max(1, end - h0), end
 
     def build_job(self, k: int) -> FrameJob | None:
+        """Everything tick k's frame needs, at once (a round in one piece: redos, runtimes without phases)."""
+        return self.finish_job(self.begin_job(k, lag_energy=self._lag_energy))
+
+    def begin_job(self, k: int, lag_energy: bool = True) -> FrameJob:
+        """What tick k needs before its audio is in (the body phase of the scheduler's two-phase round):
+        controls applied, pose / eye / expression composed, and the lip the body is made with: the webcam's
+        or none (controls), or for lips from audio the last frame's (`finish_job` sets the real one, which
+        only the mouth net reads). lag_energy: the idle motion hears the audio of the frame before (this
+        frame's is not in yet): head motion that follows speech 40 ms late, where nothing can see it."""
         self._last_built = max(self._last_built, k)
+        self._lag_energy = lag_energy
         m = self.motion
         while self._controls:
             m.apply(self._controls.popleft())
@@ -323,39 +336,56 @@ class Session:
         cam = self._webcam.take() if self._webcam is not None and m.wants_webcam() else None  # newest crop
         off = self.audio.offset48
         job = FrameJob(session=self, tick=k, epoch=epoch, avatar=self.avatar, rest={})
-        lip_mode = m.lip_mode()
+        lip_mode = job.extra["lip_mode"] = m.lip_mode()
         if off is not None:
-            h0, nh, end = self.frame_hops(k, off)
-            if lip_mode == "audio":
+            lag = 1 if lag_energy else 0
+
+            def rms_of(idx: int) -> float:
+                if idx < lag:
+                    return 0.0
+                a, n, _ = self.frame_hops(self.k_start + idx - lag, off)
+                return self.audio.rms(a, n)
+
+            def hops_of(idx: int) -> tuple[int, int] | None:
+                if idx < lag:
+                    return None
+                a, n, _ = self.frame_hops(self.k_start + idx - lag, off)
+                return a, n
+
+            m.push_energy_until(i, rms_of, hops_of)
+        else:
+            m.push_energy_until(i, lambda idx: 0.0)
+        job.rest = m.compose_rest(i)
+        if lip_mode == "webcam":
+            job.lip = m.webcam_latents["lip"]
+        elif lip_mode == "audio":
+            job.lip = self._audio_lip  # provisional: the last frame's
+        if cam is not None:
+            job.webcam = cam  # (S, S, 3) uint8 in the model's framing (streaming.webcam)
+        return job
+
+    def finish_job(self, job: FrameJob) -> FrameJob:
+        """The audio part of tick `job.tick`'s request: the lip gate, the mel window E_aud reads (lips from
+        audio), the onset timing. Called as late as the audio allows (the mouth phase)."""
+        k = job.tick
+        self.motion.push_audio(self.audio.take_pending_16k())
+        off = self.audio.offset48
+        if job.extra.get("lip_mode") == "audio":
+            job.lip = None  # zeros (closed) unless E_aud fills it from `mel`
+            if off is not None:
+                h0, nh, end = self.frame_hops(k, off)
                 job.gate = self.audio.gate(h0, nh)
                 if job.gate > 0:
-                    job.mel, _complete = m.mel_window(end - m.cfg.mel_past)
+                    job.mel, _complete = self.motion.mel_window(end - self.motion.cfg.mel_past)
                     if not self.speaking:  # a speech onset: time it from arrival to the frame leaving
                         arrived = self.audio.first_speech_arrival(h0 - self.audio.hangover_hops,
                                                                   nh + self.audio.hangover_hops)
                         if arrived is not None:
                             with self._lock:
                                 self._onsets_pending[k] = arrived
-
-            def rms_of(idx: int) -> float:
-                a, n, _ = self.frame_hops(self.k_start + idx, off)
-                return self.audio.rms(a, n)
-
-            def hops_of(idx: int) -> tuple[int, int]:
-                a, n, _ = self.frame_hops(self.k_start + idx, off)
-                return a, n
-
-            m.push_energy_until(i, rms_of, hops_of)
-        else:
-            m.push_energy_until(i, lambda idx: 0.0)
+        elif job.extra.get("lip_mode") == "controls":
+            job.lip = None
         self.speaking = job.gate > 0
-        job.rest = m.compose_rest(i)
-        if lip_mode == "webcam":
-            job.lip = m.webcam_latents["lip"]
-        elif lip_mode == "controls" or job.mel is None:
-            job.lip = None  # zeros: closed mouth
-        if cam is not None:
-            job.webcam = cam  # (S, S, 3) uint8 in the model's framing (streaming.webcam)
         return job
 
     def set_webcam_latents(self, lat: dict) -> None:
@@ -376,6 +406,7 @@ class Session:
         if w is not None and w[0] == k:
             self.loop.call_soon_threadsafe(_wake, w[1])
         self.lip_energy = 0.0 if z_lip is None else float(np.abs(z_lip).mean())
+        self._audio_lip = z_lip  # the next body's provisional lip (scheduler thread)
 
     def fail_from_thread(self, reason: str) -> None:
         self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.close(reason)))

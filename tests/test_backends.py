@@ -173,7 +173,9 @@ def test_export_cli_writes_manifest_and_loadable_models(tiny_export, tiny_ckpt):
     assert m["checkpoint_hash"] == want
     assert ModelConfig.from_dict(m["model_config"]) == ModelConfig.preset("talk-tiny")
     assert set(m["exporter"]) >= {"torch", "onnx", "onnxscript", "onnxruntime"}
-    assert set(m["graphs"]) == {"generator", "audio_encoder", "avatar_encoder", "motion_encoder"}
+    # patch models also get the generator in two phases (the server's late-bound mouth)
+    assert set(m["graphs"]) == {"generator", "audio_encoder", "avatar_encoder", "motion_encoder",
+                                "generator_body", "generator_mouth"}
     gen = m["graphs"]["generator"]
     assert [i["name"] for i in gen["inputs"]] == ["z", "source", "feat_hi", "feat_lo", "app"]
     assert gen["inputs"][0]["shape"] == ["batch", 42] and gen["outputs"][0]["shape"] == ["batch", 3, 64, 64]
@@ -241,6 +243,34 @@ def test_ort_avatars_interchange_with_torch(tiny_export, reference):
         rt.generate(a_ref, torch.zeros(1, 3))
     with pytest.raises(InputError, match="mel windows"):
         rt.encode_audio(torch.zeros(1, 3, 3))
+
+
+def test_the_two_phase_frame_equals_the_whole_frame_on_every_backend(tiny_export, reference):
+    """Body (from a provisional z) + mouth (from the final z) = the frame G makes from the final z when the
+    provisional z is the final one (torch exactly, ONNX Runtime within its tolerance; the split graphs run
+    with their warps offloaded); and with a provisional lip a frame old, only the mouth square differs."""
+    rt = OrtRuntime(tiny_export, threads=1)
+    assert rt.late_mouth and reference.late_mouth
+    cfg = reference.cfg
+    s, lip = cfg.image_size, cfg.latents.slices()["lip"]
+    g = torch.Generator().manual_seed(11)
+    rows = [reference.prepare_avatar(_portrait(s, i)) for i in (3, 4)]
+    z = torch.randn(2, cfg.latents.total, generator=g) * 0.5
+    z[:, lip] = torch.rand(2, cfg.latents.lip, generator=g) * 0.6
+    whole = reference.generate(rows, z)
+    same = reference.generate_mouth(reference.generate_body(rows, z), rows, z)
+    assert _max_abs(same, whole) < 1e-5
+    ort_same = rt.generate_mouth(rt.generate_body(rows, z), rows, z)
+    assert _max_abs(ort_same, whole) < TOLERANCES["fp32"]["frame"]
+    assert _max_abs(ort_same, rt.generate(rows, z)) < 1e-4
+    stale = z.clone()
+    stale[:, lip] = 0.0  # the provisional lip: shut
+    late = reference.generate_mouth(reference.generate_body(rows, stale), rows, z)
+    assert _max_abs(rt.generate_mouth(rt.generate_body(rows, stale), rows, z), late) < TOLERANCES["fp32"]["frame"]
+    # the mouth net read the final lip: the frame is not the one made wholly from the provisional z
+    assert _max_abs(late, reference.generate(rows, stale)) > 1e-3
+    with pytest.raises(InputError, match="z must be"):
+        rt.generate_body(rows[0], torch.zeros(1, 3))
 
 
 def test_split_at_grid_sample(tiny_export):
@@ -364,7 +394,7 @@ def test_tensorrt_parity(tiny_ckpt, reference, tmp_path):
 
 # ------------------------------------------------------------------------------------------ TensorRT
 def test_trt_opcheck_passes_on_exported_tiny_and_lite(tiny_export, lite_graphs):
-    for d, n in ((tiny_export, 4), (lite_graphs, len(LITE_DEFAULT_GRAPHS))):
+    for d, n in ((tiny_export, 6), (lite_graphs, len(LITE_DEFAULT_GRAPHS))):
         reports = check_export_dir(d)
         assert len(reports) == n
         for rep in reports:

@@ -485,6 +485,98 @@ def test_scheduler_batches_sessions_each_tick_off_the_calling_thread(tiny_pipeli
     assert not sch.alive
 
 
+class _PhasedSink(_Sink):
+    """A session with the two-phase request: the body's lip is `provisional`, the mouth's `final`."""
+
+    def __init__(self, sid, avatar, total, lip_dim, fail_finish=False):
+        super().__init__(sid, avatar, total)
+        self.provisional = np.full(lip_dim, 0.0, np.float32)
+        self.final = np.full(lip_dim, 0.5, np.float32)
+        self.calls: list[tuple[str, int, float]] = []
+        self.fail_finish = fail_finish
+        self.lips: dict[int, object] = {}
+
+    def begin_job(self, k):
+        self.calls.append(("begin", k, time.monotonic()))
+        job = self.build_job(k)
+        job.lip = self.provisional
+        return job
+
+    def finish_job(self, job):
+        self.calls.append(("finish", job.tick, time.monotonic()))
+        if self.fail_finish:
+            raise RuntimeError("the audio part failed")
+        job.lip = self.final
+        return job
+
+    def deliver(self, k, frame, epoch, z_lip=None):
+        self.got[k] = frame
+        self.lips[k] = z_lip
+
+
+def test_two_phase_rounds_make_the_body_ahead_and_the_mouth_from_the_final_lip():
+    """A patch model's rounds in two phases (streaming.scheduler): each tick's body is made from the
+    provisional lip before its audio part is asked for, the mouth from the final lip; the frame delivered is
+    body(provisional) + mouth(final), not the whole frame of either; a session whose audio part fails keeps
+    its row with a shut mouth."""
+    import torch
+
+    from streaming.pipeline import Pipeline, placeholder_portrait
+    from streaming.scheduler import Scheduler
+
+    torch.manual_seed(0)
+    p = Pipeline.load(None, "talk-tiny", threads=1)
+    with torch.no_grad():  # a mouth net that answers its lip (a fresh one's output layer is zero)
+        p.rt.model.generator.patch.mouth_net.out.weight.normal_(0, 0.3)
+        p.rt.model.generator.flow_out.weight.normal_(0, 0.05)
+    assert p.late_mouth
+    clock = MediaClock(25)
+    metrics = ServerMetrics()
+    sch = Scheduler(p, clock, metrics, lead_s=0.01).start()
+    try:
+        avatar = sch.submit(p.prepare_avatar, placeholder_portrait(p.cfg.image_size)).result(30)
+        p.warmup(avatar, batch_sizes=(1, 2), repeats=2)
+        assert set(p.phase_times) == {1, 2} and all(b > 0 and m > 0 for b, m in p.phase_times.values())
+        lat = p.cfg.latents
+        ok = _PhasedSink("ok", avatar, lat.total, lat.lip)
+        bad = _PhasedSink("bad", avatar, lat.total, lat.lip, fail_finish=True)
+        sch.body_lead_s = 0.02
+        assert sch.phased and sch.start_lead_s >= 0.03
+        sch.add(ok)
+        sch.add(bad)
+        t0 = time.monotonic()
+        while len(ok.got) < 8 and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        sch.remove(ok)
+        sch.remove(bad)
+    finally:
+        sch.stop()
+    assert len(ok.got) >= 8 and set(ok.got) == set(bad.got)
+    # per tick: begin, then finish (never finish before its begin; the next begin after this finish)
+    seq = [(c, k) for c, k, _ in ok.calls]
+    for k in ok.got:
+        assert seq.index(("begin", k)) < seq.index(("finish", k)) < seq.index(("begin", k + 1)) \
+            if ("begin", k + 1) in seq else True
+    # every round in two phases but the one the loop was already waiting for when the phases were set
+    assert metrics.stage_latency.count(stage="generate_body") >= len(ok.got) - 1
+    assert metrics.stage_latency.count(stage="generate_mouth") >= len(ok.got) - 1
+    k = max(ok.got)
+    assert np.array_equal(ok.lips[k], ok.final) and bad.lips[k] is None
+
+    def frame(z_body, z_mouth):
+        zb, zm = np.zeros((1, lat.total), np.float32), np.zeros((1, lat.total), np.float32)
+        zb[0, lat.slices()["lip"]], zm[0, lat.slices()["lip"]] = z_body, z_mouth
+        return p.to_video_frames(p.generate_mouth(p.generate_body([avatar], zb), [avatar], zm))[0].to_ndarray()
+
+    got = ok.got[k].to_ndarray()
+    want = frame(ok.provisional, ok.final)
+    assert np.abs(got.astype(int) - want).max() <= 1
+    assert np.abs(got.astype(int) - frame(ok.final, ok.final)).max() > 1  # the body read the provisional lip
+    assert np.abs(got.astype(int) - frame(ok.provisional, ok.provisional)).max() > 1  # the mouth the final
+    shut = frame(ok.provisional, np.zeros(lat.lip, np.float32))
+    assert np.abs(bad.got[k].to_ndarray().astype(int) - shut).max() <= 1
+
+
 def test_inbound_audio_takes_any_rate_and_layout_even_changing_midstream():
     a = InboundAudio(0.2)
     t = 0.02

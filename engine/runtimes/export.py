@@ -57,6 +57,9 @@ MANIFEST_VERSION = 1
 MIN_PSNR_DB = 35.0  # a reduced precision must stay this close to fp32 on generated frames
 FP32_TOLERANCE = 1e-3  # ORT vs torch, max abs, on [0,1] frames and on latents, at export time
 GRAPH_NAMES = ("generator", "audio_encoder", "avatar_encoder", "motion_encoder")
+# the generator in two phases (a late-bound mouth, `Generator.body` / `.mouth`): exported for patch models in
+# fp32 ONNX, where the server makes the body ahead of the audio and the mouth last (streaming.scheduler)
+SPLIT_GRAPH_NAMES = ("generator_body", "generator_mouth")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,41 @@ class GeneratorGraph(nn.Module):
 
     def forward(self, z, source, feat_hi, feat_lo, app):
         return ((self.g(z, source, feat_hi, feat_lo, app) + 1) * 0.5).clamp(0.0, 1.0)  # (B,3,S,S)
+
+
+class GeneratorBodyGraph(nn.Module):
+    """G without the mouth net's change (`Generator.body`), from a provisional z: the part of a frame the
+    server makes ahead of its audio. -> (pre, win, grid, square), which `GeneratorMouthGraph` finishes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.g = model.generator
+
+    def forward(self, z, source, feat_hi, feat_lo, app):
+        return self.g.body(z, source, feat_hi, feat_lo, app)
+
+
+class GeneratorMouthGraph(nn.Module):
+    """The mouth net from the final z, pasted into the body's frame (`Generator.mouth`), with
+    GeneratorGraph's output mapping: body + mouth with the same z = the generator graph."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.g = model.generator
+
+    def forward(self, pre, win, grid, square, z, app):
+        return ((self.g.mouth(pre, win, grid, square, z, app) + 1) * 0.5).clamp(0.0, 1.0)  # (B,3,S,S)
+
+
+def _example_mouth_inputs(model, c: ModelConfig, b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The mouth graph's example: the body's outputs for a random z (and the z, with a moved lip)."""
+    z = torch.randn(b, c.latents.total, generator=g) * 0.5
+    source, feat_hi, feat_lo, app = _example_avatar(model, c, b, g)
+    with torch.no_grad():
+        body = model.generator.body(z, source, feat_hi, feat_lo, app)
+    z2 = z.clone()
+    z2[:, c.latents.slices()["lip"]] = torch.rand(b, c.latents.lip, generator=g) * 0.6
+    return (*body, z2, app)
 
 
 class AudioEncoderGraph(nn.Module):
@@ -154,6 +192,12 @@ def graph_specs(model) -> dict[str, _GraphSpec]:
         "generator": _GraphSpec(
             GeneratorGraph, ("z", "source", "feat_hi", "feat_lo", "app"), ("frame",),
             lambda c, b, g: (torch.randn(b, c.latents.total, generator=g) * 0.5, *_example_avatar(model, c, b, g))),
+        "generator_body": _GraphSpec(
+            GeneratorBodyGraph, ("z", "source", "feat_hi", "feat_lo", "app"), ("pre", "win", "grid", "square"),
+            lambda c, b, g: (torch.randn(b, c.latents.total, generator=g) * 0.5, *_example_avatar(model, c, b, g))),
+        "generator_mouth": _GraphSpec(
+            GeneratorMouthGraph, ("pre", "win", "grid", "square", "z", "app"), ("frame",),
+            lambda c, b, g: _example_mouth_inputs(model, c, b, g)),
         "audio_encoder": _GraphSpec(
             AudioEncoderGraph, ("mel",), ("lip",),
             lambda c, b, g: (torch.randn(b, c.audio.n_mels, c.mel_window, generator=g) * 2 - 5,)),
@@ -491,7 +535,8 @@ def export_model(model, meta: dict, cfg: ExportConfig) -> Path:
     tmp = _prepare_out(out)
     try:
         if cfg.format == "onnx":
-            graphs = export_onnx(model, tmp, precision=cfg.precision)
+            names = GRAPH_NAMES + (SPLIT_GRAPH_NAMES if model.cfg.patches and cfg.precision == "fp32" else ())
+            graphs = export_onnx(model, tmp, precision=cfg.precision, graphs=names)
             manifest = build_manifest(model, meta, cfg, graphs, OPSET)
             manifest["tensorrt_opcheck"] = _opcheck_entries(tmp, graphs)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -41,6 +41,7 @@ from engine.errors import InputError, MissingDependency
 log = logging.getLogger(__name__)
 
 GRID_SAMPLE_MODES = ("torch", "onnxruntime")
+SPLIT_GRAPHS = ("generator_body", "generator_mouth")  # engine.runtimes.export.SPLIT_GRAPH_NAMES
 _AVATAR_CACHE_SIZE = 2  # batches of up to 16 lite avatars are ~62 MB each
 
 
@@ -130,10 +131,12 @@ _TORCH_GS_MODE = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "near
                   "cubic": "bicubic"}
 
 
-def split_at_grid_sample(model) -> SplitGraph | None:
+def split_at_grid_sample(model, any_outputs: bool = False) -> SplitGraph | None:
     """Cut `model` (onnx.ModelProto) at its GridSample nodes into ORT segments and torch warp levels, or None
-    where that cannot be done (no GridSample, no node after one, subgraphs, a graph output made by a warp).
-    A node's level is the number of GridSample nodes on its longest input path."""
+    where that cannot be done (no GridSample, subgraphs; unless `any_outputs`: no node after the last warp,
+    a graph output made by a warp or by a segment before the last). A node's level is the number of
+    GridSample nodes on its longest input path. With `any_outputs` the outputs are read from the values
+    every piece made (`OrtRuntime._run_env`), not written by the last segment."""
     import onnx  # noqa: PLC0415
     from onnx import helper  # noqa: PLC0415
 
@@ -162,10 +165,10 @@ def split_at_grid_sample(model) -> SplitGraph | None:
     if not warp_nodes:
         return None
     n_levels = max(warp_nodes)
-    if not seg_nodes.get(n_levels):
+    if not seg_nodes.get(n_levels) and not any_outputs:
         return None
     warp_outs = {o for ns in warp_nodes.values() for n in ns for o in n.output}
-    if warp_outs & set(outputs):
+    if warp_outs & set(outputs) and not any_outputs:
         return None
 
     def value_info(name: str):
@@ -200,7 +203,7 @@ def split_at_grid_sample(model) -> SplitGraph | None:
     except (ValueError, onnx.checker.ValidationError) as e:
         log.debug("cannot split the graph at GridSample: %s", e)
         return None
-    if any(o not in segments[-1].outputs for o in outputs):
+    if not any_outputs and any(o not in segments[-1].outputs for o in outputs):
         return None
 
     def attr(n, key, default):
@@ -281,6 +284,17 @@ class OrtRuntime:
         else:
             self._gen = self._session(gen_path)
         self.grid_sample = "torch" if self._split is not None else "onnxruntime"
+        # the generator in two phases (body ahead of the audio, the mouth last), when the export has them
+        self._phases: dict[str, tuple] = {}
+        if all(n in graphs for n in SPLIT_GRAPHS):
+            import onnx  # noqa: PLC0415
+
+            for n in SPLIT_GRAPHS:
+                m = onnx.load(str(self.export_dir / graphs[n]["file"]))
+                sp = split_at_grid_sample(m, any_outputs=True) if grid_sample == "torch" else None
+                sess = ([None if sg is None else self._session(sg.model.SerializeToString()) for sg in sp.segments]
+                        if sp is not None else self._session(self.export_dir / graphs[n]["file"]))
+                self._phases[n] = (sp, sess)
         self._gen_inputs, self._gen_outputs = self._io["generator"]
         self._avatar_names = self._gen_inputs[1:]  # source, feat_hi, feat_lo, app
         self._batches: OrderedDict[tuple, tuple] = OrderedDict()
@@ -377,6 +391,62 @@ class OrtRuntime:
         else:
             self._run_split(feeds, out)
         return torch.from_numpy(out)
+
+    # ------------------------------------------------------------------ the frame in two phases
+    @property
+    def late_mouth(self) -> bool:
+        """Whether the export has the generator in two phases (`generate_body` / `generate_mouth`)."""
+        return bool(self._phases)
+
+    def generate_body(self, avatars: AvatarState | Sequence[AvatarState], z) -> tuple[np.ndarray, ...]:
+        """The frame without the mouth net's change, from a provisional z (B, latents.total) -> an opaque
+        tuple for `generate_mouth` (engine.networks.Generator.body)."""
+        if not self._phases:
+            raise InputError(f"{self.export_dir} has no {' / '.join(SPLIT_GRAPHS)} graphs (re-export it)")
+        z = self._z(z)
+        ins, outs = self._io["generator_body"]
+        env = self._run_env("generator_body", dict(zip(ins, (z, *self._avatar_batch(avatars, z.shape[0])))))
+        return tuple(np.ascontiguousarray(env[o]) for o in outs)
+
+    def generate_mouth(self, body: tuple, avatars: AvatarState | Sequence[AvatarState], z) -> torch.Tensor:
+        """`generate_body`'s result and the final z -> (B,3,S,S) float32 in [0,1]."""
+        z = self._z(z)
+        ins, outs = self._io["generator_mouth"]
+        app = self._avatar_batch(avatars, z.shape[0])[-1]
+        env = self._run_env("generator_mouth", dict(zip(ins, (*body, z, app))))
+        return torch.from_numpy(np.ascontiguousarray(env[outs[0]]))
+
+    def _z(self, z) -> np.ndarray:
+        z = _as_f32(z)
+        total = self.cfg.latents.total
+        if z.ndim == 1:
+            z = z[None]
+        if z.ndim != 2 or z.shape[1] != total:
+            raise InputError(f"z must be (B, {total}), got {tuple(z.shape)}")
+        return np.ascontiguousarray(z)
+
+    def _run_env(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run graph `name` (split at its warps when it could be) -> every value it made, by name."""
+        sp, sess = self._phases[name]
+        outs = self._io[name][1]
+        if sp is None:
+            return dict(zip(outs, sess.run(outs, feeds)))
+        env = dict(feeds)
+        env.update(sp.constants)
+        for k, (seg, ss) in enumerate(zip(sp.segments, sess)):
+            if k > 0:
+                self._warps(sp.levels[k - 1], env)
+            if seg is not None:
+                env.update(zip(seg.outputs, ss.run(seg.outputs, {i: env[i] for i in seg.inputs})))
+        return env
+
+    @staticmethod
+    def _warps(level: list, env: dict[str, np.ndarray]) -> None:
+        with torch.inference_mode():
+            for w in level:
+                env[w.out] = torch.nn.functional.grid_sample(
+                    torch.from_numpy(env[w.x]), torch.from_numpy(env[w.grid]), mode=w.mode,
+                    padding_mode=w.padding_mode, align_corners=w.align_corners).numpy()
 
     def _run_split(self, feeds: dict[str, np.ndarray], out: np.ndarray) -> None:
         sp = self._split

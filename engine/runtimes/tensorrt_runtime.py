@@ -367,6 +367,8 @@ class TrtRuntime:
             dev[name], host[name] = (int(ptr), a.nbytes), a
         return TrtAvatar(cudart, dev, host)
 
+    late_mouth = False  # the engines hold the generator in one piece (its round is short on a GPU)
+
     def generate(self, avatars: Sequence[TrtAvatar] | TrtAvatar, z):
         import torch  # noqa: PLC0415
 

@@ -112,6 +112,38 @@ class TorchRuntime:
             out = self.model(self._in(z), *args)
             return self._out((out + 1) * 0.5).clamp_(0.0, 1.0)
 
+    # ---- the frame in two phases: the body ahead of the audio, the mouth last (streaming.scheduler)
+    @property
+    def late_mouth(self) -> bool:
+        """Whether the model makes its mouth in a phase of its own (patch models: Generator.body / .mouth)."""
+        return self.model.generator.patch is not None
+
+    def generate_body(self, avatars: AvatarState | Sequence[AvatarState], z: torch.Tensor) -> tuple:
+        """The frame without the mouth net's change, from a provisional z -> an opaque tuple for
+        `generate_mouth`; with the same z, body + mouth = `generate`."""
+        z = self._z(z)
+        args = self._avatar_args(avatars, z.shape[0])
+        with torch.inference_mode():
+            return self.model.generator.body(self._in(z), *args)
+
+    def generate_mouth(self, body: tuple, avatars: AvatarState | Sequence[AvatarState], z: torch.Tensor
+                       ) -> torch.Tensor:
+        """`generate_body`'s result and the final z -> (B,3,S,S) float32 in [0,1] on CPU."""
+        z = self._z(z)
+        app = self._avatar_args(avatars, z.shape[0])[-1]
+        with torch.inference_mode():
+            out = self.model.generator.mouth(*body, self._in(z), app)
+            return self._out((out + 1) * 0.5).clamp_(0.0, 1.0)
+
+    def _z(self, z) -> torch.Tensor:
+        z = torch.as_tensor(z)
+        total = self.cfg.latents.total
+        if z.dim() == 1:
+            z = z.unsqueeze(0)
+        if z.dim() != 2 or z.shape[1] != total:
+            raise InputError(f"z must be (B, {total}), got {tuple(z.shape)}")
+        return z
+
     def encode_audio(self, mel_windows: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, mel_window) log-mel -> lip latents (B, lip) float32 on CPU."""
         m = torch.as_tensor(mel_windows)
