@@ -328,6 +328,37 @@ v.requestVideoFrameCallback(tick);
 """
 
 
+def chromium_av_offset(tp, tr, rtp, sess, ajb_ms, playout: dict) -> dict:
+    """Chromium's audio-vs-video offset (video - audio, ms) per presented frame: the frame's media instant is
+    its tick's time on the server's clock (its RTP timestamp counts ticks; the tick of the first is the one
+    whose send time its receive time follows by less than a period), its picture is shown at `tp`, and its
+    sound, sent `audio_lead_s` before that instant, plays after the audio jitter buffer's mean hold (getStats
+    jitterBufferDelay / jitterBufferEmittedCount) and, where Chromium reports it, the playout path's own
+    (media-playout totalPlayoutDelay / totalSamplesCount). Loopback transit (< 1 ms) and the output
+    device's latency (headless: a fake device) are left out on both sides."""
+    if sess is None or ajb_ms is None:
+        return {}
+    rtp = np.array([np.nan if x is None else float(x) for x in rtp])
+    ok = np.isfinite(rtp) & np.isfinite(tr)
+    if ok.sum() < 10:
+        return {}
+    period = sess.clock.period
+    r = rtp[ok]
+    k_rel = np.round(((r - r[0]) % 2 ** 32) / (90000 * period))
+    t0 = sess.clock.t0
+    since = tr[ok] - t0 - k_rel * period  # k0 periods + the send, encode and transit of each frame
+    k0 = np.floor(np.median(since) / period)
+    media = t0 + (k_rel + k0) * period
+    play_ms = 0.0
+    if playout.get("totalSamplesCount"):
+        play_ms = 1000 * playout["totalPlayoutDelay"] / playout["totalSamplesCount"]
+    lead = getattr(getattr(sess, "audio_track", None), "lead_s", 0.0) * 1000
+    audio_ms = -lead + ajb_ms + play_ms  # after the media instant
+    off = 1000 * (tp[ok] - media) - audio_ms
+    return {**percentiles(off, ps=(5, 50, 95)), "audio_lead_ms": lead, "audio_jitter_buffer_ms": ajb_ms,
+            "audio_playout_path_ms": play_ms, "video_instant_to_presented_ms": percentiles(1000 * (tp[ok] - media))}
+
+
 def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = False) -> dict:
     """The same measurement from headless Chromium (the demo page, a fake microphone playing the words
     from a WAV file). Chromium's own capture and send timing are not visible from here, so the clock
@@ -383,7 +414,8 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
         time.sleep(seconds + 1.0)
         stats = drv.execute_script("""
             return window.marionette.pc.getStats().then(r => { const o = {}; r.forEach(s => {
-              if (s.type === 'inbound-rtp') o[s.kind] = s; }); return o; });""")
+              if (s.type === 'inbound-rtp') o[s.kind] = s;
+              if (s.type === 'media-playout') o.playout = s; }); return o; });""")
         rows = []
         while True:  # in chunks: a long run does not fit one reply
             chunk = drv.execute_script("return window.marionette.g2g.splice(0, 300)")
@@ -422,6 +454,7 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
     vjb = 1000 * v["jitterBufferDelay"] / v["jitterBufferEmittedCount"] if v.get("jitterBufferEmittedCount") else None
     ajb = 1000 * au["jitterBufferDelay"] / au["jitterBufferEmittedCount"] if au.get("jitterBufferEmittedCount") else None
     hold = 1000 * (tp - tr)
+    av = chromium_av_offset(tp, tr, [r[2] for r in rows], sess, ajb, stats.get("playout", {}))
     extra = {"trace": {"presented": tp.tolist(), "received": [None if not np.isfinite(x) else x for x in tr],
                        "rtp": [r[2] for r in rows], "dev": dev.tolist(),
                        "onsets_arrived": [e[0] + t0c for e in events], "onset_ticks": [e[1] for e in events]}} \
@@ -435,6 +468,7 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
         "receive_to_presented_ms": percentiles(hold[np.isfinite(hold)]),
         "video_jitter_buffer_ms": vjb, "audio_jitter_buffer_ms": ajb,
         "audio_minus_video_buffer_ms": None if vjb is None or ajb is None else ajb - vjb,
+        "av_offset_ms": av,
         "video_fps": v.get("framesPerSecond"), "frames_decoded": v.get("framesDecoded"),
         "frames_dropped": v.get("framesDropped"),
         "note": "the clock starts at the onset's arrival at the server; add Chromium's capture and send "
@@ -541,6 +575,11 @@ def main(argv=None) -> int:
             print(f"  frame received -> presented            : {fmt(c['receive_to_presented_ms'])}")
             print(f"  jitter buffers: video {c['video_jitter_buffer_ms']}, audio {c['audio_jitter_buffer_ms']} ms; "
                   f"fps {c['video_fps']}")
+            av = c.get("av_offset_ms") or {}
+            if av.get("n"):
+                print(f"  A/V offset (video - audio, estimated): p5 {av['p5']:.1f}, p50 {av['p50']:.1f}, "
+                      f"p95 {av['p95']:.1f} ms (audio sent {av['audio_lead_ms']:.1f} ms ahead, held "
+                      f"{av['audio_jitter_buffer_ms']:.1f} + {av['audio_playout_path_ms']:.1f} ms)")
     for n in notes:
         print("  NOTE: " + n)
     print(f"  load avg {res['loadavg_start']} -> {res['machine']['load_avg']}; -> {a.out}")

@@ -96,12 +96,16 @@ class LatencyLevel:
     # video up with its audio buffer (Chromium: ~22 ms video, ~28 ms audio measured). (0, 0) shows each frame
     # as it is decoded, ~20 ms sooner, and the sound then trails the picture by Chromium's audio buffer
     playout_delay_ms: tuple[int, int] | None = None
+    # with that playout delay negotiated, the avatar's sound is sent this much ahead of its picture (at most the
+    # pipeline latency less a 20 ms frame and the arrival margin: the samples must be in): the browser holds
+    # its audio (Chromium's jitter buffer: 28-40 ms) and no longer its video, so this lines them up again
+    browser_audio_lead_ms: float = 0.0
 
 
 LATENCY_LEVELS: dict[str, LatencyLevel] = {
     # an idle machine on a quiet network: every margin near its floor
     "low": LatencyLevel(audio_margin_ms=15.0, lead_factor=1.2, lead_add_ms=3.0, lead_min_ms=10.0, lead_max_periods=1.5,
-                        playout_delay_ms=(0, 0)),
+                        playout_delay_ms=(0, 0), browser_audio_lead_ms=28.0),
     # the default: what the server always did
     "balanced": LatencyLevel(audio_margin_ms=30.0, lead_factor=1.5, lead_add_ms=5.0, lead_min_ms=15.0,
                              lead_max_periods=2.0),
@@ -745,6 +749,10 @@ class AvatarServer:
         if ext is None or not request_playout_delay(sender, ext, *delay):
             return answer_sdp
         session.playout_delay_ms = delay
+        # the browser now holds its sound and not its picture: send the sound ahead by as much as the samples allow
+        level = LATENCY_LEVELS[self.cfg.latency]
+        room = self.latency_s - session.clock.period / 2 - self.audio_margin_s - 0.002
+        session.audio_track.lead_s = max(0.0, min(level.browser_audio_lead_ms / 1000, room))
         return answer_with_extmap(answer_sdp, mid, ext, PLAYOUT_DELAY_URI)
 
     def _refuse(self, adm: dict) -> web.Response:

@@ -583,6 +583,7 @@ class Session:
             "audio_discarded_ms": round(self.audio_discarded_samples / 48.0, 1),
             "audio_packet_ms": self.audio_track.packet_ms,
             "playout_delay_ms": None if self.playout_delay_ms is None else list(self.playout_delay_ms),
+            "audio_lead_ms": round(self.audio_track.lead_s * 1000, 2),
             "peer_audio_jitter_ms": None if self.peer_audio_jitter_ms is None else round(self.peer_audio_jitter_ms, 1),
             "drops": dict(self.drops),
             "latency_ms": round(self.latency_s * 1000, 1),

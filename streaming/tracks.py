@@ -176,6 +176,9 @@ class DelayedAudioTrack(MediaStreamTrack):
         self._encoder = None
         self._encoder_ms: float | None = None
         self._packets: deque = deque()  # (clock time due, av.Packet) of the frame being sent
+        # send each frame this long before its media time (its RTP timestamps unchanged): set where the
+        # receiver holds its audio longer than its video (a browser asked for no video playout delay)
+        self.lead_s = 0.0
 
     async def recv(self):
         if not self.packet_ms:
@@ -217,7 +220,7 @@ class DelayedAudioTrack(MediaStreamTrack):
                 # pre-skip): the sound and the picture of one instant keep one time
                 packet.pts = base + i * n
                 packet.time_base = AUDIO_TIME_BASE
-                self._packets.append((self._clock.audio_time(j) + i * n / AUDIO_RATE, packet))
+                self._packets.append((self._clock.audio_time(j) + i * n / AUDIO_RATE - self.lead_s, packet))
 
     async def _recv_frame(self) -> av.AudioFrame:
         s = self._s
@@ -226,7 +229,7 @@ class DelayedAudioTrack(MediaStreamTrack):
         if self._next is None:
             self.j0 = self._next = self._clock.audio_frame_at(self._clock.now()) + 1
         j = self._next
-        await self._clock.sleep_until(self._clock.audio_time(j))
+        await self._clock.sleep_until(self._clock.audio_time(j) - self.lead_s)
         if self.readyState != "live":
             raise MediaStreamError
         # never skip audio frames: the Opus encoder numbers samples itself, a gap would shift sync
