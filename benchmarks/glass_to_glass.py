@@ -431,11 +431,19 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
     tp = np.array([r[0] for r in rows]) / 1000 - epoch_minus_mono  # presented, monotonic
     tr = np.array([np.nan if r[1] is None else r[1] for r in rows], np.float64) / 1000 - epoch_minus_mono
     g = np.array([r[3] for r in rows], np.float32)
-    # the mouth at rest: the frames of the 0.6 s before the first onset reached the server (settled head)
+    # the mouth at rest: the stillest 0.6 s of the 2.5 s before the first onset reached the server (the head
+    # may still be settling after the page's controls, or blink, in any one stretch)
     first = events[0][0] + t0c
-    settled = (tp > first - 0.7) & (tp < first - 0.1)
-    if settled.sum() < 5:
-        settled = np.arange(len(tp)) < 12
+    best = None
+    for back in np.arange(0.1, 2.0, 0.1):
+        win = (tp > first - back - 0.6) & (tp < first - back)
+        if win.sum() < 5:
+            continue
+        r = np.median(g[win], axis=0)
+        q = float(np.percentile(np.abs(g[win] - r).mean(axis=1), 95))
+        if best is None or q < best[0]:
+            best = (q, win)
+    settled = best[1] if best is not None else np.arange(len(tp)) < 12
     rest = np.median(g[settled], axis=0)
     dev = np.abs(g - rest).mean(axis=1)
     quiet = dev[settled]
