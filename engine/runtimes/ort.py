@@ -376,13 +376,7 @@ class OrtRuntime:
 
     def generate(self, avatars: AvatarState | Sequence[AvatarState], z) -> torch.Tensor:
         """z (B, latents.total); one avatar for all rows or one per row -> (B,3,S,S) float32 in [0,1]."""
-        z = _as_f32(z)
-        total = self.cfg.latents.total
-        if z.ndim == 1:
-            z = z[None]
-        if z.ndim != 2 or z.shape[1] != total:
-            raise InputError(f"z must be (B, {total}), got {tuple(z.shape)}")
-        z = np.ascontiguousarray(z)
+        z = self._z(z)
         feeds = dict(zip(self._gen_inputs, (z, *self._avatar_batch(avatars, z.shape[0]))))
         s = self.cfg.image_size
         out = np.empty((z.shape[0], 3, s, s), np.float32)  # ORT writes the frames here (IO binding)

@@ -101,12 +101,7 @@ class TorchRuntime:
 
     def generate(self, avatars: AvatarState | Sequence[AvatarState], z: torch.Tensor) -> torch.Tensor:
         """z (B, latents.total); one avatar for all rows or one per row -> (B,3,S,S) float32 in [0,1] on CPU."""
-        z = torch.as_tensor(z)
-        total = self.cfg.latents.total
-        if z.dim() == 1:
-            z = z.unsqueeze(0)
-        if z.dim() != 2 or z.shape[1] != total:
-            raise InputError(f"z must be (B, {total}), got {tuple(z.shape)}")
+        z = self._z(z)
         args = self._avatar_args(avatars, z.shape[0])
         with torch.inference_mode():
             out = self.model(self._in(z), *args)
