@@ -65,7 +65,7 @@ def _stages(model: Marionette, x: dict[str, Any]) -> dict[str, tuple[str, Callab
     if g.patch is not None:  # the local generators on G's frame (here: the portrait as a stand-in frame)
         k = g.app_dim + g.z_total
         z_src, a_s = x["app"][:, g.app_dim:k], x["app"][:, k:].reshape(-1, 3, 2)
-        patch["g.patch"] = ("per_frame", lambda: g.patch(x["img"], x["z"], z_src, x["flow"], a_s))
+        patch["g.patch"] = ("per_frame", lambda: g.patch(x["img"], x["z"], z_src, x["flow"], a_s, x["w_src"]))
     return {
         "e_app": ("per_avatar", lambda: model.encode_avatar(x["img"])),
         "e_aud": ("per_frame", lambda: model.encode_audio(x["mel"])),

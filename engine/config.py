@@ -93,7 +93,12 @@ class NetworkConfig:
     audio_channels: tuple[int, ...] = (32, 64, 96)  # E_aud
     flow_channels: int = 64  # generator's flow/occlusion decoder width at <= 64^2
     refine_channels: int = 32  # refine net width at 128^2
-    mouth_channels: int = 24  # mouth-region branch width
+    mouth_channels: int = 24  # mouth-region branch width (and, x 2/3, the local generators' base width)
+    # G's own mouth-region branch (S/4 -> S/2, ~155 MMAC at 256^2). With `patches` the mouth net replaces G's
+    # pixels inside the mouth square anyway, so the built-in design drops it and spends a third of it on the
+    # local generators' third level (`patch_levels`)
+    mouth_branch: bool = True
+    patch_levels: int = 2  # the local generators' U-net depth (2: n, n/2; 3: also n/4, a receptive field ~3x wider)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,11 @@ class ModelConfig:
     # local generators for the mouth and the eyes on squares of G's frame that follow three anchors found in the
     # portrait (engine.networks.PatchRefiner): where the source has no pixels (mouth opening, shut lids)
     patches: bool = False
+    # the eye net is told the source's gaze (True), or finds the source's iris in the square itself (False: the
+    # slots stay, zero). The per-avatar state estimator cannot read gaze (E_mot pools the face to 4 x 4; its
+    # gaze estimate of the held-out corpus' sources is ~0 whatever they look at), so a net that trusts the
+    # told source gaze moves a sideways-looking source's iris by the wrong amount
+    eye_source_gaze: bool = True
     # measured after training (benchmarks/mouth_opening.py --calibrate), applied by G in eval mode only: knots
     # (d, d') of a monotone piecewise-linear map of the jaw opening relative to the source's, d = jaw_target -
     # jaw_source -> d'. It makes G open the mouth as far as its training target would for a commanded jaw: the
@@ -167,12 +177,12 @@ class ModelConfig:
             # through G and the oracle, 0 ms keeps 97 % of the best lip-sync correlation (80 ms), 40 ms 98 %
             # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
-                        patches=True),
+                        patches=True, eye_source_gaze=False, net=NetworkConfig(mouth_branch=False, patch_levels=3)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
-                             pose_warp=True, local_z=True, patches=True, net=NetworkConfig(
+                             pose_warp=True, local_z=True, patches=True, eye_source_gaze=False, net=NetworkConfig(
                                  app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
                                  motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
-                                 refine_channels=8, mouth_channels=8)),
+                                 refine_channels=8, mouth_channels=8, mouth_branch=False, patch_levels=3)),
         }
         if name not in presets:
             raise ValueError(f"unknown model config {name!r}; valid: {', '.join(presets)}")

@@ -234,8 +234,8 @@ class Generator(nn.Module):
                 zero-initialised, so a fresh G warps by the identity and reproduces (almost) the source.
       warp():   grid_sample of feat_lo at S/4, feat_hi at S/2 (flow bilinearly upsampled), each times the
                 occlusion, and of the 3-channel source at S x S.
-      refine(): S/4: [warped feat_lo, m] -> 1x1 -> conv (2rc); mouth branch: conv (mc) at S/4 -> up -> conv at
-                S/2 -> rc features + mask, blended into the S/2 features; S/2: [up(S/4), warped feat_hi] -> 1x1
+      refine(): S/4: [warped feat_lo, m] -> 1x1 -> conv (2rc); mouth branch (NetworkConfig.mouth_branch): conv
+                (mc) at S/4 -> up -> conv at S/2 -> rc features + mask, blended into the S/2 features; S/2: [up(S/4), warped feat_hi] -> 1x1
                 -> residual block (rc) -> conv to 4 x 4 channels -> pixel shuffle -> RGB (tanh) + alpha at
                 S x S; frame = alpha * warped source + (1 - alpha) * RGB. The head is zero-initialised with
                 the alpha bias at ALPHA_INIT, so at init the frame is 0.98 x the warped source.
@@ -279,12 +279,15 @@ class Generator(nn.Module):
         # --- refine at S/4
         self.r64_in = ConvAct(c2 + fc // 2 + mz, 2 * rc, k=1)
         self.r64 = ConvAct(2 * rc, 2 * rc)
-        # --- mouth-region branch (S/4 -> S/2): paints what the source lacks, blended by its own mask
-        self.mouth64 = ConvAct(2 * rc, mc)
-        self.mouth128 = ConvAct(mc, mc)
-        self.mouth_out = conv(mc, rc + 1, k=1)  # rc features + 1 mask logit
-        with torch.no_grad():
-            self.mouth_out.bias[rc].fill_(MOUTH_MASK_INIT)
+        # --- mouth-region branch (S/4 -> S/2): paints what the source lacks, blended by its own mask (optional:
+        # NetworkConfig.mouth_branch; with patches the mouth net paints the mouth instead)
+        self.mouth_branch = n.mouth_branch
+        if n.mouth_branch:
+            self.mouth64 = ConvAct(2 * rc, mc)
+            self.mouth128 = ConvAct(mc, mc)
+            self.mouth_out = conv(mc, rc + 1, k=1)  # rc features + 1 mask logit
+            with torch.no_grad():
+                self.mouth_out.bias[rc].fill_(MOUTH_MASK_INIT)
         # --- refine at S/2 and the S x S head
         self.r128_in = ConvAct(2 * rc + c1, rc, k=1)
         self.r128 = ResBlock(rc)
@@ -373,11 +376,12 @@ class Generator(nn.Module):
 
     def _refine_hi(self, r: torch.Tensor, x_hi: torch.Tensor, w_src: torch.Tensor) -> torch.Tensor:
         """r, [up(r), warped feat_hi] (B,2rc+C1,S/2,S/2), warped source -> frame (B,3,S,S)."""
-        mo = self.mouth64(r)  # (B,mc,S/4,S/4)
-        mo = self.mouth_out(self.mouth128(F.interpolate(mo, scale_factor=2.0, mode="nearest")))  # (B,rc+1,S/2,S/2)
-        mouth, mmask = mo[:, : self.rc], torch.sigmoid(mo[:, self.rc:])
-        h = self.r128_in(x_hi)
-        h = h + mmask * (mouth - h)  # (B,rc,S/2,S/2): mouth region painted by the branch
+        h = self.r128_in(x_hi)  # (B,rc,S/2,S/2)
+        if self.mouth_branch:
+            mo = self.mouth64(r)  # (B,mc,S/4,S/4)
+            mo = self.mouth_out(self.mouth128(F.interpolate(mo, scale_factor=2.0, mode="nearest")))  # (B,rc+1,S/2,S/2)
+            mouth, mmask = mo[:, : self.rc], torch.sigmoid(mo[:, self.rc:])
+            h = h + mmask * (mouth - h)  # (B,rc,S/2,S/2): mouth region painted by the branch
         h = F.pixel_shuffle(self.head(self.r128(h)), 2)  # (B,4,S,S)
         rgb, alpha = torch.tanh(h[:, :3]), torch.sigmoid(h[:, 3:4])
         return alpha * w_src + (1 - alpha) * rgb  # (B,3,S,S)
@@ -449,20 +453,36 @@ class PatchNet(nn.Module):
     """One local generator: a square of the frame (B,3,n,n) and its conditioning (B,k) -> the change to paste
     (B,3,n,n). A two-level U-net: conv at n, stride-2 conv to n/2 where the conditioning joins (twice), up,
     merged with the full-resolution skip and the conditioning by a 1x1, and a zero-initialised output conv
-    (a fresh net changes nothing)."""
+    (a fresh net changes nothing). With levels=3 a third level at n/4 (stride-2 conv, the conditioning joins
+    twice) is added back into n/2 through a zero-initialised 1x1 (`lift`): the receptive field grows from about
+    +-6 to +-18 square pixels (an iris crossing the eye, a mouth corner drawn up by a smile), and a two-level
+    net's weights load into it unchanged in function."""
 
-    def __init__(self, k: int, c: int):
+    def __init__(self, k: int, c: int, levels: int = 2):
         super().__init__()
+        if levels not in (2, 3):
+            raise ValueError(f"PatchNet levels must be 2 or 3, got {levels}")
         self.inp = ConvAct(3, c)
         self.down = ConvAct(c, 2 * c, stride=2)
         self.mid1 = ConvAct(2 * c + k, 2 * c)
         self.mid2 = ConvAct(2 * c + k, 2 * c)
+        self.levels = levels
+        if levels == 3:
+            self.down2 = ConvAct(2 * c, 4 * c, stride=2)
+            self.deep1 = ConvAct(4 * c + k, 4 * c)
+            self.deep2 = ConvAct(4 * c + k, 4 * c)
+            self.lift = conv(4 * c, 2 * c, k=1)
         self.merge = ConvAct(3 * c + k, c, k=1)  # the conditioning joins at full resolution too (a thin opening
         # is a line one or two pixels tall: the n/2 bottleneck alone gave "shut below jaw 0.45")
         self.out = conv(c, 3)
         # Kaiming (fan-in, LeakyReLU) inside: PyTorch's default init shrinks the signal ~3x per layer, so the
         # conditioning reached the output ~30x weaker than the patch; the output conv starts at zero
-        for mod in (self.inp, self.down, self.mid1, self.mid2, self.merge):
+        inner = [self.inp, self.down, self.mid1, self.mid2, self.merge]
+        if levels == 3:
+            inner += [self.down2, self.deep1, self.deep2]
+            nn.init.zeros_(self.lift.weight)
+            nn.init.zeros_(self.lift.bias)
+        for mod in inner:
             nn.init.kaiming_normal_(mod[0].weight, a=LEAK, mode="fan_in", nonlinearity="leaky_relu")
             nn.init.zeros_(mod[0].bias)
         nn.init.zeros_(self.out.weight)
@@ -474,6 +494,12 @@ class PatchNet(nn.Module):
         cm = cond[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B,k,n/2,n/2)
         h = self.mid1(torch.cat([h, cm], dim=1))
         h = self.mid2(torch.cat([h, cm], dim=1))
+        if self.levels == 3:
+            d = self.down2(h)  # (B,4c,n/4,n/4)
+            cd = cond[:, :, None, None].expand(-1, -1, d.shape[2], d.shape[3])  # (B,k,n/4,n/4)
+            d = self.deep1(torch.cat([d, cd], dim=1))
+            d = self.deep2(torch.cat([d, cd], dim=1))
+            h = h + self.lift(F.interpolate(d, scale_factor=2.0, mode="nearest"))  # (B,2c,n/2,n/2)
         h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B,2c,n,n)
         cf = cond[:, :, None, None].expand(-1, -1, x0.shape[2], x0.shape[3])  # (B,k,n,n)
         return self.out(self.merge(torch.cat([h, x0, cf], dim=1)))  # (B,3,n,n)
@@ -494,7 +520,8 @@ class PatchRefiner(nn.Module):
         serves both), its net turns [square, target and source factor values] into a change, and the change
         is pasted back through the inverse map with a feathered edge: frame + sum_k W_k * change_k.
     The mouth net is told lip [jaw, width, rounding] and expression of target and source; the eye net the
-    eye's lid, gaze and expression of target and source. Needs ``gt_latents`` and ``relative``."""
+    eye's lid, gaze and expression of target and source (the source's gaze only with
+    ModelConfig.eye_source_gaze; without it the net finds the source's iris in the square). Needs ``gt_latents`` and ``relative``."""
 
     N_ANCHORS = 3
 
@@ -511,6 +538,7 @@ class PatchRefiner(nn.Module):
         self.exp = list(range(sl["exp"].start, sl["exp"].start + GT_DIMS["exp"]))
         e = sl["eye"].start  # [gaze_x, gaze_y, lid_left, lid_right]
         self.gaze_x, self.gaze_y, self.lid = e, e + 1, (e + 3, e + 2)  # lid of the image-left / image-right eye
+        self.source_gaze = 1.0 if cfg.eye_source_gaze else 0.0  # 0: the net finds the source's iris itself
         k_m = 2 * (len(self.lip) + len(self.exp))
         k_e = 2 * (3 + len(self.exp))
         c = max(8, cfg.net.mouth_channels * 2 // 3)
@@ -518,8 +546,8 @@ class PatchRefiner(nn.Module):
         self.eye_res = max(4, int(round(s * EYE_RES / 2)) * 2)
         # per avatar (its output travels in the avatar's `app` vector), so it can afford a few 3x3 layers
         self.anchor = nn.Sequential(ConvAct(c2, 32), ConvAct(32, 32), conv(32, self.N_ANCHORS))
-        self.mouth_net = PatchNet(k_m, c)
-        self.eye_net = PatchNet(k_e, c)
+        self.mouth_net = PatchNet(k_m, c, cfg.net.patch_levels)
+        self.eye_net = PatchNet(k_e, c, cfg.net.patch_levels)
         n = s // 4
         self.register_buffer("grid_lo", _base_grid(n), persistent=False)  # (1,n,n,2)
         self.register_buffer("grid_full", _base_grid(s), persistent=False)
@@ -589,7 +617,8 @@ class PatchRefiner(nn.Module):
             lid = self.lid[k]
             eyes.append(torch.cat([z_t[:, lid:lid + 1], z_s[:, lid:lid + 1],
                                    sign * z_t[:, self.gaze_x:self.gaze_x + 1], z_t[:, self.gaze_y:self.gaze_y + 1],
-                                   sign * z_s[:, self.gaze_x:self.gaze_x + 1], z_s[:, self.gaze_y:self.gaze_y + 1],
+                                   self.source_gaze * sign * z_s[:, self.gaze_x:self.gaze_x + 1],
+                                   self.source_gaze * z_s[:, self.gaze_y:self.gaze_y + 1],
                                    z_t[:, self.exp], z_s[:, self.exp]], dim=1))
         return mouth, eyes[0], eyes[1]
 

@@ -351,13 +351,17 @@ def _cmd_train(argv: list[str]) -> int:
     p.add_argument("--init", type=Path, help="start later stages from this checkpoint")
     p.add_argument("--lookahead-ms", type=int, help="audio the lip encoder sees after each frame (default: the "
                    "config's, 120 for lite; benchmarks/lookahead_curve.py shows what less costs)")
+    p.add_argument("--freeze", nargs="+", default=(), metavar="MODULE",
+                   help="submodules that stay as they are although the stage trains them (a fine-tune from --init: "
+                   "e.g. generator.patch.anchor)")
     a = p.parse_args(argv)
     from trainer.train import TrainConfig, train
 
     cfg = TrainConfig(stage=a.stage, data=a.data, config=a.config, out=a.out, steps=a.steps,
                       batch_size=a.batch_size, lr=a.lr, resume=a.resume, device=a.device, seed=a.seed,
                       ckpt_every=a.ckpt_every, log_every=a.log_every, workers=a.workers,
-                      vgg_weights=a.vgg_weights, oracle=a.oracle, init=a.init, lookahead_ms=a.lookahead_ms)
+                      vgg_weights=a.vgg_weights, oracle=a.oracle, init=a.init, lookahead_ms=a.lookahead_ms,
+                      freeze=tuple(a.freeze))
     print(train(cfg))
     return 0
 

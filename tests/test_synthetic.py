@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import GT_DIMS, ModelConfig
+from engine.errors import InputError
 
 
 @pytest.fixture
@@ -235,3 +236,103 @@ def test_patch_refiner_follows_the_flow_and_pastes_only_inside_its_squares():
     assert ((gx - centre[0, 2, 0]).abs().max() <= half[0, 2] + 1e-3)  # nothing outside the mouth square
     assert ((gy - centre[0, 2, 1]).abs().max() <= half[0, 2] + 1e-3)
     assert win.amax() == 1.0 and win.amin() == 0.0
+
+
+def test_a_third_patch_level_starts_as_the_two_level_net_and_reaches_further():
+    """PatchNet(levels=3) holding a two-level net's weights computes the same change (its `lift` starts at zero);
+    once the third level is used, a change at one corner of the square reaches the opposite side (+-18 px)
+    where the two-level net's cannot (+-6)."""
+    from engine.networks import PatchNet
+
+    torch.manual_seed(0)
+    two, three = PatchNet(6, 8, levels=2), PatchNet(6, 8, levels=3)
+    missing, unexpected = three.load_state_dict(two.state_dict(), strict=False)
+    assert not unexpected and all(k.split(".")[0] in ("down2", "deep1", "deep2", "lift") for k in missing)
+    for net in (two, three):
+        torch.nn.init.normal_(net.out.weight, std=0.1)
+    three.out.load_state_dict(two.out.state_dict())
+    x, c = torch.rand(1, 3, 32, 32), torch.rand(1, 6)
+    with torch.no_grad():
+        assert torch.allclose(two(x, c), three(x, c), atol=1e-6)
+    torch.nn.init.normal_(three.lift.weight, std=0.1)
+
+    def reach(net) -> float:
+        xx = x.clone().requires_grad_(True)
+        net(xx, c)[0, :, 28, 28].sum().backward()  # one output pixel near a corner
+        g = xx.grad.abs().sum(1)[0]
+        return float(g[:14, :14].sum())  # what it reads more than 14 px away on both axes
+
+    assert reach(two) == 0.0 and reach(three) > 0.0
+    with pytest.raises(ValueError, match="levels"):
+        PatchNet(6, 8, levels=4)
+
+
+def test_the_patch_stage_moves_a_checkpoint_into_the_new_generator_layout(tmp_path, one_thread):
+    """A talk checkpoint with G's old mouth branch and two-level local generators trains on in the new layout:
+    every shared weight outside the local generators kept as it was, the branch dropped, the third level added."""
+    import dataclasses
+
+    from engine.checkpoint import load_model, save_checkpoint
+    from engine.config import NetworkConfig
+    from engine.model import Marionette
+    from trainer.train import TrainConfig, train
+
+    base = ModelConfig.preset("talk-tiny")
+    old_cfg = dataclasses.replace(base, eye_source_gaze=True,
+                                  net=dataclasses.replace(base.net, mouth_branch=True, patch_levels=2))
+    from engine.idle_model import WEIGHTS as IDLE_WEIGHTS
+    from engine.idle_model import IdleModelConfig, IdleMotionModel, save_idle_model
+
+    torch.manual_seed(0)
+    old = Marionette(old_cfg).eval()
+    idle_meta = save_idle_model(IdleMotionModel(IdleModelConfig(n_mels=old_cfg.audio.n_mels, fps=old_cfg.fps,
+                                                                mel_per_frame=old_cfg.mel_per_frame)), tmp_path / "old")
+    save_checkpoint(old, tmp_path / "old", meta={"idle_model": idle_meta})
+    for name in ("talk", "talk-tiny"):
+        assert ModelConfig.preset(name).net.mouth_branch is False and ModelConfig.preset(name).net.patch_levels == 3
+    assert NetworkConfig().mouth_branch and NetworkConfig().patch_levels == 2  # old checkpoints load unchanged
+    ckpt = train(TrainConfig(stage="patch", data=tmp_path / "missing", config="talk-tiny", out=tmp_path / "run",
+                             init=tmp_path / "old", steps=2, workers=0, progress=False, device="cpu",
+                             freeze=("generator.patch.anchor",)))
+    model, meta = load_model(ckpt)
+    assert model.cfg.net.mouth_branch is False and model.cfg.net.patch_levels == 3
+    assert meta["idle_model"] and (ckpt / IDLE_WEIGHTS).read_bytes() == (tmp_path / "old" / IDLE_WEIGHTS).read_bytes()
+    assert model.cfg.eye_source_gaze is False
+    sd = model.state_dict()
+    assert not any(k.startswith("generator.mouth64") for k in sd)
+    assert any(".deep1." in k for k in sd)
+    same = [k for k in old.state_dict() if k in sd and not k.startswith("generator.patch.")]
+    assert same and all(torch.equal(old.state_dict()[k], sd[k]) for k in same)
+    kept = [k for k in sd if k.startswith("generator.patch.anchor.")]  # --freeze: trained by the stage, kept
+    assert kept and all(torch.equal(old.state_dict()[k], sd[k]) for k in kept)
+    trained = [k for k in sd if k.startswith("generator.patch.mouth_net.") and k in old.state_dict()]
+    assert any(not torch.equal(old.state_dict()[k], sd[k]) for k in trained)
+    with pytest.raises(InputError, match="no such submodule"):
+        train(TrainConfig(stage="patch", data=tmp_path / "missing", config="talk-tiny", out=tmp_path / "run2",
+                          init=tmp_path / "old", steps=1, workers=0, progress=False, device="cpu",
+                          freeze=("generator.nothing",)))
+
+
+def test_without_the_source_gaze_the_eye_net_hears_only_the_target_gaze():
+    """eye_source_gaze=False: the per-avatar estimate of the source's gaze (which E_mot cannot read) reaches no
+    net; the target's gaze still does, mirrored for the image-right eye."""
+    import dataclasses
+
+    from engine.networks import PatchRefiner
+
+    cfg = ModelConfig.preset("talk-tiny")
+    assert cfg.eye_source_gaze is False
+    P = PatchRefiner(cfg)
+    e = cfg.latents.slices()["eye"].start
+    z_t, z_s = torch.rand(2, cfg.latents.total), torch.rand(2, cfg.latents.total)
+    z_s2 = z_s.clone()
+    z_s2[:, e:e + 2] = -z_s2[:, e:e + 2]  # another source gaze
+    a, b = P.conditions(z_t, z_s), P.conditions(z_t, z_s2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    z_t2 = z_t.clone()
+    z_t2[:, e] += 0.5
+    c = P.conditions(z_t2, z_s)
+    assert not torch.equal(a[1], c[1]) and torch.allclose((c[1] - a[1]).sum(1), torch.full((2,), 0.5))
+    assert torch.allclose((c[2] - a[2]).sum(1), torch.full((2,), -0.5))  # mirrored
+    told = PatchRefiner(dataclasses.replace(cfg, eye_source_gaze=True))
+    assert not torch.equal(told.conditions(z_t, z_s)[1], told.conditions(z_t, z_s2)[1])

@@ -61,6 +61,7 @@ class TrainConfig:
     init: Path | None = None  # start (non-motion stages) from this checkpoint instead of RUN/checkpoint
     lookahead_ms: int | None = None  # E_aud's audio after the frame; default: the checkpoint continued, else the preset's
     progress: bool = True  # tqdm bar on stderr (rank 0)
+    freeze: tuple[str, ...] = ()  # submodules (dotted paths) kept as they are although the stage trains them
 
     def stages(self) -> tuple[str, ...]:
         order = C.preset(self.config).order
@@ -146,6 +147,44 @@ class _Run:
         (self.state / "progress.json").write_text(json.dumps(prog, indent=1) + "\n")
 
 
+def _upgrade_patch_nets(model: Marionette, ck_cfg: ModelConfig, arch: dict, seed: int, src: Path,
+                        eye_source_gaze: bool) -> Marionette:
+    """The `patch` stage from a checkpoint of the same design but an older generator layout: G without its own
+    mouth branch (`NetworkConfig.mouth_branch`) and/or local generators of another depth (`patch_levels`). Every
+    weight that exists in both is kept; a new third level starts as nothing (its `lift` is zero), so training
+    begins from the checkpoint's own frames but for the dropped branch. `eye_source_gaze` (ModelConfig) is
+    taken from the preset too: the same weights, the eye net no longer told the source's gaze."""
+    torch.manual_seed(seed + 7)
+    fresh = Marionette(dataclasses.replace(ck_cfg, eye_source_gaze=eye_source_gaze,
+                                           net=dataclasses.replace(ck_cfg.net, **arch)))
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    new_ok = (".down2.", ".deep1.", ".deep2.", ".lift.")
+    gone_ok = ("generator.mouth64.", "generator.mouth128.", "generator.mouth_out.")
+    bad = [k for k in missing if not (k.startswith("generator.patch.") and any(t in k for t in new_ok))]
+    bad += [k for k in unexpected if not k.startswith(gone_ok)]
+    if bad:
+        raise InputError(f"checkpoint {src} does not match the new generator layout beyond the mouth branch and "
+                         f"the local generators' depth: {bad[:4]}")
+    log.info("stage patch: %s's weights in the new layout (%s, eye_source_gaze=%s; %d new tensors, %d dropped)",
+             src, ", ".join(f"{k}={v}" for k, v in arch.items()), eye_source_gaze, len(missing), len(unexpected))
+    return fresh
+
+
+def _carry_idle_model(src: Path, ckpt: Path, meta: dict) -> None:
+    """A checkpoint whose meta names an idle model holds its weights beside it: a stage started from another
+    checkpoint (--init) keeps the meta, so it copies the file too (else `install-builtin` and `serve` would
+    find the entry and no weights)."""
+    import shutil
+
+    from engine.idle_model import WEIGHTS as IDLE_WEIGHTS
+
+    if not meta.get("idle_model") or not (Path(src) / IDLE_WEIGHTS).is_file():
+        return
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if (Path(src) / IDLE_WEIGHTS).resolve() != (ckpt / IDLE_WEIGHTS).resolve():
+        shutil.copy2(Path(src) / IDLE_WEIGHTS, ckpt / IDLE_WEIGHTS)
+
+
 def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -> tuple[Marionette, dict]:
     src = None
     if cfg.init is not None:
@@ -172,6 +211,10 @@ def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -
                 raise InputError(f"checkpoint {src} does not match --config {cfg.config} beyond its patch nets")
             log.info("stage patch: new local generators on %s (its checkpoint had none)", src)
             model = fresh
+        arch = {"mouth_branch": mcfg.net.mouth_branch, "patch_levels": mcfg.net.patch_levels}
+        if stage == "patch" and ck_cfg.patches and (any(getattr(ck_cfg.net, k) != v for k, v in arch.items())
+                                                    or ck_cfg.eye_source_gaze != mcfg.eye_source_gaze):
+            model = _upgrade_patch_nets(model, ck_cfg, arch, cfg.seed, src, mcfg.eye_source_gaze)
         if ck_cfg.lookahead_ms != mcfg.lookahead_ms:  # the audio stage: a new E_aud for the new window
             from trainer.nets import init_weights
 
@@ -184,6 +227,7 @@ def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -
                      ck_cfg.lookahead_ms)
             model = fresh
         meta.pop("random_weights", None)
+        _carry_idle_model(src, run.ckpt, meta)
         log.info("stage %s starts from %s", stage, src)
         return model, meta
     if stage != cfg.first_stage():
@@ -278,6 +322,11 @@ def train(cfg: TrainConfig) -> Path:
         model.requires_grad_(False)
         for name in TRAINS[stage]:
             operator.attrgetter(name)(model).requires_grad_(True)
+        for name in cfg.freeze:
+            try:
+                operator.attrgetter(name)(model).requires_grad_(False)
+            except AttributeError:
+                raise InputError(f"--freeze {name}: the model has no such submodule") from None
         broadcast_module(model, d)
 
         idle = None
