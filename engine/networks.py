@@ -235,10 +235,11 @@ class Generator(nn.Module):
       warp():   grid_sample of feat_lo at S/4, feat_hi at S/2 (flow bilinearly upsampled), each times the
                 occlusion, and of the 3-channel source at S x S.
       refine(): S/4: [warped feat_lo, m] -> 1x1 -> conv (2rc); mouth branch (NetworkConfig.mouth_branch): conv
-                (mc) at S/4 -> up -> conv at S/2 -> rc features + mask, blended into the S/2 features; S/2: [up(S/4), warped feat_hi] -> 1x1
-                -> residual block (rc) -> conv to 4 x 4 channels -> pixel shuffle -> RGB (tanh) + alpha at
-                S x S; frame = alpha * warped source + (1 - alpha) * RGB. The head is zero-initialised with
-                the alpha bias at ALPHA_INIT, so at init the frame is 0.98 x the warped source.
+                (mc) at S/4 -> up -> conv at S/2 -> rc features + mask, blended into the S/2 features;
+                S/2: [up(S/4), warped feat_hi] -> 1x1 -> residual block (rc) -> conv to 4 x 4 channels -> pixel
+                shuffle -> RGB (tanh) + alpha at S x S; frame = alpha * warped source + (1 - alpha) * RGB. The
+                head is zero-initialised with the alpha bias at ALPHA_INIT, so at init the frame is 0.98 x the
+                warped source.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -521,7 +522,8 @@ class PatchRefiner(nn.Module):
         is pasted back through the inverse map with a feathered edge: frame + sum_k W_k * change_k.
     The mouth net is told lip [jaw, width, rounding] and expression of target and source; the eye net the
     eye's lid, gaze and expression of target and source (the source's gaze only with
-    ModelConfig.eye_source_gaze; without it the net finds the source's iris in the square). Needs ``gt_latents`` and ``relative``."""
+    ModelConfig.eye_source_gaze; without it the net finds the source's iris in the square).
+    Needs ``gt_latents`` and ``relative``."""
 
     N_ANCHORS = 3
 

@@ -762,8 +762,9 @@ def markdown(r: dict[str, Any]) -> str:
     for k, v in r["control"].items():
         L.append(_control_row(k, v["summary"]))
     if "control_vs_real" in r:
-        L += ["", "Against the real frame (the acceptance measure): the same generated frames, each error taken against "
-              "the oracle's reading of the clip's real frame, so that the oracle's bias on that face cancels.", "",
+        L += ["", "Against the real frame (the acceptance measure): the same generated frames, each error taken "
+              "against the oracle's reading of the clip's real frame, so that the oracle's bias on that face "
+              "cancels.", "",
               "| | pose deg | pose % | gaze % | blink % | mouth % | jaw_open % | expression % |",
               "|---|---|---|---|---|---|---|---|"]
         for k, v in r["control_vs_real"].items():
