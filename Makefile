@@ -72,6 +72,9 @@ builtin: setup
 	$(BIN)/marionette train --config talk --stage all --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/talk \
 		--device $(DEVICE) --workers 1 --ckpt-every 250 $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
 		$$(test -d $(BUILTIN_RUN)/talk/state && echo --resume)
+	@# the jaw calibration: G's small openings read against the renderer's by the oracle (idempotent)
+	$(BIN)/python benchmarks/mouth_opening.py --checkpoint $(BUILTIN_RUN)/talk/checkpoint --oracle $(BUILTIN_RUN)/oracle \
+		--calibrate --install --out $(BUILTIN_RUN)/mouth_opening.json
 	$(BIN)/marionette install-builtin --checkpoint $(BUILTIN_RUN)/talk/checkpoint --oracle $(BUILTIN_RUN)/oracle
 	$(BIN)/marionette evaluate --data $(BUILTIN_RUN)/eval256 --split all --max-clips 6 --max-frames 75 --device $(DEVICE) \
 		--out benchmarks/results/quality.json

@@ -99,6 +99,9 @@ class NetworkConfig:
     # local generators' third level (`patch_levels`)
     mouth_branch: bool = True
     patch_levels: int = 2  # the local generators' U-net depth (2: n, n/2; 3: also n/4, a receptive field ~3x wider)
+    # the local generators also warp their square (a flow from their n/2 features): smiles, brows and lids move
+    # rather than repaint (engine.networks.PatchNet)
+    patch_warp: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,12 +180,14 @@ class ModelConfig:
             # through G and the oracle, 0 ms keeps 97 % of the best lip-sync correlation (80 ms), 40 ms 98 %
             # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
-                        patches=True, eye_source_gaze=False, net=NetworkConfig(mouth_branch=False, patch_levels=3)),
+                        patches=True, eye_source_gaze=False,
+                        net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
                              pose_warp=True, local_z=True, patches=True, eye_source_gaze=False, net=NetworkConfig(
                                  app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
                                  motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
-                                 refine_channels=8, mouth_channels=8, mouth_branch=False, patch_levels=3)),
+                                 refine_channels=8, mouth_channels=8, mouth_branch=False, patch_levels=3,
+                                 patch_warp=True)),
         }
         if name not in presets:
             raise ValueError(f"unknown model config {name!r}; valid: {', '.join(presets)}")

@@ -276,8 +276,10 @@ def test_the_two_phase_frame_equals_the_whole_frame_on_every_backend(tiny_export
 def test_split_at_grid_sample(tiny_export):
     gen = onnx.load(str(tiny_export / "generator.onnx"))
     sp = split_at_grid_sample(gen)
-    # level 1: the three warps of G; then the patch refiner's anchor steps, squares and paste-back
-    assert sp is not None and len(sp.levels[0]) == 3 + 1 and len(sp.warps) == 3 + 4 + 3 + 3
+    # level 1: the three warps of G; then the patch refiner's anchor steps, squares, the squares' own warps
+    # (NetworkConfig.patch_warp) and paste-back
+    assert sp is not None and len(sp.levels[0]) == 3 + 1 and len(sp.warps) == 3 + 4 + 3 + 3 + 3
+    assert [len(lv) for lv in sp.levels[-3:]] == [3, 3, 3]
     assert len(sp.segments) == len(sp.levels) + 1 and sp.segments[-1] is not None
     assert not any(n.op_type == "GridSample" for s in sp.segments if s is not None for n in s.model.graph.node)
     assert sp.outputs == ["frame"]

@@ -267,6 +267,50 @@ def test_a_third_patch_level_starts_as_the_two_level_net_and_reaches_further():
         PatchNet(6, 8, levels=4)
 
 
+def test_a_warping_patch_net_starts_as_the_painting_one_and_moves_what_is_there():
+    """PatchNet(warp_res=n) holding a net's weights without the warp computes the same change (its `flow` conv
+    starts at zero); a flow of a quarter of the square's half-side moves an edge by n/8 pixels, which the
+    painting net alone could only approximate. The flow is learned: its gradient reaches the flow conv."""
+    from engine.networks import PatchNet
+
+    torch.manual_seed(0)
+    plain, warp = PatchNet(6, 8, levels=3), PatchNet(6, 8, levels=3, warp_res=32)
+    missing, unexpected = warp.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["flow.bias", "flow.weight"]
+    torch.nn.init.normal_(plain.out.weight, std=0.1)
+    warp.out.load_state_dict(plain.out.state_dict())
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 12:20] = 1.0  # a vertical bar, columns 12..19
+    c = torch.rand(1, 6)
+    with torch.no_grad():
+        assert torch.allclose(plain(x, c), warp(x, c), atol=1e-6)
+        torch.nn.init.zeros_(warp.out.weight)
+        torch.nn.init.zeros_(warp.out.bias)
+        warp.flow.bias.copy_(torch.tensor([0.25, 0.0]))  # sample 4 px to the right: the bar moves 4 px left
+        moved = x + warp(x, c)
+    assert torch.allclose(moved[..., 8:16], torch.ones_like(moved[..., 8:16]), atol=1e-5)
+    assert float(moved[..., 16:].abs().max()) < 1e-5 and float(moved[..., :8].abs().max()) < 1e-5
+    warp.flow.bias.data.zero_()
+    warp.flow.weight.data.normal_(std=0.01)
+    xx = torch.rand(1, 3, 32, 32)
+    warp(xx, c).square().sum().backward()
+    assert warp.flow.weight.grad is not None and float(warp.flow.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="warp_res"):
+        PatchNet(6, 8, warp_res=31)
+    # the linear basis: each (target, source) pair's difference moves the square by its own field, and not at
+    # all where target and source agree
+    based = PatchNet(4, 8, levels=3, warp_res=32, pairs=((0, 1), (2, 3)))
+    with torch.no_grad():
+        based.basis[0].view(2, 8, 8)[0] = 0.5  # pair 0 moves the sampling point half a half-side right per unit
+        same = based(x, torch.tensor([[0.7, 0.7, 0.2, 0.2]]))
+        half = based(x, torch.tensor([[0.9, 0.4, 0.2, 0.2]]))  # difference 0.5: 0.25 -> 4 px, as above
+        other = based(x, torch.tensor([[0.3, 0.3, 0.9, 0.4]]))  # pair 1 has no field
+    assert float(same.abs().max()) == 0.0 and float(other.abs().max()) == 0.0
+    assert torch.allclose(x + half, moved, atol=1e-5)
+    with pytest.raises(ValueError, match="pairs"):
+        PatchNet(4, 8, pairs=((0, 1),))
+
+
 def test_the_patch_stage_moves_a_checkpoint_into_the_new_generator_layout(tmp_path, one_thread):
     """A talk checkpoint with G's old mouth branch and two-level local generators trains on in the new layout:
     every shared weight outside the local generators kept as it was, the branch dropped, the third level added."""
@@ -290,17 +334,18 @@ def test_the_patch_stage_moves_a_checkpoint_into_the_new_generator_layout(tmp_pa
     save_checkpoint(old, tmp_path / "old", meta={"idle_model": idle_meta})
     for name in ("talk", "talk-tiny"):
         assert ModelConfig.preset(name).net.mouth_branch is False and ModelConfig.preset(name).net.patch_levels == 3
-    assert NetworkConfig().mouth_branch and NetworkConfig().patch_levels == 2  # old checkpoints load unchanged
+    assert NetworkConfig().mouth_branch and NetworkConfig().patch_levels == 2 and not NetworkConfig().patch_warp
+    # (old checkpoints load unchanged)
     ckpt = train(TrainConfig(stage="patch", data=tmp_path / "missing", config="talk-tiny", out=tmp_path / "run",
                              init=tmp_path / "old", steps=2, workers=0, progress=False, device="cpu",
                              freeze=("generator.patch.anchor",)))
     model, meta = load_model(ckpt)
-    assert model.cfg.net.mouth_branch is False and model.cfg.net.patch_levels == 3
+    assert model.cfg.net.mouth_branch is False and model.cfg.net.patch_levels == 3 and model.cfg.net.patch_warp
     assert meta["idle_model"] and (ckpt / IDLE_WEIGHTS).read_bytes() == (tmp_path / "old" / IDLE_WEIGHTS).read_bytes()
     assert model.cfg.eye_source_gaze is False
     sd = model.state_dict()
     assert not any(k.startswith("generator.mouth64") for k in sd)
-    assert any(".deep1." in k for k in sd)
+    assert any(".deep1." in k for k in sd) and "generator.patch.mouth_net.flow.weight" in sd
     same = [k for k in old.state_dict() if k in sd and not k.startswith("generator.patch.")]
     assert same and all(torch.equal(old.state_dict()[k], sd[k]) for k in same)
     kept = [k for k in sd if k.startswith("generator.patch.anchor.")]  # --freeze: trained by the stage, kept
@@ -311,6 +356,31 @@ def test_the_patch_stage_moves_a_checkpoint_into_the_new_generator_layout(tmp_pa
         train(TrainConfig(stage="patch", data=tmp_path / "missing", config="talk-tiny", out=tmp_path / "run2",
                           init=tmp_path / "old", steps=1, workers=0, progress=False, device="cpu",
                           freeze=("generator.nothing",)))
+
+
+def test_resuming_a_stage_started_from_init_keeps_that_checkpoints_config(tmp_path, one_thread):
+    """`train --init CK --resume` after an interruption rebuilds the model as saved, not from the preset: the
+    jaw calibration of CK (which the preset lacks) survives into the resumed stage's checkpoint."""
+    import dataclasses
+
+    from engine.checkpoint import load_model, save_checkpoint
+    from engine.model import Marionette
+    from trainer.train import TrainConfig, train
+
+    knots = ((0.0, 0.0), (0.1, 0.2), (0.5, 0.6))
+    cfg = dataclasses.replace(ModelConfig.preset("talk-tiny"), jaw_calibration=knots)
+    assert ModelConfig.preset("talk-tiny").jaw_calibration != knots
+    torch.manual_seed(0)
+    save_checkpoint(Marionette(cfg).eval(), tmp_path / "ck")
+    common = dict(stage="patch", data=tmp_path / "missing", config="talk-tiny", out=tmp_path / "run",
+                  init=tmp_path / "ck", workers=0, ckpt_every=1, progress=False, device="cpu")
+    train(TrainConfig(steps=2, **common))
+    progress = tmp_path / "run" / "state" / "progress.json"
+    progress.write_text(json.dumps({"completed": []}))  # as if cut after its last trainer state
+    ckpt = train(TrainConfig(steps=3, resume=True, **common))
+    model, meta = load_model(ckpt)
+    assert meta["train"]["step"] == 3
+    assert model.cfg.jaw_calibration == knots
 
 
 def test_without_the_source_gaze_the_eye_net_hears_only_the_target_gaze():

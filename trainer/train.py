@@ -150,15 +150,16 @@ class _Run:
 def _upgrade_patch_nets(model: Marionette, ck_cfg: ModelConfig, arch: dict, seed: int, src: Path,
                         eye_source_gaze: bool) -> Marionette:
     """The `patch` stage from a checkpoint of the same design but an older generator layout: G without its own
-    mouth branch (`NetworkConfig.mouth_branch`) and/or local generators of another depth (`patch_levels`). Every
-    weight that exists in both is kept; a new third level starts as nothing (its `lift` is zero), so training
-    begins from the checkpoint's own frames but for the dropped branch. `eye_source_gaze` (ModelConfig) is
+    mouth branch (`NetworkConfig.mouth_branch`) and/or local generators of another depth (`patch_levels`) or
+    without their warp (`patch_warp`). Every weight that exists in both is kept; a new third level and a new
+    warp start as nothing (their `lift` and `flow` are zero), so training begins from the checkpoint's own
+    frames but for the dropped branch. `eye_source_gaze` (ModelConfig) is
     taken from the preset too: the same weights, the eye net no longer told the source's gaze."""
     torch.manual_seed(seed + 7)
     fresh = Marionette(dataclasses.replace(ck_cfg, eye_source_gaze=eye_source_gaze,
                                            net=dataclasses.replace(ck_cfg.net, **arch)))
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    new_ok = (".down2.", ".deep1.", ".deep2.", ".lift.")
+    new_ok = (".down2.", ".deep1.", ".deep2.", ".lift.", ".flow.", ".basis")
     gone_ok = ("generator.mouth64.", "generator.mouth128.", "generator.mouth_out.")
     bad = [k for k in missing if not (k.startswith("generator.patch.") and any(t in k for t in new_ok))]
     bad += [k for k in unexpected if not k.startswith(gone_ok)]
@@ -211,7 +212,8 @@ def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -
                 raise InputError(f"checkpoint {src} does not match --config {cfg.config} beyond its patch nets")
             log.info("stage patch: new local generators on %s (its checkpoint had none)", src)
             model = fresh
-        arch = {"mouth_branch": mcfg.net.mouth_branch, "patch_levels": mcfg.net.patch_levels}
+        arch = {"mouth_branch": mcfg.net.mouth_branch, "patch_levels": mcfg.net.patch_levels,
+                "patch_warp": mcfg.net.patch_warp}
         if stage == "patch" and ck_cfg.patches and (any(getattr(ck_cfg.net, k) != v for k, v in arch.items())
                                                     or ck_cfg.eye_source_gaze != mcfg.eye_source_gaze):
             model = _upgrade_patch_nets(model, ck_cfg, arch, cfg.seed, src, mcfg.eye_source_gaze)
@@ -311,7 +313,10 @@ def train(cfg: TrainConfig) -> Path:
             log.info("stage %s: saved state is at step %s >= %d steps: nothing to do", stage, state[1]["step"],
                      scfg.steps)
         if state is not None:
-            model = Marionette(mcfg)
+            # the model as saved (a run started from --init keeps that checkpoint's jaw calibration); states
+            # from before the config was saved rebuild it from the preset
+            saved = state[1].get("model_config")
+            model = Marionette(ModelConfig.from_dict(saved) if saved else mcfg)
             model.load_state_dict({k[6:]: v for k, v in state[0].items() if k.startswith("model.")})
             meta = dict(state[1].get("meta", {}))
         elif model is None:
@@ -395,6 +400,7 @@ def train(cfg: TrainConfig) -> Path:
             if idle is not None:
                 tensors.update({f"idle.{k}": v for k, v in idle.state_dict().items()})
             doc["meta"] = meta
+            doc["model_config"] = model.cfg.to_dict()
             save_state(run.state_path(stage), tensors, doc)
 
         lc = LoopConfig(stage=stage, scfg=scfg, run_dir=run.dir, device=dev, seed=cfg.seed,
