@@ -590,7 +590,8 @@ class PatchRefiner(nn.Module):
         # the (target, source) columns of `conditions` whose change moves the square: mouth lip + expression,
         # eye lid + expression (not gaze: without eye_source_gaze the source's is not given)
         m_pairs = tuple((i, nl + i) for i in range(nl)) + tuple((2 * nl + i, 2 * nl + nx + i) for i in range(nx))
-        e_pairs = ((0, 1),) + tuple((6 + i, 6 + nx + i) for i in range(nx))
+        ne = 6  # the eye conditioning before its expression: lid target / source, gaze target x y, source x y
+        e_pairs = ((0, 1),) + tuple((ne + i, ne + nx + i) for i in range(nx))
         self.mouth_net = PatchNet(k_m, c, cfg.net.patch_levels, self.mouth_res if warp else 0, m_pairs if warp else ())
         self.eye_net = PatchNet(k_e, c, cfg.net.patch_levels, self.eye_res if warp else 0, e_pairs if warp else ())
         n = s // 4

@@ -152,9 +152,9 @@ def _upgrade_patch_nets(model: Marionette, ck_cfg: ModelConfig, arch: dict, seed
     """The `patch` stage from a checkpoint of the same design but an older generator layout: G without its own
     mouth branch (`NetworkConfig.mouth_branch`) and/or local generators of another depth (`patch_levels`) or
     without their warp (`patch_warp`). Every weight that exists in both is kept; a new third level and a new
-    warp start as nothing (their `lift` and `flow` are zero), so training begins from the checkpoint's own
-    frames but for the dropped branch. `eye_source_gaze` (ModelConfig) is
-    taken from the preset too: the same weights, the eye net no longer told the source's gaze."""
+    warp start as nothing (their `lift`, `flow` and `basis` are zero), so training begins from the checkpoint's
+    own frames but for the dropped branch. `eye_source_gaze` (ModelConfig) is taken from the preset too: the
+    same weights, the eye net no longer told the source's gaze."""
     torch.manual_seed(seed + 7)
     fresh = Marionette(dataclasses.replace(ck_cfg, eye_source_gaze=eye_source_gaze,
                                            net=dataclasses.replace(ck_cfg.net, **arch)))
