@@ -79,6 +79,9 @@ FACTORS: tuple[str, ...] = ("lip", "pose", "eye", "exp")
 # mouth group), pose = the 6 pose latents (engine.controls), eye = [gaze_x, gaze_y, lid_left, lid_right],
 # exp = the corpus' 6 expression weights [brow_raise, brow_furrow, smile, frown, cheek_raise, eye_squint].
 GT_DIMS: dict[str, int] = {"lip": 3, "pose": 6, "eye": 4, "exp": 6}
+# the renderer's facial landmarks that E_mot's keypoint branch finds (trainer.corpus.face.LANDMARKS; kept equal by
+# a test)
+N_LANDMARKS = 8
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ class NetworkConfig:
     # the local generators also warp their square (a flow from their n/2 features): smiles, brows and lids move
     # rather than repaint (engine.networks.PatchNet)
     patch_warp: bool = False
+    # E_mot's keypoint branch (engine.networks.MotionEncoder): K facial landmarks by soft-argmax, their
+    # coordinates appended to the motion feature; 0: none (the feature is the pooled map's projection alone)
+    motion_keypoints: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,12 @@ class ModelConfig:
     # jaw_source -> d'. It makes G open the mouth as far as its training target would for a commanded jaw: the
     # trained G renders small openings too small. Empty: none. Training never sees it.
     jaw_calibration: tuple = ()
+    # the state estimator reads a frame and its mirror image and averages the two readings (the mirrored one mapped
+    # back: yaw, roll, tx and gaze_x change sign, the lids swap: engine.model.mirror_mean): about half the variance
+    # of its head pose, which relative motion turns into the whole head sitting off. Always for the portrait (once
+    # per avatar); for driving frames the runtimes' default (render --pose-from, evaluate), but not the live
+    # webcam path, where the second E_mot pass would not fit a 2-core round
+    motion_mirror: bool = False
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -180,14 +192,16 @@ class ModelConfig:
             # through G and the oracle, 0 ms keeps 97 % of the best lip-sync correlation (80 ms), 40 ms 98 %
             # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
-                        patches=True, eye_source_gaze=False,
-                        net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True)),
+                        patches=True, eye_source_gaze=False, motion_mirror=True,
+                        net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True,
+                                          motion_keypoints=N_LANDMARKS)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
-                             pose_warp=True, local_z=True, patches=True, eye_source_gaze=False, net=NetworkConfig(
+                             pose_warp=True, local_z=True, patches=True, eye_source_gaze=False, motion_mirror=True,
+                             net=NetworkConfig(
                                  app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
                                  motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
                                  refine_channels=8, mouth_channels=8, mouth_branch=False, patch_levels=3,
-                                 patch_warp=True)),
+                                 patch_warp=True, motion_keypoints=N_LANDMARKS)),
         }
         if name not in presets:
             raise ValueError(f"unknown model config {name!r}; valid: {', '.join(presets)}")

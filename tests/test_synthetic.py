@@ -406,3 +406,126 @@ def test_without_the_source_gaze_the_eye_net_hears_only_the_target_gaze():
     assert torch.allclose((c[2] - a[2]).sum(1), torch.full((2,), -0.5))  # mirrored
     told = PatchRefiner(dataclasses.replace(cfg, eye_source_gaze=True))
     assert not torch.equal(told.conditions(z_t, z_s)[1], told.conditions(z_t, z_s2)[1])
+
+
+def test_landmarks_are_the_anchors_and_move_with_the_pose():
+    """The renderer's landmarks (what E_mot's keypoint branch learns): the first three are the patch anchors; a
+    turn to the subject's left moves the nose tip to the image right of the eyes' midpoint, a roll tilts the
+    eye line, a translation moves every landmark by a little more than twice its fraction (grid units: the
+    face is nearer the camera than the head centre)."""
+    from engine.config import N_LANDMARKS
+    from trainer.corpus.face import LANDMARKS, anchor_points, landmark_points, sample_identity
+
+    assert len(LANDMARKS) == N_LANDMARKS
+    rng = np.random.default_rng(5)
+    ident = np.stack([sample_identity(rng) for _ in range(4)]).astype(np.float32)
+    zero = np.tile(np.array([[0, 0, 0, 0, 0, 1]], np.float32), (4, 1))
+    kp0 = landmark_points(ident, zero)
+    assert kp0.shape == (4, N_LANDMARKS, 2) and torch.equal(kp0[:, :3], anchor_points(ident, zero))
+    nose, eyes = LANDMARKS.index("nose_tip"), kp0[:, :2].mean(1)
+    assert (kp0[:, nose, 0] - eyes[:, 0]).abs().max() < 1e-4  # frontal: the nose under the eyes' midpoint
+    for col, val in ((0, 20.0), (2, 10.0), (3, 0.05)):
+        pose = zero.copy()
+        pose[:, col] = val
+        kp = landmark_points(ident, pose)
+        if col == 0:
+            assert (kp[:, nose, 0] - kp[:, :2, 0].mean(1) > 0.02).all()
+        elif col == 2:  # counter-clockwise in the image: the image-right eye (subject's left) rises (y down)
+            assert (kp[:, 1, 1] < kp[:, 0, 1] - 0.01).all()
+        else:
+            shift = kp[..., 0] - kp0[..., 0]
+            assert ((shift > 0.1) & (shift < 0.13)).all() and (kp[..., 1] - kp0[..., 1]).abs().max() < 0.01
+
+
+def test_the_state_estimator_finds_keypoints_and_learns_them(one_thread):
+    """E_mot's keypoint branch: its soft-argmax keypoints are appended to the motion feature inside the image,
+    the state regression adds their error to the renderer's landmarks, and a few steps on one batch cut it."""
+    from engine.model import Marionette
+    from engine.networks import MotionEncoder
+    from trainer.synthetic import StatePool, state_regression
+
+    cfg = ModelConfig.preset("talk-tiny")
+    k = cfg.net.motion_keypoints
+    assert k == ModelConfig.preset("talk").net.motion_keypoints > 0
+    torch.manual_seed(0)
+    m = Marionette(cfg)
+    pool = StatePool(cfg, size=16, batch=16, seed=3)
+    b = pool(0)
+    assert b["kp"].shape == (16, k, 2)
+    feat = m.motion_feature(b["frames"])
+    assert feat.shape == (16, cfg.net.motion_dim + 2 * k)
+    kp = MotionEncoder.keypoints(feat, k)
+    assert kp.abs().max() < 1.0
+    gen = torch.Generator().manual_seed(0)
+    _, without = state_regression(m, b["frames"], b["z"], gen)
+    gen = torch.Generator().manual_seed(0)
+    _, with_kp = state_regression(m, b["frames"], b["z"], gen, b["kp"])
+    assert with_kp > without
+    opt = torch.optim.Adam(m.e_mot.parameters(), lr=3e-3)
+
+    def kp_err() -> float:
+        with torch.no_grad():
+            return float((MotionEncoder.keypoints(m.motion_feature(b["frames"]), k) - b["kp"]).abs().mean())
+
+    before = kp_err()
+    for _ in range(30):
+        _, loss = state_regression(m, b["frames"], b["z"], torch.Generator().manual_seed(1), b["kp"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert kp_err() < 0.7 * before
+
+
+def test_the_state_stage_gives_an_older_checkpoint_the_keypoint_branch(tmp_path, one_thread):
+    """`train --stage state --init CK` on a checkpoint without E_mot's keypoint branch: the branch is added, the
+    estimator trains, and every weight outside it (G, E_app, E_aud) is kept as it was."""
+    import dataclasses
+
+    from engine.checkpoint import load_model, save_checkpoint
+    from engine.model import Marionette
+    from trainer.train import TrainConfig, train
+
+    base = ModelConfig.preset("talk-tiny")
+    old_cfg = dataclasses.replace(base, motion_mirror=False, net=dataclasses.replace(base.net, motion_keypoints=0))
+    torch.manual_seed(0)
+    old = Marionette(old_cfg).eval()
+    save_checkpoint(old, tmp_path / "old")
+    ckpt = train(TrainConfig(stage="state", data=tmp_path / "missing", config="talk-tiny", out=tmp_path / "run",
+                             init=tmp_path / "old", steps=2, workers=0, progress=False, device="cpu"))
+    model, _ = load_model(ckpt)
+    assert model.cfg.net.motion_keypoints == base.net.motion_keypoints > 0 and model.cfg.motion_mirror
+    sd, osd = model.state_dict(), old.state_dict()
+    outside = [k for k in osd if not k.startswith(("e_mot.", "e_lip.", "e_pose.", "e_eye.", "e_exp."))]
+    assert outside and all(torch.equal(osd[k], sd[k]) for k in outside)
+    assert any(k.startswith("e_mot.kp_head.") for k in sd)
+    assert not torch.equal(osd["e_mot.body.0.0.weight"], sd["e_mot.body.0.0.weight"])
+
+
+def test_the_mirror_reading_of_a_mirrored_frame_is_the_mirrored_state():
+    """The mirror reading (`motion_mirror`) averages a frame's reading and its mirror image's, so for any weights a
+    mirrored frame reads exactly as the mirrored state (yaw, roll, tx and gaze_x negated, the lids swapped, the
+    rest equal); the portrait's state is read that way, a runtime's driving frames by default, and the live
+    webcam path reads once (its round has no room for a second pass)."""
+    from engine.model import Marionette, mirror_latent
+    from engine.runtimes.torch_runtime import TorchRuntime
+
+    cfg = ModelConfig.preset("talk-tiny")
+    assert cfg.motion_mirror and ModelConfig.preset("talk").motion_mirror
+    torch.manual_seed(0)
+    m = Marionette(cfg).eval()
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a, b = m.encode_motion(x, mirror=True), m.encode_motion(torch.flip(x, dims=[3]), mirror=True)
+        one = m.encode_motion(x)
+        assert torch.allclose(m.source_state(x), m.compose(a))
+    for k in a:
+        assert torch.allclose(mirror_latent(k, b[k]), a[k], atol=1e-5), k
+    pose, eye = a["pose"], a["eye"]
+    assert torch.allclose(b["pose"][:, [0, 2, 3]], -pose[:, [0, 2, 3]], atol=1e-5)
+    assert torch.allclose(b["pose"][:, [1, 4, 5]], pose[:, [1, 4, 5]], atol=1e-5)
+    assert torch.allclose(b["eye"][:, 0], -eye[:, 0], atol=1e-5) and torch.allclose(b["eye"][:, 2], eye[:, 3], atol=1e-5)
+    assert not torch.allclose(one["pose"], pose)  # (the single reading differs: the test is not trivial)
+    rt = TorchRuntime(m, device="cpu")
+    x01 = (x + 1) / 2
+    assert torch.allclose(rt.encode_motion(x01)["pose"], pose, atol=1e-5)
+    assert torch.allclose(rt.encode_motion(x01, mirror=False)["pose"], one["pose"], atol=1e-5)

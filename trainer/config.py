@@ -145,8 +145,8 @@ def _talk() -> TrainPreset:
     return TrainPreset(name="talk", model="talk", stages={
         "render": StageConfig(steps=2400, batch_size=8, lr=1e-3, warmup=100, min_lr_ratio=0.05,
                               betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
-        "state": StageConfig(steps=800, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
-                             betas=(0.9, 0.99), weight_decay=0.0, pool=4096),
+        "state": StageConfig(steps=1200, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
+                             betas=(0.9, 0.99), weight_decay=0.0, pool=8192),
         "patch": StageConfig(steps=5000, batch_size=8, lr=1e-3, warmup=50, min_lr_ratio=0.05,
                              betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
         "audio": StageConfig(steps=1500, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.05,

@@ -12,15 +12,17 @@ the first minutes. So the renderer is in the training loop:
   G is trained on z_target and z_source (the source's ground-truth state; at run time E_mot estimates it once
   per avatar, so its error is a constant bias, not noise to hedge against); head pose is the explicit
   warp of `engine.geometry` and G learns a bounded residual. E_mot and its
-  heads are regressed to the ground truth on sources and targets (appearance-augmented), so they are the
+  heads are regressed to the ground truth on sources and targets (appearance-augmented; E_mot's keypoint branch
+  to the renderer's landmarks, `trainer.corpus.face.landmark_points`), so they are the
   per-avatar state estimator, the driving-video / webcam encoder and the evaluation's self-driving path
   at once. The image loss is L1 with the mouth and eye regions (the renderer's region masks at the target
   pose) weighted up, and more so where the target has content that the source moved to the target's pose
   lacks (an opened mouth, shut lids, a moved iris: `PairRenderer`'s "change" mask), plus an image-gradient
   L1 for sharpness.
 * ``state`` stage (`StateStage`, data from `StatePool`): E_mot + heads alone, regressed to the ground truth on
-  a pool of rendered frames (cheaper per image than fresh renders): the per-avatar state estimator must be
-  accurate, because relative motion moves the head by (target - estimated source).
+  a pool of rendered frames (cheaper per image than fresh renders), the head pose weighted up and the keypoint
+  branch on the landmarks: the state estimator must be accurate, because relative motion moves the head by
+  (target - estimated source), and every degree or pixel it is off costs G about 1 dB.
 * ``patch`` stage (`PatchStage`): the local generators for the mouth and the eyes
   (`engine.networks.PatchRefiner`) on the frozen G's frames: squares that follow three anchors (found in the
   portrait by a small head on E_app's features, carried into the frame by G's flow) are turned into the target's
@@ -125,6 +127,7 @@ class PairRenderer:
     Returns {"source" (n_ids,3,S,S), "target" (B,3,S,S) in [-1,1], "z_source" (n_ids,total), "z_target" (B,total),
     "region" (B,1,S,S) mouth-or-eyes mask, "change" (B,1,S,S) where the target has content the source lacks,
     "src_index" (B,), "anchor_source" (n_ids,3,2), "anchor_target" (B,3,2) (`trainer.corpus.face.anchor_points`),
+    "kp_source" (n_ids,K,2), "kp_target" (B,K,2) (`trainer.corpus.face.landmark_points`),
     "step" ()}."""
 
     def __init__(self, model_cfg, n_ids: int, per_id: int, seed: int, device: torch.device | str = "cpu",
@@ -167,9 +170,10 @@ class PairRenderer:
         moved = r.render(ident_t, tgt["pose"], rep["eyes"], rep["mouth"], rep["expression"])
         change = ((t_img - moved).abs().amax(dim=1, keepdim=True) > CHANGE_THRESHOLD).float()
         change = F.max_pool2d(change, 5, stride=1, padding=2)
-        from trainer.corpus.face import anchor_points
+        from trainer.corpus.face import anchor_points, landmark_points
 
         return {"anchor_source": anchor_points(ident, src["pose"]),
+                "kp_source": landmark_points(ident, src["pose"]), "kp_target": landmark_points(ident_t, tgt["pose"]),
                 "anchor_target": anchor_points(ident_t, tgt["pose"]), "moved": moved * 2 - 1,
                 "source": s_img * 2 - 1, "target": t_img * 2 - 1, "change": change,
                 "z_source": torch.from_numpy(latents_from_factors(src, self.cfg)),
@@ -206,16 +210,32 @@ def render_batches(make: PairRenderer, start: int, workers: int) -> Iterator[dic
     return iter(dl)
 
 
-def state_regression(m: Marionette, frames: torch.Tensor, gt: torch.Tensor, rng: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+KEYPOINT_WEIGHT = 2.0  # L1 of E_mot's keypoints (grid units: 0.01 = 1.3 px at 256^2) beside the state's smooth-L1
+POSE_WEIGHT = 3.0  # the state's head pose weighs this much more than its other dimensions: relative motion moves the
+# whole head by the estimate's error (1 degree or 1 px off costs G ~1 dB), a gaze or a brow only their own pixels
+
+
+def state_regression(m: Marionette, frames: torch.Tensor, gt: torch.Tensor, rng: torch.Generator,
+                     keypoints: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """E_mot + heads on appearance-augmented frames (B,3,S,S) in [-1,1] -> (estimated z (B,total), the smooth-L1
-    to the ground truth `gt` over the dimensions with a meaning). `rng` is a CPU generator (augmented on CPU)."""
+    to the ground truth `gt` over the dimensions with a meaning, plus, for a model with E_mot's keypoint branch,
+    KEYPOINT_WEIGHT x the L1 of its keypoints to the renderer's landmarks `keypoints` (B,K,2)). `rng` is a CPU
+    generator (augmented on CPU; the augmentation moves no pixel, so the landmarks stay where they are)."""
     from trainer.oracle import augment
 
     aug = augment((frames.detach().cpu() + 1) * 0.5, rng).to(frames.device) * 2 - 1
-    est = m.compose(m.encode_motion(aug))
+    feat = m.motion_feature(aug)
+    est = m.compose(m.heads(feat))
     reg = F.smooth_l1_loss(est, gt, beta=0.05, reduction="none")
-    return est, (reg * m.latent_mask).sum(1).mean() / m.latent_mask.sum()
+    w = m.latent_mask.clone()
+    w[m.cfg.latents.slices()["pose"]] *= POSE_WEIGHT
+    loss = (reg * w).sum(1).mean() / m.latent_mask.sum()
+    k = m.cfg.net.motion_keypoints
+    if k and keypoints is not None:
+        from engine.networks import MotionEncoder
+
+        loss = loss + KEYPOINT_WEIGHT * (MotionEncoder.keypoints(feat, k) - keypoints.to(feat)).abs().mean()
+    return est, loss
 
 
 class RenderStage(StageModule):
@@ -235,7 +255,8 @@ class RenderStage(StageModule):
         logs: dict[str, torch.Tensor] = {}
         # E_mot + heads: regress the ground truth on sources and targets (appearance-augmented)
         gt = torch.cat([zs, zt])
-        est, reg = state_regression(m, torch.cat([src, tgt]), gt, self.rng)
+        kp = torch.cat([batch["kp_source"], batch["kp_target"]]) if "kp_source" in batch else None
+        est, reg = state_regression(m, torch.cat([src, tgt]), gt, self.rng, kp)
         logs["reg"] = reg.detach()
         # the source state G is told: the ground truth. At run time it is E_mot's estimate, made once per avatar,
         # so its error is a constant bias (the whole head sits a pixel off), not noise G should hedge against:
@@ -377,7 +398,9 @@ class StatePool:
         self.cfg, self.batch, self.seed = model_cfg, int(batch), int(seed)
         r = FaceRenderer(model_cfg.image_size, device=device)
         rng = np.random.default_rng([self.seed, 31337])
-        frames, z = [], []
+        from trainer.corpus.face import landmark_points
+
+        frames, z, kp = [], [], []
         chunk = 64
         for s in range(0, size, chunk):
             n = min(chunk, size - s)
@@ -389,13 +412,14 @@ class StatePool:
             img = r.render(ident, fac["pose"], fac["eyes"], fac["mouth"], fac["expression"])
             frames.append((img * 255).round().to(torch.uint8).cpu())
             z.append(torch.from_numpy(latents_from_factors(fac, model_cfg)))
+            kp.append(landmark_points(ident, fac["pose"]))
             log.info("state pool: %d / %d frames rendered", s + n, size)
-        self.frames, self.z = torch.cat(frames), torch.cat(z)
+        self.frames, self.z, self.kp = torch.cat(frames), torch.cat(z), torch.cat(kp)
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 27182, int(step)])
         idx = torch.from_numpy(rng.integers(0, len(self.frames), self.batch))
-        return {"frames": self.frames[idx].float() / 127.5 - 1, "z": self.z[idx]}
+        return {"frames": self.frames[idx].float() / 127.5 - 1, "z": self.z[idx], "kp": self.kp[idx]}
 
 
 class StateStage(StageModule):
@@ -407,7 +431,7 @@ class StateStage(StageModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
         m: Marionette = self.model
         x = batch["frames"]
-        est, reg = state_regression(m, x, batch["z"], self.rng)
+        est, reg = state_regression(m, x, batch["z"], self.rng, batch.get("kp"))
         with torch.no_grad():
             sl = m.cfg.latents.slices()["pose"]
             pose_deg = ((est[:, sl][:, :3] - batch["z"][:, sl][:, :3]).abs()

@@ -186,6 +186,29 @@ def _carry_idle_model(src: Path, ckpt: Path, meta: dict) -> None:
         shutil.copy2(Path(src) / IDLE_WEIGHTS, ckpt / IDLE_WEIGHTS)
 
 
+def _upgrade_estimator(model: Marionette, ck_cfg: ModelConfig, mcfg: ModelConfig, seed: int, src: Path) -> Marionette:
+    """The checkpoint's model with the state estimator's design of `mcfg` (E_mot's keypoint branch, the mirror
+    reading): the `state` stage trains the estimator, E_mot + heads, and nothing else reads them. Every weight
+    whose shape still fits is kept (E_mot's body and projection, the heads' deeper layers, everything outside
+    the estimator); the rest start fresh."""
+    from trainer.nets import init_weights
+
+    torch.manual_seed(seed + 7)
+    new_cfg = dataclasses.replace(ck_cfg, motion_mirror=mcfg.motion_mirror, net=dataclasses.replace(
+        ck_cfg.net, motion_keypoints=mcfg.net.motion_keypoints))
+    fresh = init_weights(Marionette(new_cfg))
+    own = fresh.state_dict()
+    keep = {k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape}
+    fresh.load_state_dict(keep, strict=False)
+    redo = sorted(k for k in own if k not in keep)
+    if any(not k.startswith(("e_mot.", "e_lip.", "e_pose.", "e_eye.", "e_exp.")) for k in redo):
+        raise InputError(f"checkpoint {src} does not match beyond its state estimator")
+    log.info("stage state: E_mot's keypoint branch %d -> %d, mirror reading %s -> %s (%d tensors start fresh)",
+             ck_cfg.net.motion_keypoints, mcfg.net.motion_keypoints, ck_cfg.motion_mirror, mcfg.motion_mirror,
+             len(redo))
+    return fresh
+
+
 def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -> tuple[Marionette, dict]:
     src = None
     if cfg.init is not None:
@@ -217,6 +240,9 @@ def _initial_model(cfg: TrainConfig, run: _Run, stage: str, mcfg: ModelConfig) -
         if stage == "patch" and ck_cfg.patches and (any(getattr(ck_cfg.net, k) != v for k, v in arch.items())
                                                     or ck_cfg.eye_source_gaze != mcfg.eye_source_gaze):
             model = _upgrade_patch_nets(model, ck_cfg, arch, cfg.seed, src, mcfg.eye_source_gaze)
+        if stage == "state" and (ck_cfg.net.motion_keypoints, ck_cfg.motion_mirror) != \
+                (mcfg.net.motion_keypoints, mcfg.motion_mirror):
+            model = _upgrade_estimator(model, ck_cfg, mcfg, cfg.seed, src)
         if ck_cfg.lookahead_ms != mcfg.lookahead_ms:  # the audio stage: a new E_aud for the new window
             from trainer.nets import init_weights
 

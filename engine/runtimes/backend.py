@@ -50,8 +50,9 @@ class Backend(Protocol):
     def encode_audio(self, mel_windows: Any) -> torch.Tensor:
         """(B, n_mels, mel_window) log-mel windows -> lip latents (B, lip)."""
 
-    def encode_motion(self, frames: Any) -> dict[str, torch.Tensor]:
-        """Driving frames (B,3,S,S) in [0,1] -> {"lip", "pose", "eye", "exp"} latents."""
+    def encode_motion(self, frames: Any, mirror: bool | None = None) -> dict[str, torch.Tensor]:
+        """Driving frames (B,3,S,S) in [0,1] -> {"lip", "pose", "eye", "exp"} latents; `mirror` (default:
+        `cfg.motion_mirror`): each frame read with its mirror image too (2 x E_mot)."""
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run every per-frame path once per batch size, so the first real frame is not slow."""
@@ -85,8 +86,8 @@ class TorchBackend:
     def encode_audio(self, mel_windows):
         return self.runtime.encode_audio(mel_windows)
 
-    def encode_motion(self, frames):
-        return self.runtime.encode_motion(frames)
+    def encode_motion(self, frames, mirror: bool | None = None):
+        return self.runtime.encode_motion(frames, mirror)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         self.runtime.warmup(batch_sizes)

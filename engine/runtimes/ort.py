@@ -474,8 +474,9 @@ class OrtRuntime:
         ins, outs = self._io["audio_encoder"]
         return torch.from_numpy(self._audio.run(outs, {ins[0]: np.ascontiguousarray(m)})[0])
 
-    def encode_motion(self, frames) -> dict[str, torch.Tensor]:
-        """Driving frames (B,3,S,S) in [0,1] -> {"lip", "pose", "eye", "exp"} float32."""
+    def encode_motion(self, frames, mirror: bool | None = None) -> dict[str, torch.Tensor]:
+        """Driving frames (B,3,S,S) in [0,1] -> {"lip", "pose", "eye", "exp"} float32; `mirror` (default:
+        `cfg.motion_mirror`): read each frame's mirror image too (engine.model.mirror_mean, 2 x E_mot)."""
         f = _as_f32(frames)
         s = self.cfg.image_size
         if f.ndim == 3:
@@ -483,8 +484,17 @@ class OrtRuntime:
         if f.ndim != 4 or tuple(f.shape[1:]) != (3, s, s):
             raise InputError(f"driving frames must be (B, 3, {s}, {s}) in [0, 1], got {tuple(f.shape)}")
         ins, outs = self._io["motion_encoder"]
-        res = dict(zip(outs, self._motion.run(outs, {ins[0]: np.ascontiguousarray(f)})))
-        return {k: torch.from_numpy(res[k]) for k in FACTORS}
+
+        def read(x: np.ndarray) -> dict[str, torch.Tensor]:
+            res = dict(zip(outs, self._motion.run(outs, {ins[0]: np.ascontiguousarray(x)})))
+            return {k: torch.from_numpy(res[k]) for k in FACTORS}
+
+        out = read(f)
+        if self.cfg.motion_mirror if mirror is None else mirror:
+            from engine.model import mirror_mean
+
+            out = mirror_mean(out, read(f[..., ::-1]))
+        return out
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Runs every per-frame path once per batch size (arena growth, NCHWc weight reorders)."""

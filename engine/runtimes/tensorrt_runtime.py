@@ -409,13 +409,22 @@ class TrtRuntime:
         (out,) = self._run("audio_encoder", {name: mel}).values()
         return torch.from_numpy(out.astype(np.float32, copy=False))
 
-    def encode_motion(self, frames01):
+    def encode_motion(self, frames01, mirror: bool | None = None):
         import torch  # noqa: PLC0415
 
         x = frames01.detach().cpu().numpy() if hasattr(frames01, "detach") else np.asarray(frames01)
         (name,) = self._engines["motion_encoder"].inputs
-        out = self._run("motion_encoder", {name: x})
-        return {k: torch.from_numpy(v.astype(np.float32, copy=False)) for k, v in out.items()}
+
+        def read(a):
+            out = self._run("motion_encoder", {name: np.ascontiguousarray(a)})
+            return {k: torch.from_numpy(v.astype(np.float32, copy=False)) for k, v in out.items()}
+
+        res = read(x)
+        if self.cfg.motion_mirror if mirror is None else mirror:  # engine.model.mirror_mean: 2 x E_mot
+            from engine.model import mirror_mean  # noqa: PLC0415
+
+            res = mirror_mean(res, read(x[..., ::-1]))
+        return res
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         for b in batch_sizes:

@@ -150,8 +150,9 @@ class TorchRuntime:
         with torch.inference_mode():
             return self._out(self.model.encode_audio(self._in(m)))
 
-    def encode_motion(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Driving frames (B,3,S,S) in [0,1] -> {"lip", "pose", "eye", "exp"} float32 on CPU."""
+    def encode_motion(self, frames: torch.Tensor, mirror: bool | None = None) -> dict[str, torch.Tensor]:
+        """Driving frames (B,3,S,S) in [0,1] -> {"lip", "pose", "eye", "exp"} float32 on CPU; `mirror` (default:
+        `cfg.motion_mirror`): read each frame's mirror image too (engine.model.mirror_mean, 2 x E_mot)."""
         f = torch.as_tensor(frames)
         s = self.cfg.image_size
         if f.dim() == 3:
@@ -159,7 +160,8 @@ class TorchRuntime:
         if f.dim() != 4 or tuple(f.shape[1:]) != (3, s, s):
             raise InputError(f"driving frames must be (B, 3, {s}, {s}) in [0, 1], got {tuple(f.shape)}")
         with torch.inference_mode():
-            out = self.model.encode_motion(self._in(f) * 2 - 1)
+            out = self.model.encode_motion(self._in(f) * 2 - 1,
+                                           mirror=self.cfg.motion_mirror if mirror is None else mirror)
             return {k: self._out(v) for k, v in out.items()}
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:

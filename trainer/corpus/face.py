@@ -1196,6 +1196,20 @@ class FaceRenderer:
         return torch.nn.functional.max_pool2d(hit.float().unsqueeze(1), 3, 1, 1) > 0.5
 
 
+def _project(p: dict[str, Any], pts: torch.Tensor) -> torch.Tensor:
+    """Head-space points (B,K,3) -> (B,K,2) grid_sample coordinates (x right, y down, -1..1) at p's pose."""
+    b = pts.shape[0]
+    world = p["centre"].view(b, 1, 3) + p["scale"].view(b, 1, 1) * torch.einsum("bij,bkj->bki", p["R"], pts)
+    depth = (CAM_Z - world[..., 2]).clamp(min=1e-3) * TAN
+    return torch.stack([world[..., 0] / depth, -world[..., 1] / depth], -1)
+
+
+def _on_surface(p: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,1,1) head-space x, y -> (B,3): the point on the face's front surface (cranium or jaw) there."""
+    b = x.shape[0]
+    return torch.cat([x, y, _surface_zmax(p, x, x, y, y) - 0.03], -1).view(b, 3)
+
+
 def anchor_points(ident: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
     """(B,3,2) grid_sample coordinates (x right, y down, -1..1 over the image) of three anchors at `pose`:
     the eye at x = -eye_spacing (subject's right, lid_right), the eye at +eye_spacing (subject's left,
@@ -1204,12 +1218,30 @@ def anchor_points(ident: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
     pose = torch.as_tensor(pose, dtype=torch.float32)
     p = _derive(ident, pose)
     f = p["f"]
+    pts = [_on_surface(p, x, y) for x, y in ((-f("eye_spacing"), f("eye_y")), (f("eye_spacing"), f("eye_y")),
+                                             (torch.zeros_like(f("mouth_y")), f("mouth_y")))]
+    return _project(p, torch.stack(pts, 1))
+
+
+# the landmarks `landmark_points` gives (E_mot's keypoint branch is supervised with them): points that pose moves
+# and no other factor does (the chin is taken at the shut jaw's; an open jaw moves the real chin a little)
+LANDMARKS: tuple[str, ...] = ("eye_right", "eye_left", "mouth", "nose_tip", "chin", "forehead", "cheek_right",
+                              "cheek_left")
+
+
+def landmark_points(ident: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """(B, len(LANDMARKS), 2) grid_sample coordinates (x right, y down, -1..1) of the face's landmarks at `pose`
+    (in the order of LANDMARKS; "right"/"left" are the subject's). ident (B,F), pose (B,6) as `render`."""
+    ident = torch.as_tensor(ident, dtype=torch.float32)
+    pose = torch.as_tensor(pose, dtype=torch.float32)
+    p = _derive(ident, pose)
+    f = p["f"]
+    es, ey, my, a1 = f("eye_spacing"), f("eye_y"), f("mouth_y"), f("head_width")
+    zero = torch.zeros_like(ey)
     b = ident.shape[0]
-    pts = []
-    for x, y in ((-f("eye_spacing"), f("eye_y")), (f("eye_spacing"), f("eye_y")),
-                 (torch.zeros_like(f("mouth_y")), f("mouth_y"))):
-        pts.append(torch.cat([x, y, _surface_zmax(p, x, x, y, y) - 0.03], -1).view(b, 3))
-    pts = torch.stack(pts, 1)  # (B,3,3) head space
-    world = p["centre"].view(b, 1, 3) + p["scale"].view(b, 1, 1) * torch.einsum("bij,bkj->bki", p["R"], pts)
-    depth = (CAM_Z - world[..., 2]).clamp(min=1e-3) * TAN
-    return torch.stack([world[..., 0] / depth, -world[..., 1] / depth], -1)
+    tip = torch.cat([p["nose_tip_c"][0], p["nose_tip_c"][1], p["nose_tip_c"][2] + p["nose_tip_ax"][2]], -1).view(b, 3)
+    cheek_y = 0.5 * (ey + my) - 0.05
+    pts = [_on_surface(p, -es, ey), _on_surface(p, es, ey), _on_surface(p, zero, my), tip,
+           _on_surface(p, zero, p["chin"] + 0.05), _on_surface(p, zero, ey + 0.42),
+           _on_surface(p, -0.72 * a1, cheek_y), _on_surface(p, 0.72 * a1, cheek_y)]
+    return _project(p, torch.stack(pts, 1))
