@@ -48,6 +48,8 @@ class Marionette(nn.Module):
         super().__init__()
         self.cfg = cfg
         lat, net = cfg.latents, cfg.net
+        if cfg.motion_mirror and not cfg.gt_latents:
+            raise ValueError("motion_mirror needs gt_latents (mirroring a reading needs its dimensions' meanings)")
         self.e_app = AppearanceEncoder(cfg)
         self.e_mot = MotionEncoder(cfg)
         mdim = net.motion_dim + 2 * net.motion_keypoints  # E_mot's feature (with its keypoints' coordinates)

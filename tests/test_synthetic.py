@@ -529,3 +529,7 @@ def test_the_mirror_reading_of_a_mirrored_frame_is_the_mirrored_state():
     x01 = (x + 1) / 2
     assert torch.allclose(rt.encode_motion(x01)["pose"], pose, atol=1e-5)
     assert torch.allclose(rt.encode_motion(x01, mirror=False)["pose"], one["pose"], atol=1e-5)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="gt_latents"):
+        Marionette(dataclasses.replace(ModelConfig.preset("tiny"), motion_mirror=True))
