@@ -305,6 +305,9 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         "server_ms": percentiles([1000 * x for x in server_onsets]),
         "stages_ms": stage_split(leaves, frames, thr, c, sess, tap, period) if sess else {},
         "client_av_offset_ms": client_av_offset(c, sess, tap) if sess else {},
+        # what a viewer sees: the lips of a sound reach the screen this much after the sound (the A/V offset of the
+        # streams plus the lip lag: at --latency low a frame shows the audio that ends at its tick, 20 ms back)
+        "lip_lag_ms": stats.get("lip_lag_ms", 0.0),
         "pipeline_latency_ms": latency_ms, "session_stats": stats,
         "raw": {"client_decoded_ms": decoded, "client_network_ms": network,
                 "server_ms": [1000 * x for x in server_onsets]},
@@ -490,7 +493,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="lite")
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--latency", default="balanced", help="the server's --latency level: low | balanced | safe")
+    ap.add_argument("--latency", default="low", help="the server's --latency level: low (its default) | balanced | safe")
     ap.add_argument("--backend", default="torch", help="the server's --backend (auto: ONNX Runtime on a CPU)")
     ap.add_argument("--threads", type=int, help="the server's inference threads (default: its own)")
     ap.add_argument("--audio-packet-ms", type=float, default=5.0, help="the server's outbound Opus packet length")
@@ -568,6 +571,10 @@ def main(argv=None) -> int:
         if av.get("n"):
             print(f"  A/V offset at the client (video - audio): p5 {av['p5']:.1f}, p50 {av['p50']:.1f}, "
                   f"p95 {av['p95']:.1f} ms, max |{av['max_abs']:.1f}| ms")
+            lag = r.get("lip_lag_ms") or 0.0
+            if lag:
+                print(f"    the lips behind their sound (+ the {lag:.0f} ms lip lag): p5 {av['p5'] + lag:.1f}, "
+                      f"p50 {av['p50'] + lag:.1f}, p95 {av['p95'] + lag:.1f} ms")
         print(f"  interrupt -> decoded frame, mouth shut for good: {fmt(r['interrupt_to_decoded_shut_ms'])} "
               f"(server: interrupt -> first flushed frame sent {r['interrupt_server_ms']})")
         print(f"  missed onsets {r['missed']}/{r['onsets']}")

@@ -230,9 +230,17 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--kernels", action="store_true", help="torch on CUDA: fused Triton warp kernels (opt-in)")
     p.add_argument("--lead-ms", type=_positive_float,
                    help="how early the scheduler starts a frame before its tick (default: from the warmup)")
-    p.add_argument("--latency", choices=["low", "balanced", "safe"], default="balanced", help=(
-        "low: the smallest margins (an idle machine, a quiet network); balanced (default); safe: a frame period "
-        "more of audio margin and scheduler lead (a loaded machine, a jittery network)"))
+    p.add_argument("--latency", choices=["low", "balanced", "safe"], default="low", help=(
+        "low (default): the smallest margins, the lips drawn from the frame period before each tick (--lip-lag-ms "
+        "20); balanced: 15 ms more margin, lips centred on their tick; safe: a frame period more of audio margin "
+        "and scheduler lead (a loaded machine). At every level a session's audio margin grows where its audio "
+        "arrives late (--margin-adapt-ms)"))
+    p.add_argument("--lip-lag-ms", type=float, help=(
+        "how far before its tick the audio a frame shows sits, 0 .. half a frame period (default: the level's, "
+        "20 at low, 0 otherwise): each ms cuts a ms of latency and has the lips trail the voice by as much"))
+    p.add_argument("--margin-adapt-ms", type=float, default=60.0, help=(
+        "how much a session's arrival margin may grow, 10 ms at a time in pauses, where its audio arrives late "
+        "(a jittery network, a busy client); 0: fixed at the level's (default 60)"))
     p.add_argument("--audio-packet-ms", type=float, choices=[2.5, 5, 10, 20], default=5.0, help=(
         "duration of the outbound Opus packets (default 5: receivers hold packets, not ms, so short packets "
         "keep their audio buffers as short as their video's; 20 saves ~60 kbit/s of headers)"))
@@ -297,7 +305,7 @@ def _cmd_serve(argv: list[str]) -> int:
                       round_budget_ms=a.round_budget_ms, admission=not a.no_admission,
                       drain_timeout_s=max(0.0, a.drain_timeout), audio_packet_ms=a.audio_packet_ms,
                       frame_end_hint=not a.no_frame_end_hint, playout_delay=not a.no_playout_delay,
-                      late_mouth=not a.no_late_mouth)
+                      late_mouth=not a.no_late_mouth, lip_lag_ms=a.lip_lag_ms, margin_adapt_ms=a.margin_adapt_ms)
     serve(cfg)
     return 0
 
@@ -488,7 +496,7 @@ def _cmd_live(argv: list[str]) -> int:
     serve_cfg = ServeConfig(host=a.control_host, port=a.control_port, avatar=a.avatar, checkpoint=a.checkpoint,
                             config=a.config, backend=a.backend, fps=a.fps, exported=a.exported,
                             precision=a.precision, threads=a.threads, lead_ms=a.lead_ms, seed=a.seed,
-                            ice_hosts=tuple(a.ice_host), max_sessions=2)
+                            ice_hosts=tuple(a.ice_host), max_sessions=2, latency="balanced")
     out_cfg = OutputConfig(video_bitrate_kbps=a.video_bitrate, audio_bitrate_kbps=a.audio_bitrate,
                            x264_preset=a.x264_preset, size=a.size, whip_token=a.whip_token,
                            virtual_mic=None if a.virtual_mic.lower() == "none" else a.virtual_mic)

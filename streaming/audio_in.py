@@ -19,6 +19,16 @@ sends are told apart by the frames' own timestamps (RTP, through aiortc's `pts`)
 A sender whose clock runs fast (frames persistently early) has 10 ms dropped now and then, so latency
 does not creep.
 
+Adaptive margin (`adapt_max_s` > 0; the server's default). The pipeline latency holds `margin_s` for
+inbound jitter: a sample may arrive that much after its nominal time and still be in before the frame that
+shows it is made. Where more arrives later than that (a jittery network, a client sharing a busy machine),
+the frames are made without it (the mouth opens a frame late) and the outbound audio underruns. Like a
+receiver's adaptive jitter buffer, the stream then moves later, in 10 ms steps, to the 98th percentile of
+the last 8 s of arrival lateness (+2 ms), up to `adapt_max_s` more than it started with; and back earlier,
+10 ms at a time, when that percentile has stayed 10 ms below the margin for `adapt_calm_s`. A step is taken
+only in a pause (300 ms without voice activity), where repeating or skipping 10 ms of silence can neither
+be heard nor seen.
+
 Voice activity. webrtcvad (mode 3) on every 10 ms hop, AND an energy gate (above an absolute floor
 and 9 dB above the noise floor, tracked by minimum statistics), AND no isolated single hops: noise
 does not move the lips, and because the energy gate releases at once, webrtcvad's own hangover
@@ -48,7 +58,8 @@ class InboundAudio:
     def __init__(self, latency_s: float, *, vad_mode: int = 3, ring_s: float = 6.0, hangover_hops: int = 3,
                  floor_db: float = -55.0, snr_db: float = 9.0, anchor_settle_s: float = 1.0,
                  late_gap_s: float = 0.06, early_drop_s: float = 0.03, late_confirm_s: float = 0.1,
-                 hop_ring: int = 1 << 14):
+                 hop_ring: int = 1 << 14, margin_s: float = 0.0, adapt_max_s: float = 0.0,
+                 adapt_window_s: float = 8.0, adapt_calm_s: float = 10.0, adapt_pause_hops: int = 30):
         import av
         import webrtcvad
 
@@ -91,6 +102,19 @@ class InboundAudio:
         self._early_window_start: float | None = None
         self.flush_before = 0  # stream samples before this position are silenced (interrupt)
         self.last_arrival: float | None = None
+        # adaptive margin
+        self.latency_start_s = self.latency_s
+        self.margin_s = float(margin_s)
+        self.adapt_max_s = float(adapt_max_s)
+        self._adapt_window = float(adapt_window_s)
+        self._adapt_calm = float(adapt_calm_s)
+        self._adapt_pause = int(adapt_pause_hops)
+        self._lateness: deque = deque()  # (arrival time, lateness) of the last adapt_window_s
+        self._adapt_next_check = 0.0
+        self._adapt_step = 0  # pending: +1 later / -1 earlier by 10 ms, taken at the next pause
+        self._calm_since: float | None = None
+        self._quiet_hops = 0  # hops since the last voice activity (VAD alone, no energy gate)
+        self.adaptations: list[tuple[float, float]] = []  # (arrival time, latency after) of each step taken
         # counters
         self.frames_in = 0
         self.inserted_samples = 0
@@ -155,6 +179,8 @@ class InboundAudio:
                         self._late_since, self._late_first = now, lateness
             else:
                 self._late_since = None
+                if self.adapt_max_s > 0:
+                    self._observe_lateness(now, lateness)
                 if self._early_window_start is None:
                     self._early_window_start = now
                 self._early_min = min(self._early_min, lateness)
@@ -164,6 +190,48 @@ class InboundAudio:
                         self.dropped_samples += HOP48
                     self._early_window_start, self._early_min = now, math.inf
         self._write(x, now)
+        if self._adapt_step and self._quiet_hops >= self._adapt_pause:
+            self._take_step(now)
+
+    # ------------------------------------------------------------------------------ adaptive margin
+    def _observe_lateness(self, now: float, lateness: float) -> None:
+        q = self._lateness
+        q.append((now, lateness))
+        while q and q[0][0] < now - self._adapt_window:
+            q.popleft()
+        if now < self._adapt_next_check:
+            return
+        self._adapt_next_check = now + 0.25
+        if now - q[0][0] < 0.5 * self._adapt_window:
+            return  # too little seen yet
+        need = float(np.percentile([x for _, x in q], 98)) + 0.002
+        have = self.effective_margin_s()
+        extra = self.latency_s - self.latency_start_s
+        if need > have and extra + 0.01 <= self.adapt_max_s + 1e-9:
+            self._adapt_step, self._calm_since = 1, None
+        elif need < have - 0.01 and extra >= 0.01 - 1e-9:
+            self._calm_since = now if self._calm_since is None else self._calm_since
+            if now - self._calm_since >= self._adapt_calm:
+                self._adapt_step = -1
+        else:
+            self._adapt_step, self._calm_since = 0, None
+
+    def effective_margin_s(self) -> float:
+        """How late a sample may arrive and still be in before its frame is made: the margin the server
+        asked for, what rounding the stream offset up to 10 ms added, and the steps taken since."""
+        if self.offset48 is None or self.anchor is None:
+            return self.margin_s
+        return self.margin_s + (-self.anchor - self.offset48 / RATE48) - self.latency_start_s
+
+    def _take_step(self, now: float) -> None:
+        """Move the stream 10 ms later (+1) or earlier (-1) in a pause: the outbound audio repeats or skips
+        10 ms of silence, and the frames that follow show the audio that much earlier or later."""
+        d = self._adapt_step
+        with self._lock:
+            self.offset48 -= d * HOP48
+            self.latency_s += d * HOP48 / RATE48
+        self._adapt_step, self._calm_since = 0, None
+        self.adaptations.append((now, self.latency_s))
 
     def _skipped_by_sender(self, frame) -> int:
         """Samples (48 kHz) the sender's timestamps skipped before this frame (0: contiguous, no timestamp,
@@ -215,6 +283,7 @@ class InboundAudio:
             noise = self._noise_floor(db)
             loud = db > self.floor_db and db > noise + self.snr_db
             speech = loud and self._vad.is_speech(hop.tobytes(), RATE16)
+            self._quiet_hops = 0 if speech else self._quiet_hops + 1
             decisions.append(speech)
             energies.append(ms)
         self._pcm16_tail = buf[n_full * HOP16:].copy()

@@ -20,6 +20,7 @@ and a browser can still watch at http://HOST:PORT/ (a WebRTC session of its own)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import signal
@@ -430,7 +431,11 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
     validate(cfg)
     source = open_input(cfg.audio_in, loop=cfg.loop)
     await asyncio.to_thread(source.check)
-    scfg = cfg.serve or ServeConfig()
+    # broadcast and call outputs hold seconds (RTMP) or their own buffers: `balanced`, and lips centred on their
+    # sound; a 15 ms margin would buy nothing there and drop frames on a busy machine
+    scfg = cfg.serve or ServeConfig(latency="balanced")
+    if scfg.lip_lag_ms is None:
+        scfg = dataclasses.replace(scfg, lip_lag_ms=0.0)
     server = AvatarServer(scfg)
     stop = stop or asyncio.Event()
     runner = None
@@ -443,7 +448,8 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
         session = cls(LIVE_ID, None, clock=server.clock, scheduler=server.scheduler, pipeline=server.pipeline,
                       metrics=server.metrics, avatar_id=server.avatars.DEFAULT_ID,
                       avatar=server.avatars.get(server.avatars.DEFAULT_ID).state, latency_s=server.latency_s,
-                      lead_s=server.lead_s, seed=scfg.seed, grace_s=scfg.grace_ms / 1000,
+                      lead_s=server.lead_s, lip_lag_s=server.lip_lag_s, margin_s=server.audio_margin_s,
+                      margin_adapt_s=scfg.margin_adapt_ms / 1000, seed=scfg.seed, grace_s=scfg.grace_ms / 1000,
                       on_closed=server._session_closed)
         session.input_stats = source.stats
         if cfg.initial_controls:
@@ -488,7 +494,7 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
             term = _Terminal(on_key).__enter__()
             log.info(KEY_HELP)
         try:
-            await _wait(stop, source, cfg, server.latency_s)
+            await _wait(stop, source, cfg, lambda: session.latency_s)
         finally:
             if term is not None:
                 term.__exit__(None, None, None)
@@ -514,7 +520,7 @@ def _alias(server, name):
     return handler
 
 
-async def _wait(stop: asyncio.Event, source, cfg: LiveConfig, latency_s: float) -> None:
+async def _wait(stop: asyncio.Event, source, cfg: LiveConfig, latency_s) -> None:
     t0 = time.monotonic()
     ended = asyncio.ensure_future(source.finished.wait())
     stopped = asyncio.ensure_future(stop.wait())
@@ -523,7 +529,7 @@ async def _wait(stop: asyncio.Event, source, cfg: LiveConfig, latency_s: float) 
         done, _ = await asyncio.wait({ended, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if ended in done and not stop.is_set():
             # the file's last sample plays `latency` after it was pushed: let it out, then stop
-            rest = latency_s + cfg.tail_s
+            rest = latency_s() + cfg.tail_s  # the session's latency now (its margin adapts)
             if cfg.duration_s is not None:
                 rest = min(rest, max(0.0, cfg.duration_s - (time.monotonic() - t0)))
             log.info("live: the audio input ended; stopping in %.1f s", rest)

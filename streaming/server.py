@@ -25,15 +25,17 @@ from another origin are refused (403).
 
 Pipeline latency. Stream sample n (arriving at nominal time a(n)) is played, and shown as lips, at
 a(n) + L, with
-  L = 1/(2 fps) (the second half of the frame's own audio, centred on its tick)
+  L = 1/(2 fps) (the second half of the frame's own audio, centred on its tick) - the lip lag (--lip-lag-ms:
+      the frame's audio moved before its tick; 0 at balanced and safe, half a frame at low)
       + lookahead (the lip encoder's future context) + the mel window's overhang
       + an arrival margin (jitter) + the scheduler lead (time reserved to compute a round),
-  rounded up to 10 ms by the stream offset.
-The lead defaults to 1.5 x the measured 90th-percentile round time for one session (+5 ms),
-between 15 ms and two frame periods: a machine that computes slowly or unevenly (a busy one) buys
-smooth video with up to one extra frame period of latency; rounds then run up to a tick ahead.
-`--latency low|balanced|safe` (LATENCY_LEVELS) moves the margin and the lead together: low for an idle
-machine on a quiet network, safe for a loaded one or a jittery network.
+  rounded up to 10 ms by the stream offset; the arrival margin then grows per session, 10 ms at a time in
+  pauses, where that session's audio arrives later than it allows (streaming.audio_in, adaptive margin).
+The lead is a multiple of the measured 90th-percentile time of the mouth phase (or of the whole round, when
+frames are made in one piece), with a floor and a ceiling per level: a machine that computes slowly or
+unevenly (a busy one) buys smooth video with latency.
+`--latency low|balanced|safe` (LATENCY_LEVELS) moves the margin, the lead and the lip lag together: low (the
+default) at their floors, safe for a loaded machine.
 
 Operations (docs/operations.md).
 * Admission control: an offer is refused (503, Retry-After, {"reason": "overloaded"}) when the round
@@ -100,13 +102,20 @@ class LatencyLevel:
     # pipeline latency less a 20 ms frame and the arrival margin: the samples must be in): the browser holds
     # its audio (Chromium's jitter buffer: 28-40 ms) and no longer its video, so this lines them up again
     browser_audio_lead_ms: float = 0.0
+    # how far the audio a frame shows sits before its tick (ms, 0 .. half a frame period): 0 shows the frame
+    # period of audio centred on the tick (the lips never more than half a frame off the voice, either way);
+    # 20 at 25 fps shows the period that ends at the tick: the pipeline latency is 20 ms shorter, and the lips
+    # trail the voice by 0-40 ms (20 on average) where they were -20..+20, inside the ~45 ms by which lips
+    # must trail before viewers notice (ITU-R BT.1359 puts detectability at 45 ms of sound lead)
+    lip_lag_ms: float = 0.0
 
 
 LATENCY_LEVELS: dict[str, LatencyLevel] = {
-    # an idle machine on a quiet network: every margin near its floor
+    # the default: every margin near its floor, the lips from the frame period before the tick; a session's arrival
+    # margin grows where its network or client makes audio arrive late (ServeConfig.margin_adapt_ms)
     "low": LatencyLevel(audio_margin_ms=15.0, lead_factor=1.2, lead_add_ms=3.0, lead_min_ms=10.0, lead_max_periods=1.5,
-                        playout_delay_ms=(0, 0), browser_audio_lead_ms=28.0),
-    # the default: what the server always did
+                        playout_delay_ms=(0, 0), browser_audio_lead_ms=28.0, lip_lag_ms=20.0),
+    # the default until 2026-12-01 (when the adaptive arrival margin made `low` safe on a jittery network)
     "balanced": LatencyLevel(audio_margin_ms=30.0, lead_factor=1.5, lead_add_ms=5.0, lead_min_ms=15.0,
                              lead_max_periods=2.0),
     # a loaded machine or a jittery network: a frame period more of both
@@ -133,7 +142,7 @@ class ServeConfig:
     kernels: bool = False  # torch on CUDA: the fused Triton warp kernels (opt-in)
     seed: int = 0
     lead_ms: float | None = None  # scheduler lead; None: from the warmup measurement and the latency level
-    latency: str = "balanced"  # low | balanced | safe (LATENCY_LEVELS): margins traded for robustness to load
+    latency: str = "low"  # low | balanced | safe (LATENCY_LEVELS): margins traded for robustness to load
     threads: int | None = None  # inference threads; None: all cores but one
     # security (docs/security.md). token: required as "Authorization: Bearer" on every route but / and /healthz
     token: str | None = field(default=None, repr=False)
@@ -146,6 +155,10 @@ class ServeConfig:
     # not on the command line
     rate_limit_clients: int = 4096  # client addresses each rate limiter remembers (least recently seen evicted)
     audio_margin_ms: float | None = None  # arrival margin for inbound audio; None: the latency level's
+    lip_lag_ms: float | None = None  # how far a frame's audio sits before its tick; None: the level's (LatencyLevel)
+    # how much a session's arrival margin may grow, 10 ms at a time in pauses, where its audio arrives later than
+    # the margin allows (streaming.audio_in, adaptive margin); 0: fixed at the level's
+    margin_adapt_ms: float = 60.0
     peer_timeout_s: float = 4.0  # a connected peer from which nothing (media, RTCP, consent) arrived this long
     connect_timeout_s: float = 10.0  # a session whose ICE/DTLS never completes
     # overload and lifecycle (docs/operations.md)
@@ -280,6 +293,7 @@ class AvatarServer:
         self.avatars = None
         self.latency_s = None
         self.lead_s = None
+        self.lip_lag_s = 0.0
         self.warmup_times: dict[int, float] = {}
         self._ice = None
         try:
@@ -321,6 +335,11 @@ class AvatarServer:
             raise InputError(f"--fps {cfg.fps}: must divide 90000 (e.g. 20, 24, 25, 30)")
         if cfg.latency not in LATENCY_LEVELS:
             raise InputError(f"--latency {cfg.latency!r}: valid: {', '.join(LATENCY_LEVELS)}")
+        if not 0 <= cfg.margin_adapt_ms <= 1000:
+            raise InputError(f"--margin-adapt-ms {cfg.margin_adapt_ms:g}: must be between 0 and 1000")
+        if cfg.lip_lag_ms is not None and not 0 <= cfg.lip_lag_ms <= 500 / cfg.fps:
+            raise InputError(f"--lip-lag-ms {cfg.lip_lag_ms:g}: must be between 0 and half a frame period "
+                             f"({500 / cfg.fps:g} ms at {cfg.fps} fps)")
         if cfg.ice_hosts:
             try:
                 self._ice = restrict_host_candidates(cfg.ice_hosts)
@@ -374,7 +393,9 @@ class AvatarServer:
         overhang = mc.audio.right_overhang / mc.audio.sample_rate
         margin = level.audio_margin_ms if cfg.audio_margin_ms is None else cfg.audio_margin_ms
         self.audio_margin_s = margin / 1000
-        self.latency_s = period / 2 + mc.lookahead_ms / 1000 + overhang + margin / 1000 + lead
+        lag = level.lip_lag_ms if cfg.lip_lag_ms is None else cfg.lip_lag_ms
+        self.lip_lag_s = min(lag / 1000, period / 2)
+        self.latency_s = period / 2 - self.lip_lag_s + mc.lookahead_ms / 1000 + overhang + margin / 1000 + lead
         self.metrics.pipeline_latency.set(self.latency_s)
         self.metrics.avatars.set(len(self.avatars))
         if cfg.metrics_port is not None:
@@ -584,7 +605,7 @@ class AvatarServer:
             "latency_level": self.cfg.latency, "lead_ms": round(self.lead_s * 1000, 1),
             "late_mouth": self.scheduler.phased,
             "body_lead_ms": round(self.scheduler.body_lead_s * 1000, 1) if self.scheduler.phased else None,
-            "audio_margin_ms": round(self.audio_margin_s * 1000, 1),
+            "audio_margin_ms": round(self.audio_margin_s * 1000, 1), "lip_lag_ms": round(self.lip_lag_s * 1000, 1),
             "random_weights": p.random_weights, "presets": sorted(p.presets),
             "exp_dim": p.cfg.latents.exp, "max_sessions": self.cfg.max_sessions,
             "admission": self.admission(),
@@ -670,7 +691,8 @@ class AvatarServer:
             session = Session(
                 sid, pc, clock=self.clock, scheduler=self.scheduler, pipeline=self.pipeline,
                 metrics=self.metrics, avatar_id=entry.id, avatar=entry.state, latency_s=self.latency_s,
-                lead_s=self.lead_s, seed=self.cfg.seed, peer_timeout_s=self.cfg.peer_timeout_s,
+                lead_s=self.lead_s, lip_lag_s=self.lip_lag_s, margin_s=self.audio_margin_s,
+                margin_adapt_s=self.cfg.margin_adapt_ms / 1000, seed=self.cfg.seed, peer_timeout_s=self.cfg.peer_timeout_s,
                 connect_timeout_s=self.cfg.connect_timeout_s, stats_interval_s=self.cfg.stats_interval_s,
                 audio_prefetch=self.cfg.audio_prefetch, grace_s=self.cfg.grace_ms / 1000,
                 frame_end_hint=self.cfg.frame_end_hint, audio_packet_ms=self.cfg.audio_packet_ms,

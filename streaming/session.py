@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, sid: str, pc, *, clock, scheduler, pipeline, metrics, avatar_id: str, avatar,
-                 latency_s: float, lead_s: float, seed: int = 0, peer_timeout_s: float = 5.0,
+                 latency_s: float, lead_s: float, lip_lag_s: float = 0.0, margin_s: float = 0.0,
+                 margin_adapt_s: float = 0.0, seed: int = 0, peer_timeout_s: float = 5.0,
                  connect_timeout_s: float = 20.0, stats_interval_s: float = 1.0, audio_prefetch: int | None = 0,
                  grace_s: float = 0.012, frame_end_hint: bool = True, audio_packet_ms: float | None = 5.0,
                  on_closed=None):
@@ -44,8 +45,8 @@ class Session:
         self.metrics = metrics
         self.avatar_id = avatar_id
         self.avatar = avatar
-        self.latency_s = latency_s
         self.lead_s = lead_s
+        self.lip_lag48 = int(round(lip_lag_s * RATE48))  # a frame's audio sits this far before its tick
         self.fps = clock.fps
         self.peer_timeout_s = peer_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -65,7 +66,9 @@ class Session:
         self.last_rx_at = self.created  # when anything last arrived from the peer (the monitor's view)
         self._closed_event = asyncio.Event()
 
-        self.audio = InboundAudio(latency_s)
+        # the pipeline latency (latency_s) starts as the server's and moves with the inbound jitter: its arrival
+        # margin (margin_s) grows by up to margin_adapt_s where audio arrives late (InboundAudio, adaptive margin)
+        self.audio = InboundAudio(latency_s, margin_s=margin_s, adapt_max_s=margin_adapt_s)
         self.motion = SessionMotion(pipeline.cfg, pipeline.presets, clock.fps, seed=seed,
                                     idle_model=pipeline.idle_model_for(clock.fps))
         self.video_track = AvatarVideoTrack(self)
@@ -297,6 +300,11 @@ class Session:
         self.scheduler.add(self)
         return k
 
+    @property
+    def latency_s(self) -> float:
+        """The session's pipeline latency now (the server's, plus what the adaptive margin added)."""
+        return self.audio.latency_s
+
     def wants_tick(self, k: int) -> bool:
         ks = self.k_start
         return not self.closed and ks is not None and k >= ks
@@ -308,8 +316,10 @@ class Session:
         """(first hop, hops, end hop) of the audio tick k shows, in 10 ms hops of the 16 kHz stream.
 
         Tick k is due when stream sample p48(k) plays; the frame shows the frame period of audio
-        centred there, so a sound's first frame is never more than half a period off the sound."""
-        q16 = (self._p48(k, off) - RATE48 / self.fps / 2) / 3.0
+        centred there, so a sound's first frame is never more than half a period off the sound; or, with a
+        lip lag (LatencyLevel.lip_lag_ms), centred that far before it: the lips trail the voice by the lag,
+        and the pipeline latency is that much shorter."""
+        q16 = (self._p48(k, off) - RATE48 / self.fps / 2 - self.lip_lag48) / 3.0
         h0 = int(round(q16 / HOP16))
         end = int(round((q16 + RATE16 / self.fps) / HOP16))
         return h0, max(1, end - h0), end
@@ -587,6 +597,9 @@ class Session:
             "peer_audio_jitter_ms": None if self.peer_audio_jitter_ms is None else round(self.peer_audio_jitter_ms, 1),
             "drops": dict(self.drops),
             "latency_ms": round(self.latency_s * 1000, 1),
+            "arrival_margin_ms": round(self.audio.effective_margin_s() * 1000, 1),
+            "latency_steps": len(self.audio.adaptations),
+            "lip_lag_ms": round(self.lip_lag48 / 48, 1),
             "round_ms": round(sch.est_round * 1000, 2),
             "batch": sch.last_batch,
             "av_offset_ms": None if self.av_offset_last is None else round(self.av_offset_last * 1000, 2),

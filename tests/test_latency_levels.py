@@ -36,6 +36,12 @@ def test_latency_levels_order_the_pipeline_latency(tmp_path):
             lead, round_s = st.server.lead_s, st.server.warmup_times[1]
         lv = LATENCY_LEVELS[level]
         assert info["latency_level"] == level and info["audio_margin_ms"] == lv.audio_margin_ms
+        assert info["lip_lag_ms"] == lv.lip_lag_ms
+        # the announced latency is the sum of its terms (the lip lag taken off the half frame)
+        mc = st.server.pipeline.cfg
+        want_ms = 1000 * (0.02 - lv.lip_lag_ms / 1000 + mc.lookahead_ms / 1000
+                          + mc.audio.right_overhang / mc.audio.sample_rate + lv.audio_margin_ms / 1000 + lead)
+        assert info["latency_ms"] == pytest.approx(want_ms, abs=0.06)
         # the lead follows the level's rule from this server's own measured round time
         want = min(lv.lead_max_periods * 0.04, max(lv.lead_min_ms / 1000, lv.lead_factor * round_s + lv.lead_add_ms / 1000))
         assert lead == pytest.approx(want)
@@ -43,6 +49,14 @@ def test_latency_levels_order_the_pipeline_latency(tmp_path):
     # a margin each level adds on its own (the measured rounds differ between servers, the margins do not)
     assert got["low"] < got["balanced"] < got["safe"], got
     assert got["safe"] - got["low"] >= LATENCY_LEVELS["safe"].audio_margin_ms - LATENCY_LEVELS["low"].audio_margin_ms
+
+
+def test_low_is_the_default_and_the_lip_lag_is_bounded(tmp_path):
+    assert ServeConfig().latency == "low" and LATENCY_LEVELS["low"].lip_lag_ms == 20.0
+    ck = responsive_checkpoint(tmp_path / "tiny", "tiny")
+    with pytest.raises(InputError, match="--lip-lag-ms 30: must be between 0 and half a frame period"):
+        with ServerThread(ServeConfig(checkpoint=ck, config="tiny", lip_lag_ms=30.0)):
+            pass
 
 
 def test_unknown_latency_level_is_refused(tmp_path):

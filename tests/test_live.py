@@ -54,7 +54,7 @@ def speech(tmp_path_factory):
 
 def _cfg(ckpt, audio_in, outs, **kw) -> LiveConfig:
     serve = ServeConfig(checkpoint=ckpt, config="lite", backend=kw.pop("backend", "auto"), port=0,
-                        ice_hosts=kw.pop("ice_hosts", ()), threads=1)
+                        ice_hosts=kw.pop("ice_hosts", ()), threads=1, latency="balanced")  # as `marionette live`
     return LiveConfig(audio_in=str(audio_in), outputs=tuple(outs), serve=serve, keyboard=False,
                       initial_controls=kw.pop("initial_controls", STATIC_HEAD), **kw)
 

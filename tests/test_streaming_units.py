@@ -338,6 +338,82 @@ def test_stall_then_burst_keeps_the_stream_in_place():
     assert a.position_at(0.02 + last_start / 48000 + 0.2) == pytest.approx(a.n48, abs=HOP48)
 
 
+def _jittered_push(a: InboundAudio, x48: np.ndarray, t0: float, late_every: int | None, late_s: float,
+                   prev: float = -1.0) -> float:
+    """Push x48 in 20 ms frames; with late_every, every late_every-th frame arrives late_s late and the ones
+    after it queue behind it (in-order delivery, 1 ms apart). Returns the last arrival time."""
+    for j, (i, f) in enumerate(_frames(x48)):
+        t = t0 + i / 48000
+        if late_every and j % late_every == late_every - 1:
+            t += late_s
+        t = max(t, prev + 0.001)
+        a.push(f, t)
+        prev = t
+    return prev
+
+
+def _talk_and_pause(speech48: np.ndarray, cycles: int, pause_s: float = 1.0) -> tuple[np.ndarray, list]:
+    sil = np.zeros(int(pause_s * 48000), np.int16)
+    parts, spans, n = [sil], [], len(sil)
+    for _ in range(cycles):
+        spans.append((n, n + len(speech48)))
+        parts += [speech48, sil]
+        n += len(speech48) + len(sil)
+    return np.concatenate(parts), spans
+
+
+def test_adaptive_margin_moves_the_stream_later_in_pauses_and_back_when_calm(speech48):
+    """Audio arriving later than the margin allows (every 10th packet 35 ms late) moves the session's stream
+    later, 10 ms at a time and only in pauses (the 10 ms it repeats are silence), until the margin covers
+    the lateness; once the network is calm again it comes back to where it started."""
+    start = 0.06
+    a = InboundAudio(start, anchor_settle_s=0.5, margin_s=0.015, adapt_max_s=0.06, adapt_window_s=2.0,
+                     adapt_calm_s=2.0)
+    x, spans = _talk_and_pause(speech48, 5)
+    t_end = _jittered_push(a, x, 0.02, late_every=10, late_s=0.035)
+    ups = list(a.adaptations)
+    assert ups and all(b > c for (_, b), (_, c) in zip(ups[1:], ups))  # later, step by step
+    assert a.effective_margin_s() >= 0.035  # the margin now covers the lateness
+    assert a.latency_s - start <= 0.06 + 1e-9
+    for t, _ in ups:  # each step was taken in a pause: what plays around it is silence
+        p = a.position_at(t)
+        assert np.abs(x[max(0, p - 1440):p + 1440].astype(np.float64)).max() < 100, t
+        assert not any(s0 - 480 <= p <= s1 + 480 for s0, s1 in spans), t
+    # the network calms down: the stream comes back, in pauses too, to the latency it started with
+    x2, _ = _talk_and_pause(speech48, 6)
+    _jittered_push(a, x2, t_end + 0.02 - len(x) / 48000 + len(x) / 48000, late_every=None, late_s=0.0, prev=t_end)
+    assert len(a.adaptations) > len(ups)
+    assert a.latency_s == pytest.approx(start, abs=1e-9)
+
+
+def test_fixed_margin_when_adaptation_is_off(speech48):
+    a = InboundAudio(0.06, anchor_settle_s=0.5, margin_s=0.015, adapt_max_s=0.0, adapt_window_s=2.0)
+    x, _ = _talk_and_pause(speech48, 4)
+    off = None
+    for j, (i, f) in enumerate(_frames(x)):
+        a.push(f, 0.02 + i / 48000 + (0.035 if j % 10 == 9 else 0.0))
+        if j == 100:
+            off = a.offset48
+    assert a.adaptations == [] and a.offset48 == off and a.latency_s == 0.06
+
+
+def test_lip_lag_moves_the_frame_audio_to_end_at_its_tick():
+    """A frame's audio: the frame period centred on its tick, or with a 20 ms lip lag (latency `low`) the
+    period that ends at the tick."""
+    from types import SimpleNamespace
+
+    from streaming.session import Session
+
+    def hops(lag48: int, k: int) -> tuple[int, int, int]:
+        ns = SimpleNamespace(fps=25, lip_lag48=lag48)
+        ns._p48 = lambda kk, off: Session._p48(ns, kk, off)
+        return Session.frame_hops(ns, k, 0)
+
+    # tick 10 plays at 0.4 s = hop 40 of the 10 ms hops
+    assert hops(0, 10) == (38, 4, 42)
+    assert hops(960, 10) == (36, 4, 40)
+
+
 # ------------------------------------------------------------------------------------------ motion
 @pytest.fixture(scope="module")
 def tiny_pipeline():

@@ -118,6 +118,21 @@ def test_generator_uses_the_source_state_and_the_pose_warp():
     assert (turned - same).abs().mean() > 1e-3
 
 
+def test_rendered_batches_serve_reuse_steps_and_a_resumed_run_sees_the_same():
+    from trainer.synthetic import PairRenderer, render_batches
+
+    mk = PairRenderer(ModelConfig.preset("talk-tiny"), n_ids=1, per_id=2, seed=3, region=False)
+    it = render_batches(mk, 0, 0, reuse=2)
+    run = [next(it) for _ in range(5)]
+    assert [int(b["step"]) for b in run] == [0, 0, 1, 1, 2]  # step s trains on rendered batch s // 2
+    assert "region" not in run[0] and torch.equal(run[2]["target"], mk(1)["target"])
+    resumed = render_batches(mk, 3, 0, reuse=2)  # a run resumed at step 3: the second use of batch 1, then batch 2
+    assert [int(next(resumed)["step"]) for _ in range(3)] == [1, 2, 2]
+    assert [int(b["step"]) for b, _ in zip(render_batches(mk, 4, 0), range(2))] == [4, 5]  # reuse 1: as before
+    with pytest.raises(ValueError, match="reuse"):
+        render_batches(mk, 0, 0, reuse=0)
+
+
 def test_pair_renderer_is_deterministic_and_one_factor_targets_keep_the_rest():
     from trainer.synthetic import PairRenderer, sample_pair_states
 

@@ -64,6 +64,10 @@ class StageConfig:
     seq_frames: int = 30  # idle: predicted sequence length (frames)
     per_id: int = 4  # render: targets rendered per source identity (batch_size / per_id identities per step)
     pool: int = 4096  # state: frames rendered once up front, batches drawn from them
+    # render, patch: each rendered batch serves this many consecutive steps (each with its own augmentation and
+    # jitter). On a CPU these stages wait for the renderer (a patch step computes in ~0.4 s, its 18 renders take
+    # ~0.7 s on the core the training leaves free)
+    reuse: int = 1
 
 
 @dataclass(frozen=True)
@@ -141,14 +145,15 @@ def _base() -> TrainPreset:
 
 
 def _talk() -> TrainPreset:
-    # The built-in model (see trainer.synthetic and README "The model"), sized for <= 2.5 h on 2 CPU cores.
+    # The built-in model (see trainer.synthetic and README "The model"), sized for <= 2.5 h on 2 CPU cores, and
+    # measured on the slower of the two 2-core machines this project has had (README "The model": ~2 h 20 min)
     return TrainPreset(name="talk", model="talk", stages={
-        "render": StageConfig(steps=2400, batch_size=8, lr=1e-3, warmup=100, min_lr_ratio=0.05,
-                              betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
-        "state": StageConfig(steps=1200, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
-                             betas=(0.9, 0.99), weight_decay=0.0, pool=8192),
-        "patch": StageConfig(steps=5000, batch_size=8, lr=1e-3, warmup=50, min_lr_ratio=0.05,
-                             betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4),
+        "render": StageConfig(steps=2000, batch_size=8, lr=1e-3, warmup=100, min_lr_ratio=0.05,
+                              betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4, reuse=2),
+        "state": StageConfig(steps=1000, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
+                             betas=(0.9, 0.99), weight_decay=0.0, pool=4096),
+        "patch": StageConfig(steps=3500, batch_size=8, lr=1e-3, warmup=50, min_lr_ratio=0.05,
+                             betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4, reuse=2),
         "audio": StageConfig(steps=1500, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.05,
                              betas=(0.9, 0.99)),
         "idle": StageConfig(steps=1500, batch_size=32, lr=3e-3, warmup=100, min_lr_ratio=0.1,

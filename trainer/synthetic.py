@@ -125,16 +125,18 @@ class PairRenderer:
     (seed, step), so a resumed run sees the same data.
 
     Returns {"source" (n_ids,3,S,S), "target" (B,3,S,S) in [-1,1], "z_source" (n_ids,total), "z_target" (B,total),
-    "region" (B,1,S,S) mouth-or-eyes mask, "change" (B,1,S,S) where the target has content the source lacks,
+    "region" (B,1,S,S) mouth-or-eyes mask (unless region=False),
+    "change" (B,1,S,S) where the target has content the source lacks,
     "src_index" (B,), "anchor_source" (n_ids,3,2), "anchor_target" (B,3,2) (`trainer.corpus.face.anchor_points`),
     "kp_source" (n_ids,K,2), "kp_target" (B,K,2) (`trainer.corpus.face.landmark_points`),
     "step" ()}."""
 
     def __init__(self, model_cfg, n_ids: int, per_id: int, seed: int, device: torch.device | str = "cpu",
-                 identity_pool: int = 0, one_factor: float = 0.35, small_jaw: float = 0.0):
+                 identity_pool: int = 0, one_factor: float = 0.35, small_jaw: float = 0.0, region: bool = True):
         from trainer.corpus.face import FaceRenderer, sample_identity
 
         self.one_factor = float(one_factor)
+        self.with_region = bool(region)  # the mouth-or-eyes mask (the render stage's loss; ~13 % of the rendering)
         self.small_jaw = float(small_jaw)  # share of targets whose jaw is redrawn in [0, SMALL_JAW] (speech's range)
         self.cfg = model_cfg
         self.n_ids, self.per_id, self.seed = int(n_ids), int(per_id), int(seed)
@@ -163,7 +165,8 @@ class PairRenderer:
         ident_t = np.repeat(ident, self.per_id, axis=0)
         t_img = r.render(ident_t, tgt["pose"], tgt["eyes"], tgt["mouth"], tgt["expression"])
         rep = {g: np.repeat(src[g], self.per_id, axis=0) for g in GROUPS}
-        region = r.region_mask(ident_t, tgt["pose"], "mouth") | r.region_mask(ident_t, tgt["pose"], "eyes")
+        region = (r.region_mask(ident_t, tgt["pose"], "mouth") | r.region_mask(ident_t, tgt["pose"], "eyes")
+                  if self.with_region else None)
         # where the target has content that the source, moved to the target's pose, lacks (an opened mouth,
         # a shut lid, a moved iris, a smile): the target rendered at its own pose with the source's other
         # factors differs from it exactly there (dilated by 2 px)
@@ -172,14 +175,17 @@ class PairRenderer:
         change = F.max_pool2d(change, 5, stride=1, padding=2)
         from trainer.corpus.face import anchor_points, landmark_points
 
-        return {"anchor_source": anchor_points(ident, src["pose"]),
+        out = {"anchor_source": anchor_points(ident, src["pose"]),
                 "kp_source": landmark_points(ident, src["pose"]), "kp_target": landmark_points(ident_t, tgt["pose"]),
                 "anchor_target": anchor_points(ident_t, tgt["pose"]), "moved": moved * 2 - 1,
                 "source": s_img * 2 - 1, "target": t_img * 2 - 1, "change": change,
                 "z_source": torch.from_numpy(latents_from_factors(src, self.cfg)),
                 "z_target": torch.from_numpy(latents_from_factors(tgt, self.cfg)),
-                "region": region.float(), "src_index": torch.arange(self.n_ids).repeat_interleave(self.per_id),
+                "src_index": torch.arange(self.n_ids).repeat_interleave(self.per_id),
                 "step": torch.tensor(int(step))}
+        if region is not None:
+            out["region"] = region.float()
+        return out
 
 
 class _StepDataset(torch.utils.data.Dataset):
@@ -193,9 +199,25 @@ class _StepDataset(torch.utils.data.Dataset):
         return self.make(self.start + int(i))
 
 
-def render_batches(make: PairRenderer, start: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches start, start+1, ...: rendered in `workers` background processes (CPU: rendering overlaps the
-    training step), or in this process on the renderer's device (workers = 0, e.g. on CUDA)."""
+def render_batches(make: PairRenderer, start: int, workers: int, reuse: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of steps start, start+1, ...: rendered in `workers` background processes (CPU: rendering
+    overlaps the training step), or in this process on the renderer's device (workers = 0, e.g. on CUDA).
+    reuse > 1: step s trains on rendered batch s // reuse (StageConfig.reuse), so a resumed run sees the same."""
+    if reuse < 1:
+        raise ValueError(f"reuse must be >= 1, got {reuse}")
+    if reuse == 1:
+        return _rendered(make, start, workers)
+
+    def repeat() -> Iterator[dict[str, torch.Tensor]]:
+        skip = start % reuse
+        for batch in _rendered(make, start // reuse, workers):
+            for _ in range(reuse - skip):
+                yield batch
+            skip = 0
+    return repeat()
+
+
+def _rendered(make: PairRenderer, start: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
     if workers <= 0:
         def gen() -> Iterator[dict[str, torch.Tensor]]:
             step = start

@@ -403,10 +403,12 @@ def train(cfg: TrainConfig) -> Path:
                 n_ids = max(1, scfg.batch_size // scfg.per_id)
                 from trainer.synthetic import PATCH_ONE_FACTOR, PATCH_SMALL_JAW
 
-                extra = ({"one_factor": PATCH_ONE_FACTOR, "small_jaw": PATCH_SMALL_JAW} if stage == "patch" else {})
+                extra = ({"one_factor": PATCH_ONE_FACTOR, "small_jaw": PATCH_SMALL_JAW, "region": False}
+                         if stage == "patch" else {})
                 make = PairRenderer(mcfg, n_ids, scfg.per_id, seed=cfg.seed * 7919 + d.rank,
                                     device=dev if dev.type == "cuda" else "cpu", **extra)
-                return render_batches(make, start, 0 if dev.type == "cuda" else min(cfg.workers, 1))
+                return render_batches(make, start, 0 if dev.type == "cuda" else min(cfg.workers, 1),
+                                      reuse=scfg.reuse if dev.type != "cuda" else 1)
             if stage == "state":  # a pool of rendered frames, rendered once (on the training device)
                 from trainer.synthetic import StatePool
 
