@@ -381,3 +381,20 @@ def test_lookahead_is_a_training_option_kept_by_later_stages(small_corpus, tmp_p
         train(TrainConfig(stage="expression", lookahead_ms=80, **base))
     with pytest.raises(InputError, match="lookahead-ms"):
         train(TrainConfig(stage="factors", lookahead_ms=-5, **base))
+
+
+def test_a_sound_only_clip_store_reads_what_a_full_one_does_without_the_frames(small_corpus, tmp_path):
+    """The built-in's audio and idle stages read the sound and the factor tables only: their store probes the
+    video for its frame count and rate instead of decoding and resizing it, and caches no frames."""
+    from engine.config import ModelConfig
+    from trainer.data import ClipStore, list_clips
+
+    cfg = ModelConfig.preset("talk-tiny")
+    ref = list_clips(small_corpus)[0]
+    full = ClipStore(cfg, cache_dir=tmp_path / "full").get(ref)
+    for _ in range(2):  # computed, then from its cache
+        sound = ClipStore(cfg, cache_dir=tmp_path / "sound", frames=False).get(ref)
+        assert sound.n == full.n and sound.frames.shape == (full.n, 0, 0, 3) and sound.fps == full.fps
+        assert np.array_equal(sound.windows, full.windows) and np.array_equal(sound.active, full.active)
+        assert all(np.array_equal(sound.factors[k], full.factors[k]) for k in full.factors)
+    assert not list((tmp_path / "sound").rglob("*.frames.npy")) and list((tmp_path / "full").rglob("*.frames.npy"))

@@ -118,6 +118,29 @@ class Clip:
         return len(self.frames)
 
 
+def _probe_video(path: Path) -> tuple[int, float]:
+    """(frame count, fps) of `path`'s video stream: from the container's header where it says, else by
+    demuxing its packets (no decoding)."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise InputError(f"{path} has no video stream")
+            st = c.streams.video[0]
+            fps = float(st.average_rate) if st.average_rate else 25.0
+            n = int(st.frames or 0)
+            if n <= 0:
+                n = sum(1 for p in c.demux(st) if p.size)
+    except InputError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise InputError(f"cannot read video {path}: {e}") from None
+    if n <= 0:
+        raise InputError(f"video {path} has no frames")
+    return n, fps
+
+
 def _decode_video(path: Path, size: int) -> tuple[np.ndarray, float]:
     """All frames of `path` as (T, size, size, 3) uint8 (centre-cropped to square, antialiased resize) + fps."""
     import av
@@ -241,11 +264,18 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 class ClipStore:
-    """Loads clips at the model's size, through an on-disk .npy cache (optional) and an in-memory LRU."""
+    """Loads clips at the model's size, through an on-disk .npy cache (optional) and an in-memory LRU.
 
-    def __init__(self, cfg: ModelConfig, cache_dir: Path | None = None, lru: int = 16):
+    frames=False: the stages that read only the sound and the factor tables (the built-in's `audio`, and `idle`
+    with factor tables) get clips whose `frames` is (T, 0, 0, 3): the video is only probed for its frame rate
+    and frame count, not decoded and resized (for the built-in's speech corpus that was 3 minutes of its
+    `audio` stage and a 7 GB cache of 256 px frames upscaled from 64)."""
+
+    def __init__(self, cfg: ModelConfig, cache_dir: Path | None = None, lru: int = 16, frames: bool = True):
         self.cfg = cfg
-        sub = f"v{CACHE_VERSION}_{cfg.image_size}px"  # frames, mel, activity: no lookahead in them
+        self.frames = bool(frames)
+        # frames, mel, activity: no lookahead in them
+        sub = f"v{CACHE_VERSION}_{cfg.image_size}px" if frames else f"v{CACHE_VERSION}_sound"
         self.cache_dir = None if cache_dir is None else Path(cache_dir) / sub
         self.lru = max(1, int(lru))
         self._mem: OrderedDict[str, Clip] = OrderedDict()
@@ -254,7 +284,7 @@ class ClipStore:
         if self.cache_dir is None:
             return None
         d = self.cache_dir / ref.split / ref.identity
-        return {k: d / f"{ref.name}.{k}.npy" for k in ("frames", "mel", "active", "fps")}
+        return {k: d / f"{ref.name}.{k}.npy" for k in ("frames" if self.frames else "nframes", "mel", "active", "fps")}
 
     def get(self, ref: ClipRef) -> Clip:
         clip = self._mem.get(ref.key)
@@ -272,17 +302,25 @@ class ClipStore:
 
         paths = self._paths(ref)
         if paths is not None and all(p.is_file() for p in paths.values()):
-            frames = np.load(paths["frames"], mmap_mode="r")
+            if self.frames:
+                frames = np.load(paths["frames"], mmap_mode="r")
+            else:
+                frames = np.zeros((int(np.load(paths["nframes"])[0]), 0, 0, 3), np.uint8)
             mel = np.load(paths["mel"])
             active = np.load(paths["active"])
             fps = float(np.load(paths["fps"])[0])
         else:
-            frames, fps = _decode_video(ref.video, self.cfg.image_size)
+            if self.frames:
+                frames, fps = _decode_video(ref.video, self.cfg.image_size)
+            else:
+                n_frames, fps = _probe_video(ref.video)
+                frames = np.zeros((n_frames, 0, 0, 3), np.uint8)
             samples = load_audio(ref.audio if ref.audio is not None else ref.video, self.cfg.audio.sample_rate)
             mel = log_mel(samples, self.cfg.audio).numpy()
             active = voice_activity(samples, fps, self.cfg.audio.sample_rate, n_frames=len(frames))
             if paths is not None:
-                for k, v in (("frames", frames), ("mel", mel), ("active", active), ("fps", np.array([fps]))):
+                first = ("frames", frames) if self.frames else ("nframes", np.array([len(frames)]))
+                for k, v in (first, ("mel", mel), ("active", active), ("fps", np.array([fps]))):
                     _save_npy(paths[k], v)
         factors = None
         n = len(frames)

@@ -316,6 +316,7 @@ def train(cfg: TrainConfig) -> Path:
             "run --config tiny|lite|base (motion, factors, expression, idle: no labels needed), or with "
             "--config talk only --stage render, state, patch or idle")
     store = ClipStore(mcfg, cache_dir=run.dir / "cache", lru=preset.clip_cache)
+    sound_store = ClipStore(mcfg, cache_dir=run.dir / "cache", lru=max(preset.clip_cache, 256), frames=False)
     oracle = None
     if cfg.oracle is not None:
         from trainer.oracle import load_oracle
@@ -385,7 +386,9 @@ def train(cfg: TrainConfig) -> Path:
         if state is not None:
             stage_mod.load_extra_state({k[6:]: v for k, v in state[0].items() if k.startswith("extra.")})
 
-        ds = (StageDataset(clips, mcfg, stage, scfg, preset.augment, cfg.seed, store)
+        # the sound and the factor tables only: the audio stage, and idle where the clips have factor tables
+        sound_only = stage == "audio" or (stage == "idle" and any(c.factors is not None for c in clips))
+        ds = (StageDataset(clips, mcfg, stage, scfg, preset.augment, cfg.seed, sound_store if sound_only else store)
               if stage in NEEDS_CORPUS else None)
         if stage == "idle" and ds.pseudo:  # real video without factor tables: E_pose / E_eye as targets
             from trainer.stages import pseudo_motion_table
