@@ -23,7 +23,7 @@ Adaptive margin (`adapt_max_s` > 0; the server's default). The pipeline latency 
 inbound jitter: a sample may arrive that much after its nominal time and still be in before the frame that
 shows it is made. Where more arrives later than that (a jittery network, a client sharing a busy machine),
 the frames are made without it (the mouth opens a frame late) and the outbound audio underruns. Like a
-receiver's adaptive jitter buffer, the stream then moves later, in 10 ms steps, to the 98th percentile of
+receiver's adaptive jitter buffer, the stream then moves later, in 10 ms steps, to the 95th percentile of
 the last 8 s of arrival lateness (+2 ms), up to `adapt_max_s` more than it started with; and back earlier,
 10 ms at a time, when that percentile has stayed 10 ms below the margin for `adapt_calm_s`. A step is taken
 only in a pause (300 ms without voice activity), where repeating or skipping 10 ms of silence can neither
@@ -204,7 +204,7 @@ class InboundAudio:
         self._adapt_next_check = now + 0.25
         if now - q[0][0] < 0.5 * self._adapt_window:
             return  # too little seen yet
-        need = float(np.percentile([x for _, x in q], 98)) + 0.002
+        need = float(np.percentile([x for _, x in q], 95)) + 0.002
         have = self.effective_margin_s()
         extra = self.latency_s - self.latency_start_s
         if need > have and extra + 0.01 <= self.adapt_max_s + 1e-9:
