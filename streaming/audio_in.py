@@ -113,8 +113,9 @@ class InboundAudio:
         self._adapt_next_check = 0.0
         self._adapt_step = 0  # pending: +1 later / -1 earlier by 10 ms, taken at the next pause
         self._calm_since: float | None = None
-        self._quiet_hops = 0  # hops since the last voice activity (VAD alone, no energy gate)
-        self.adaptations: list[tuple[float, float]] = []  # (arrival time, latency after) of each step taken
+        self._quiet_hops = 0  # hops since the last speech hop (the gate's decision: VAD and energy)
+        self.steps_taken = 0
+        self.adaptations: deque = deque(maxlen=256)  # (arrival time, latency after) of the latest steps taken
         # counters
         self.frames_in = 0
         self.inserted_samples = 0
@@ -231,6 +232,7 @@ class InboundAudio:
             self.offset48 -= d * HOP48
             self.latency_s += d * HOP48 / RATE48
         self._adapt_step, self._calm_since = 0, None
+        self.steps_taken += 1
         self.adaptations.append((now, self.latency_s))
 
     def _skipped_by_sender(self, frame) -> int:

@@ -598,7 +598,7 @@ class Session:
             "drops": dict(self.drops),
             "latency_ms": round(self.latency_s * 1000, 1),
             "arrival_margin_ms": round(self.audio.effective_margin_s() * 1000, 1),
-            "latency_steps": len(self.audio.adaptations),
+            "latency_steps": self.audio.steps_taken,
             "lip_lag_ms": round(self.lip_lag48 / 48, 1),
             "round_ms": round(sch.est_round * 1000, 2),
             "batch": sch.last_batch,

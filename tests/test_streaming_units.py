@@ -394,7 +394,7 @@ def test_fixed_margin_when_adaptation_is_off(speech48):
         a.push(f, 0.02 + i / 48000 + (0.035 if j % 10 == 9 else 0.0))
         if j == 100:
             off = a.offset48
-    assert a.adaptations == [] and a.offset48 == off and a.latency_s == 0.06
+    assert a.steps_taken == 0 and not a.adaptations and a.offset48 == off and a.latency_s == 0.06
 
 
 def test_lip_lag_moves_the_frame_audio_to_end_at_its_tick():

@@ -27,6 +27,7 @@ on the driving frame alone, which is what makes E_mot ignore appearance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -118,9 +119,10 @@ class Clip:
         return len(self.frames)
 
 
-def _probe_video(path: Path) -> tuple[int, float]:
-    """(frame count, fps) of `path`'s video stream: from the container's header where it says, else by
-    demuxing its packets (no decoding)."""
+@contextlib.contextmanager
+def _video_stream(path: Path, verb: str):
+    """`path`'s container, its first video stream and its frame rate; a missing stream or an FFmpeg error,
+    here or in the block, as an InputError ("cannot <verb> video ...")."""
     import av
 
     try:
@@ -128,14 +130,18 @@ def _probe_video(path: Path) -> tuple[int, float]:
             if not c.streams.video:
                 raise InputError(f"{path} has no video stream")
             st = c.streams.video[0]
-            fps = float(st.average_rate) if st.average_rate else 25.0
-            n = int(st.frames or 0)
-            if n <= 0:
-                n = sum(1 for p in c.demux(st) if p.size)
+            yield c, st, float(st.average_rate) if st.average_rate else 25.0
     except InputError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(f"cannot read video {path}: {e}") from None
+        raise InputError(f"cannot {verb} video {path}: {e}") from None
+
+
+def _probe_video(path: Path) -> tuple[int, float]:
+    """(frame count, fps) of `path`'s video stream: from the container's header where it says, else by
+    demuxing its packets (no decoding)."""
+    with _video_stream(path, "read") as (c, st, fps):
+        n = int(st.frames or 0) or sum(1 for p in c.demux(st) if p.size)
     if n <= 0:
         raise InputError(f"video {path} has no frames")
     return n, fps
@@ -143,21 +149,10 @@ def _probe_video(path: Path) -> tuple[int, float]:
 
 def _decode_video(path: Path, size: int) -> tuple[np.ndarray, float]:
     """All frames of `path` as (T, size, size, 3) uint8 (centre-cropped to square, antialiased resize) + fps."""
-    import av
-
     frames = []
-    try:
-        with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise InputError(f"{path} has no video stream")
-            st = c.streams.video[0]
-            fps = float(st.average_rate) if st.average_rate else 25.0
-            for fr in c.decode(st):
-                frames.append(fr.to_ndarray(format="rgb24"))
-    except InputError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(f"cannot decode video {path}: {e}") from None
+    with _video_stream(path, "decode") as (c, st, fps):
+        for fr in c.decode(st):
+            frames.append(fr.to_ndarray(format="rgb24"))
     if not frames:
         raise InputError(f"video {path} has no frames")
     x = np.stack(frames)
