@@ -61,7 +61,7 @@ def measure(checkpoint: Path, pairs: int, seed: int) -> dict:
         zt = torch.from_numpy(latents_from_factors(tgt, m.cfg))
         s2, t2 = s_img * 2 - 1, t_img * 2 - 1
         fh, fl, app = m.e_app(s2)
-        anchors = m.generator.patch.source_anchors(fl).flatten(1) if m.cfg.patches else app[:, :0]
+        anchors = m.encode_avatar(s2)[2][:, -6:] if m.cfg.patches else app[:, :0]  # the model's own (head or E_mot)
         copy = _psnr(s_img, t_img)
 
         def gain(z_t: torch.Tensor, z_s: torch.Tensor) -> float:

@@ -82,6 +82,10 @@ GT_DIMS: dict[str, int] = {"lip": 3, "pose": 6, "eye": 4, "exp": 6}
 # the renderer's facial landmarks that E_mot's keypoint branch finds (trainer.corpus.face.LANDMARKS; kept equal by
 # a test)
 N_LANDMARKS = 8
+# the landmarks' order in a mirror image (the subject's right and left swap: eyes, cheeks) and which of them are
+# the local generators' three anchors (eye_right, eye_left, mouth: `trainer.corpus.face.anchor_points`)
+LANDMARK_MIRROR = (1, 0, 2, 3, 4, 5, 7, 6)
+LANDMARK_ANCHORS = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,11 @@ class ModelConfig:
     # per avatar); for driving frames the runtimes' default (render --pose-from, evaluate), but not the live
     # webcam path, where the second E_mot pass would not fit a 2-core round
     motion_mirror: bool = False
+    # the local generators' anchors in the portrait are E_mot's keypoints (its eye and mouth landmarks, read with
+    # the mirror image too when `motion_mirror`) instead of G.patch's anchor head on E_app's features: on 60
+    # held-out identities the head's eye anchors were off by 15-33 px at the 99th percentile (70 px after a short
+    # patch stage: a mouth pasted on the cheek), E_mot's keypoints by < 5 px at worst (README "The anchors")
+    anchors_from_keypoints: bool = False
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -193,11 +202,12 @@ class ModelConfig:
             # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
                         patches=True, eye_source_gaze=False, motion_mirror=True,
+                        anchors_from_keypoints=True,
                         net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True,
                                           motion_keypoints=N_LANDMARKS)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
                              pose_warp=True, local_z=True, patches=True, eye_source_gaze=False, motion_mirror=True,
-                             net=NetworkConfig(
+                             anchors_from_keypoints=True, net=NetworkConfig(
                                  app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
                                  motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
                                  refine_channels=8, mouth_channels=8, mouth_branch=False, patch_levels=3,

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from engine.config import FACTORS, ModelConfig
+from engine.config import FACTORS, LANDMARK_ANCHORS, LANDMARK_MIRROR, ModelConfig
 from engine.networks import AppearanceEncoder, AudioEncoder, FactorHead, Generator, MotionEncoder
 
 # Physical meaning of the pose latent: latent = value / scale (see the module docstring).
@@ -50,6 +50,9 @@ class Marionette(nn.Module):
         lat, net = cfg.latents, cfg.net
         if cfg.motion_mirror and not cfg.gt_latents:
             raise ValueError("motion_mirror needs gt_latents (mirroring a reading needs its dimensions' meanings)")
+        if cfg.anchors_from_keypoints and not (cfg.patches and net.motion_keypoints == len(LANDMARK_MIRROR)):
+            raise ValueError("anchors_from_keypoints needs patches and E_mot's keypoint branch on the renderer's "
+                             f"{len(LANDMARK_MIRROR)} landmarks (net.motion_keypoints)")
         self.e_app = AppearanceEncoder(cfg)
         self.e_mot = MotionEncoder(cfg)
         mdim = net.motion_dim + 2 * net.motion_keypoints  # E_mot's feature (with its keypoints' coordinates)
@@ -69,18 +72,39 @@ class Marionette(nn.Module):
         """E_app: (B,3,S,S) in [-1,1] -> feat_hi (B,C1,S/2,S/2), feat_lo (B,C2,S/4,S/4), app (B,app_dim);
         with `cfg.relative`, app is [appearance (app_dim), the portrait's own state z_src (latents.total)],
         z_src estimated by E_mot + heads (run once per avatar); with `cfg.patches`, followed by the portrait's
-        three anchors (6: eyes and mouth, grid coordinates)."""
+        three anchors (6: eyes and mouth, grid coordinates): E_mot's keypoints with `cfg.anchors_from_keypoints`
+        (the same E_mot passes as z_src), else G.patch's anchor head on feat_lo."""
         feat_hi, feat_lo, app = self.e_app(portrait)
+        read = self.cfg.relative or self.cfg.anchors_from_keypoints
+        z_src, kp = self.read_portrait(portrait) if read else (None, None)
         if self.cfg.relative:
-            app = torch.cat([app, self.source_state(portrait)], dim=1)
+            app = torch.cat([app, z_src], dim=1)
         if self.cfg.patches:  # and where its eyes and mouth are (G.patch's anchors, (B,3,2) flattened)
-            app = torch.cat([app, self.generator.patch.source_anchors(feat_lo).flatten(1)], dim=1)
+            anchors = (kp[:, list(LANDMARK_ANCHORS)] if self.cfg.anchors_from_keypoints
+                       else self.generator.patch.source_anchors(feat_lo))
+            app = torch.cat([app, anchors.flatten(1)], dim=1)
         return feat_hi, feat_lo, app
 
     def source_state(self, portrait: torch.Tensor) -> torch.Tensor:
         """The state z (B, latents.total) the portrait itself shows (E_mot + heads; read with its mirror image
         too when `cfg.motion_mirror`: once per avatar, so the second pass costs nothing per frame)."""
-        return self.compose(self.encode_motion(portrait, mirror=self.cfg.motion_mirror))
+        return self.read_portrait(portrait)[0]
+
+    def read_portrait(self, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """E_mot + heads on the portrait (and its mirror image when `cfg.motion_mirror`) -> (its state z (B, total),
+        its keypoints (B,K,2) in grid units, or None without E_mot's keypoint branch). Mirrored readings are mapped
+        back and averaged (`mirror_mean`; keypoints on the renderer's landmarks: x negated, left and right swapped;
+        other keypoint sets are the plain reading's)."""
+        k = self.cfg.net.motion_keypoints
+        feat = self.e_mot(portrait)
+        out = self.heads(feat)
+        kp = MotionEncoder.keypoints(feat, k) if k else None
+        if self.cfg.motion_mirror:
+            feat_m = self.e_mot(torch.flip(portrait, dims=[3]))
+            out = mirror_mean(out, self.heads(feat_m))
+            if k == len(LANDMARK_MIRROR):
+                kp = 0.5 * (kp + mirror_keypoints(MotionEncoder.keypoints(feat_m, k)))
+        return self.compose(out), kp
 
     # ---- per driving frame
     def motion_feature(self, frames: torch.Tensor) -> torch.Tensor:
@@ -160,6 +184,15 @@ def mirror_latent(factor: str, v: torch.Tensor) -> torch.Tensor:
     if factor == "eye":  # [gaze_x, gaze_y, lid_left, lid_right]
         return torch.cat([-v[:, :1], v[:, 1:2], v[:, 3:4], v[:, 2:3], v[:, 4:]], dim=1)
     return v
+
+
+def mirror_keypoints(kp: torch.Tensor) -> torch.Tensor:
+    """Keypoints (B,K,2) found in a horizontally mirrored frame -> the unmirrored frame's: x negated, the subject's
+    right and left landmarks swapped (`engine.config.LANDMARK_MIRROR`)."""
+    if kp.shape[1] != len(LANDMARK_MIRROR):
+        raise ValueError(f"mirroring needs the {len(LANDMARK_MIRROR)} renderer landmarks, got {kp.shape[1]} keypoints")
+    sign = torch.tensor([-1.0, 1.0], dtype=kp.dtype, device=kp.device)
+    return kp[:, list(LANDMARK_MIRROR)] * sign
 
 
 def mirror_mean(reading: Mapping[str, torch.Tensor], mirrored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -589,7 +589,9 @@ class PatchRefiner(nn.Module):
     Geometry is computed, not learned, except where the three anchors are in the portrait:
       * ``source_anchors(feat_lo)``: a small head on E_app's S/4 features -> soft-argmax -> (B,3,2) grid
         coordinates of [eye at the image's left (subject's right), eye at the image's right, mouth centre]
-        (supervised with the renderer's ground truth); run once per avatar, carried at the end of `app`;
+        (supervised with the renderer's ground truth); run once per avatar, carried at the end of `app`. With
+        `ModelConfig.anchors_from_keypoints` (the built-in) E_mot's keypoints give them instead and this head is
+        unused (`Marionette.encode_avatar`);
       * ``target_anchors(a_s, flow)``: where G's backward flow carries them in the frame (p = a_s - flow(p),
         a few fixed-point steps);
       * ``boxes(a_t)``: squares from the anchors: axis along the eye line, side from the face scale d;

@@ -485,7 +485,7 @@ def test_tensorrt_missing_dependency_says_what_to_install(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ errors
-def test_open_backend_errors(tmp_path, tiny_export):
+def test_open_backend_errors(tmp_path, tiny_export, tiny_ckpt):
     with pytest.raises(InputError) as e:
         open_backend("tflite")
     assert all(name in str(e.value) for name in BACKENDS)
@@ -505,6 +505,16 @@ def test_open_backend_errors(tmp_path, tiny_export):
     save_checkpoint(Marionette(ModelConfig.preset("tiny")), other)
     with pytest.raises(InputError, match="another checkpoint"):
         open_backend("onnxruntime", exported=tiny_export, checkpoint=other)
+    # the same weights with another model config (a new jaw calibration): the export would not carry it
+    import shutil
+
+    recal = tmp_path / "recalibrated"
+    shutil.copytree(tiny_ckpt, recal)
+    doc = json.loads((recal / "config.json").read_text())
+    doc["model"]["jaw_calibration"] = [[0.0, 0.0], [0.1, 0.2]]
+    (recal / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="another model config"):
+        open_backend("onnxruntime", exported=tiny_export, checkpoint=recal)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "manifest.json").write_text(json.dumps({"format": "tensorrt", "model_config": {}, "graphs": {}}))

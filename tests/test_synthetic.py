@@ -3,6 +3,7 @@ recipe (trainer.synthetic) end to end on the tiny config, and `serve` refusing w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -93,7 +94,11 @@ def test_ground_truth_latents_zero_their_unused_dimensions():
         k = cfg.net.app_dim + cfg.latents.total
         assert app.shape == (1, k + 6)
         assert torch.allclose(app[:, cfg.net.app_dim:k], m.source_state(portrait))
-        assert torch.allclose(app[:, k:], m.generator.patch.source_anchors(lo).flatten(1))
+        # talk's anchors are E_mot's eye and mouth keypoints (mirror-averaged); a model without the flag uses its head
+        assert cfg.anchors_from_keypoints and ModelConfig.preset("talk").anchors_from_keypoints
+        assert torch.allclose(app[:, k:], m.read_portrait(portrait)[1][:, :3].flatten(1))
+        m.cfg = dataclasses.replace(cfg, anchors_from_keypoints=False)
+        assert torch.allclose(m.encode_avatar(portrait)[2][:, k:], m.generator.patch.source_anchors(lo).flatten(1))
 
 
 def test_generator_uses_the_source_state_and_the_pose_warp():
@@ -423,6 +428,32 @@ def test_without_the_source_gaze_the_eye_net_hears_only_the_target_gaze():
     assert not torch.equal(told.conditions(z_t, z_s)[1], told.conditions(z_t, z_s2)[1])
 
 
+def test_keypoint_anchors_of_a_mirrored_portrait_are_the_mirrored_anchors():
+    """`anchors_from_keypoints`: the portrait's anchors are E_mot's first three keypoints, read with the mirror image
+    too. For any weights, a mirrored portrait's anchors are the portrait's with x negated and the eyes swapped, the
+    engine's landmark mirror map matches the renderer's landmark names, and the flag needs the keypoint branch."""
+    from engine.config import LANDMARK_ANCHORS, LANDMARK_MIRROR
+    from engine.model import Marionette, mirror_keypoints
+    from trainer.corpus.face import LANDMARKS
+
+    swap = {"right": "left", "left": "right"}
+    names = ["_".join(swap.get(w, w) for w in n.split("_")) for n in LANDMARKS]
+    assert [LANDMARKS[i] for i in LANDMARK_MIRROR] == names
+    assert [LANDMARKS[i] for i in LANDMARK_ANCHORS] == ["eye_right", "eye_left", "mouth"]
+    cfg = ModelConfig.preset("talk-tiny")
+    torch.manual_seed(1)
+    m = Marionette(cfg).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a = m.encode_avatar(x)[2][:, -6:].reshape(2, 3, 2)
+        b = m.encode_avatar(torch.flip(x, dims=[3]))[2][:, -6:].reshape(2, 3, 2)
+    assert torch.allclose(b[:, [1, 0, 2]] * torch.tensor([-1.0, 1.0]), a, atol=1e-5)
+    kp = torch.rand(2, len(LANDMARKS), 2)
+    assert torch.equal(mirror_keypoints(mirror_keypoints(kp)), kp)
+    with pytest.raises(ValueError, match="anchors_from_keypoints"):
+        Marionette(dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, motion_keypoints=0)))
+
+
 def test_landmarks_are_the_anchors_and_move_with_the_pose():
     """The renderer's landmarks (what E_mot's keypoint branch learns): the first three are the patch anchors; a
     turn to the subject's left moves the nose tip to the image right of the eyes' midpoint, a roll tilts the
@@ -501,7 +532,8 @@ def test_the_state_stage_gives_an_older_checkpoint_the_keypoint_branch(tmp_path,
     from trainer.train import TrainConfig, train
 
     base = ModelConfig.preset("talk-tiny")
-    old_cfg = dataclasses.replace(base, motion_mirror=False, net=dataclasses.replace(base.net, motion_keypoints=0))
+    old_cfg = dataclasses.replace(base, motion_mirror=False, anchors_from_keypoints=False,
+                                  net=dataclasses.replace(base.net, motion_keypoints=0))
     torch.manual_seed(0)
     old = Marionette(old_cfg).eval()
     save_checkpoint(old, tmp_path / "old")
@@ -509,6 +541,7 @@ def test_the_state_stage_gives_an_older_checkpoint_the_keypoint_branch(tmp_path,
                              init=tmp_path / "old", steps=2, workers=0, progress=False, device="cpu"))
     model, _ = load_model(ckpt)
     assert model.cfg.net.motion_keypoints == base.net.motion_keypoints > 0 and model.cfg.motion_mirror
+    assert model.cfg.anchors_from_keypoints
     sd, osd = model.state_dict(), old.state_dict()
     outside = [k for k in osd if not k.startswith(("e_mot.", "e_lip.", "e_pose.", "e_eye.", "e_exp."))]
     assert outside and all(torch.equal(osd[k], sd[k]) for k in outside)

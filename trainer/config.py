@@ -146,7 +146,7 @@ def _base() -> TrainPreset:
 
 def _talk() -> TrainPreset:
     # The built-in model (see trainer.synthetic and README "The model"), sized for <= 2.5 h on 2 CPU cores, and
-    # timed on the slower of the two 2-core machines this project has had (README "The budget": ~2 h 07 min)
+    # timed on the slower of the two 2-core machines this project has had (README "The budget": 2 h 15 min)
     return TrainPreset(name="talk", model="talk", stages={
         "render": StageConfig(steps=2000, batch_size=8, lr=1e-3, warmup=100, min_lr_ratio=0.05,
                               betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4, reuse=2),

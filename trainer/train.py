@@ -194,7 +194,8 @@ def _upgrade_estimator(model: Marionette, ck_cfg: ModelConfig, mcfg: ModelConfig
     from trainer.nets import init_weights
 
     torch.manual_seed(seed + 7)
-    new_cfg = dataclasses.replace(ck_cfg, motion_mirror=mcfg.motion_mirror, net=dataclasses.replace(
+    new_cfg = dataclasses.replace(ck_cfg, motion_mirror=mcfg.motion_mirror,
+                                  anchors_from_keypoints=mcfg.anchors_from_keypoints, net=dataclasses.replace(
         ck_cfg.net, motion_keypoints=mcfg.net.motion_keypoints))
     fresh = init_weights(Marionette(new_cfg))
     own = fresh.state_dict()

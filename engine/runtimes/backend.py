@@ -281,7 +281,20 @@ def _open_ort(checkpoint, config, seed, exported, device, precision, threads, mo
             if manifest.get("checkpoint_hash") != want:
                 raise InputError(f"{exported} was exported from another checkpoint "
                                  f"({manifest.get('checkpoint_hash')}) than {checkpoint} ({want})")
+            _same_config(manifest, checkpoint, exported)
     return OrtRuntime(Path(exported), threads=threads)
+
+
+def _same_config(manifest: dict, checkpoint, exported) -> None:
+    """The export's model config is the checkpoint's: config-only changes (a jaw calibration, where the anchors come
+    from) leave the weights, and so the checkpoint hash, as they were."""
+    from engine.checkpoint import read_checkpoint_config  # noqa: PLC0415
+    from engine.config import ModelConfig  # noqa: PLC0415
+
+    have = manifest.get("model_config")
+    if have is not None and ModelConfig.from_dict(have) != read_checkpoint_config(Path(checkpoint))[0]:
+        raise InputError(f"{exported} was exported with another model config than {checkpoint} has now (a "
+                         "recalibrated or reconfigured checkpoint): export it again")
 
 
 def _torch_device_type(device: str) -> str:
@@ -309,6 +322,7 @@ def _open_trt(checkpoint, exported, device, precision) -> Backend:
         want = checkpoint_hash({"checkpoint": str(checkpoint)}, "", 0)
         if rt.manifest.get("checkpoint_hash") != want:
             raise InputError(f"{exported} was built from another checkpoint than {checkpoint}")
+        _same_config(rt.manifest, checkpoint, exported)
     return rt
 
 
