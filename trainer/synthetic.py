@@ -325,7 +325,8 @@ class PatchStage(StageModule):
     soft-argmax), unless the model takes them from E_mot's keypoints (`ModelConfig.anchors_from_keypoints`,
     the built-in's: the head's tails were 15-70 px off). Loss: L1 inside the paste windows, more where the target
     has content the source lacks ("change"), plus image-gradient L1 there. Logged: the run-time anchor path's
-    error (predicted source anchors carried by G's flow) in pixels. FROM_MOVED = False trains on G's frames (needs G's forward)."""
+    error (predicted source anchors carried by G's flow) in pixels. FROM_MOVED = False trains on G's frames
+    (needs G's forward)."""
 
     name = "patch"
     ANCHOR_WEIGHT = 20.0
@@ -355,14 +356,14 @@ class PatchStage(StageModule):
             else:  # G's frame and warped source, as at run time
                 w_lo, w_hi, base = G.warp(flow, occ, src[idx], feat_hi[idx], feat_lo[idx])
                 frame = G.refine(mm, w_lo, w_hi, base)
-        # the anchor head: cross-entropy against a Gaussian at the true position (a strong signal from the
-        # first step, where the soft-argmax's own gradient is ~1/n^2) plus L1 of the soft-argmax
         if m.cfg.anchors_from_keypoints:  # the run-time anchors are E_mot's keypoints (frozen here): nothing to learn
             with torch.no_grad():
                 a_s = m.read_portrait(src)[1][:, list(LANDMARK_ANCHORS)]  # (n_ids,3,2), as encode_avatar's
-            anchor = (a_s - batch["anchor_source"]).abs().mean()  # a log only (weight 0 below)
-            anchor_ce = torch.zeros((), device=src.device)
+            anchor = (a_s - batch["anchor_source"]).abs().mean()  # logged only
+            anchor_loss = torch.zeros((), device=src.device)
         else:
+            # the anchor head: cross-entropy against a Gaussian at the true position (a strong signal from the
+            # first step, where the soft-argmax's own gradient is ~1/n^2) plus L1 of the soft-argmax
             logp = P.anchor_maps(feat_lo)  # (n_ids,3,n*n)
             a_s = P.source_anchors(feat_lo, logp)
             g = P.grid_lo.reshape(1, 1, -1, 2)
@@ -371,6 +372,7 @@ class PatchStage(StageModule):
             target = torch.softmax(-d2 / (2 * self.ANCHOR_SIGMA ** 2), dim=-1)
             anchor = (a_s - batch["anchor_source"]).abs().mean()
             anchor_ce = -(target * logp).sum(-1).mean()
+            anchor_loss = self.ANCHOR_WEIGHT * anchor + self.ANCHOR_CE_WEIGHT * anchor_ce
         a_t = batch["anchor_target"]
         _, half, _, _ = P.boxes(a_t)
         d = half[:, 2:3, None] * (2.0 / MOUTH_SIDE)  # (B,1,1) face scale
@@ -393,9 +395,7 @@ class PatchStage(StageModule):
         mse = (err.square() * win).sum() / wsum
         chg_mse = (err.square() * chg).sum() / (chg.sum() * 3).clamp(min=1.0)
         loss = (self.L1_WEIGHT * (l1 + self.CHANGE_WEIGHT * chg_l1 + self.GRAD_WEIGHT * grad)
-                + self.MSE_WEIGHT * (mse + self.CHANGE_WEIGHT * chg_mse)
-                + (0.0 if m.cfg.anchors_from_keypoints else self.ANCHOR_WEIGHT) * anchor
-                + self.ANCHOR_CE_WEIGHT * anchor_ce)
+                + self.MSE_WEIGHT * (mse + self.CHANGE_WEIGHT * chg_mse) + anchor_loss)
         logs = {"l1": l1.detach(), "change_l1": chg_l1.detach(), "grad_l1": grad.detach(), "anchor": anchor.detach()}
         fake = real = None
         if self.disc is not None:  # a patch discriminator on the mouth squares: thin openings sharp, not averaged away
