@@ -224,6 +224,8 @@ class Output:
         self.audio_out = 0
         self.frames_dropped = 0
         self.frames_repeated = 0
+        # which pictures were repeats: frame numbers in the current connection's stream (pts in frames), last 512
+        self.repeated_frames = collections.deque(maxlen=512)
         self.latency = collections.deque(maxlen=2000)  # tap -> written (s), per video frame
         self.closed = False
 
@@ -246,7 +248,8 @@ class Output:
         return {"name": self.name, "kind": self.spec.kind, "url": redact(self.spec.url), "state": self.state,
                 "connects": self.connects, "last_error": self.last_error,
                 "frames_in": self.frames_in, "frames_out": self.frames_out, "frames_dropped": self.frames_dropped,
-                "frames_repeated": self.frames_repeated, "audio_frames_in": self.audio_in,
+                "frames_repeated": self.frames_repeated, "repeated_frames": list(self.repeated_frames),
+                "audio_frames_in": self.audio_in,
                 "audio_frames_out": self.audio_out, "added_latency_ms": _percentiles_ms(self.latency)}
 
 
@@ -440,6 +443,7 @@ class RtmpOutput(Output):
                 rep.pts, rep.time_base = origin.next_k - origin.k0, tb
                 self._mux(c, vs.encode(rep))
                 self.frames_repeated += 1
+                self.repeated_frames.append(origin.next_k - origin.k0)
                 origin.next_k += 1
 
         while True:
@@ -493,6 +497,7 @@ class RtmpOutput(Output):
         now = time.monotonic()
         self.connects += 1
         self.connected_at.append(now)
+        self.repeated_frames.clear()  # frame numbers restart with each connection's stream
         self.state = "streaming"
         if self._failed_at is not None:
             self.reconnect_times.append(now - self._failed_at)

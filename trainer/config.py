@@ -152,7 +152,7 @@ def _talk() -> TrainPreset:
                               betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4, reuse=2),
         "state": StageConfig(steps=1000, batch_size=32, lr=5e-4, warmup=50, min_lr_ratio=0.05,
                              betas=(0.9, 0.99), weight_decay=0.0, pool=4096),
-        "patch": StageConfig(steps=3500, batch_size=8, lr=1e-3, warmup=50, min_lr_ratio=0.05,
+        "patch": StageConfig(steps=5000, batch_size=8, lr=1e-3, warmup=50, min_lr_ratio=0.05,
                              betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, per_id=4, reuse=2),
         "audio": StageConfig(steps=1500, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.05,
                              betas=(0.9, 0.99)),

@@ -276,6 +276,7 @@ def run_loop(lc: LoopConfig, stage_mod: nn.Module, trained: dict[str, nn.Module]
                 for g in opt_d.param_groups:
                     g["lr"] = lr_at(scfg, step, scfg.lr_d)
             stage_mod.rng.manual_seed((lc.seed * 1_000_003 + d.rank * 7919 + step) % (2 ** 63))
+            stage_mod.begin_step(step)
             # ---- generator side
             if disc is not None:
                 disc.requires_grad_(False)

@@ -131,6 +131,9 @@ class StageModule(nn.Module):
         """Multiplier of a parameter group's learning rate at `step` (stages may freeze a group mid-way)."""
         return 1.0
 
+    def begin_step(self, step: int) -> None:
+        """Called by the loop before each step's forward (stages with a curriculum)."""
+
     def prepare(self, dataset, device: torch.device) -> None:
         """Called once before the first step of a fresh (not resumed) stage."""
 
