@@ -214,9 +214,13 @@ def test_interrupt_flushes_the_pending_speech(long_lead_server):
 
 def test_a_webcam_track_drives_the_factors_it_is_given(server):
     """A second inbound video track: E_mot turns its frames into pose/eye/expression latents."""
-    rng = np.random.default_rng(0)
-    pics = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(2)]
-    cam = SyntheticCamera(lambda t: pics[int(t / 0.4) % 2])  # the "face" changes every 400 ms
+    from trainer.corpus.face import FaceRenderer, sample_identity
+
+    ident = np.asarray(sample_identity(np.random.default_rng(7)), np.float32)[None]
+    poses = np.array([[-25, 0, 0, 0, 0, 1.0], [25, 10, 0, 0, 0, 1.0]], np.float32)  # yaw, pitch, roll, tx, ty, scale
+    faces = (FaceRenderer(240).render(np.repeat(ident, 2, 0), poses).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    pics = [np.pad(f, ((0, 0), (40, 40), (0, 0))) for f in faces]  # (240, 320, 3)
+    cam = SyntheticCamera(lambda t: pics[int(t / 0.4) % 2])  # the face turns every 400 ms
     snaps = {}
 
     def snap(name):

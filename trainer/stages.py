@@ -64,7 +64,7 @@ USES_DISC = {"motion": True, "factors": False, "expression": True, "idle": False
 # the supervised losses whose sum the short runs check for a fall (the adversarial terms need not fall)
 MAIN_LOSSES = {"motion": ("l1", "ssim", "motion"), "factors": ("lip_nce", "eye_nce", "pose", "eye_reg"),
                "expression": ("l1", "ssim", "decor"), "idle": ("nll",), "render": ("reg",), "state": ("reg",),
-               "patch": ("anchor", "l1"), "audio": ("lip_reg",)}
+               "patch": ("loss",), "audio": ("lip_reg",)}
 
 
 class StageModule(nn.Module):
