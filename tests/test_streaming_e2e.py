@@ -206,8 +206,10 @@ def test_interrupt_flushes_the_pending_speech(long_lead_server):
     # before the new speech is heard: a frame shows the audio centred on its tick (its first frame may
     # show a sound up to half a period before it plays), and with the frame-end hint and 5 ms audio
     # packets the picture no longer arrives later than its sound.
+    # The window is the gap less 140 ms: a flushed stretch of ~200 ms (the shortest CI saw, a loaded machine's
+    # transit eating the rest) leaves room for one frame period, so one frame is what can be asked for
     inside = (t > a + 0.10) & (t < b - 0.04)
-    assert inside.sum() >= 2 and dev[inside].max() < 3, dev[inside]
+    assert inside.sum() >= 1 and dev[inside].max() < 3, (round(b - a, 3), dev[inside])
     assert (dev[(t > ti - 0.6) & (t < ti)] > 6).mean() > 0.5  # talking before
     assert (dev[t > b + 0.2] > 6).mean() > 0.5  # and again after
 
