@@ -81,6 +81,18 @@ def _corpus_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def _lanes(p: argparse.ArgumentParser, v: str) -> int | None:
+    if v == "auto":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        p.error(f"--lanes {v!r}: auto or a positive number")
+    return n
+
+
 def _cmd_corpus(argv: list[str]) -> int:
     if argv[:1] == ["preview"]:
         p = argparse.ArgumentParser(prog="marionette corpus preview",
@@ -252,6 +264,11 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--no-late-mouth", action="store_true", help=(
         "make each frame in one piece: by default the body of a frame is made ahead of its audio and the mouth "
         "net last, so the pipeline latency holds ~10 ms for the mouth instead of a whole round (~40 ms on 2 cores)"))
+    p.add_argument("--lanes", default="auto", help=(
+        "bodies of frames made at once, each on its own thread with one inference thread: auto (default) takes 2 "
+        "where one frame does not fit 90%% of the frame period (a slow CPU: ONNX Runtime made 24 frames/s with "
+        "two one-thread lanes where one two-thread caller made 14.5), else 1; or a number. A frame's body then "
+        "starts up to two periods ahead (its mouth still reads the newest audio)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(
         "real photos (--avatar and uploads): require (default) finds and aligns the face and streams it pasted "
@@ -305,7 +322,8 @@ def _cmd_serve(argv: list[str]) -> int:
                       round_budget_ms=a.round_budget_ms, admission=not a.no_admission,
                       drain_timeout_s=max(0.0, a.drain_timeout), audio_packet_ms=a.audio_packet_ms,
                       frame_end_hint=not a.no_frame_end_hint, playout_delay=not a.no_playout_delay,
-                      late_mouth=not a.no_late_mouth, lip_lag_ms=a.lip_lag_ms, margin_adapt_ms=a.margin_adapt_ms)
+                      late_mouth=not a.no_late_mouth, lip_lag_ms=a.lip_lag_ms, margin_adapt_ms=a.margin_adapt_ms,
+                      lanes=_lanes(p, a.lanes))
     serve(cfg)
     return 0
 

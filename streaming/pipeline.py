@@ -76,10 +76,31 @@ class Pipeline:
             threads = cores if kind == "onnxruntime" else max(1, cores - 1)
         torch.set_num_threads(int(threads))
         model, meta = load_model(checkpoint, config=config, seed=seed)
-        rt = open_backend(backend, checkpoint=checkpoint, config=config, seed=seed, threads=threads,
-                          exported=exported, precision=precision, device=device, model=(model, meta),
-                          kernels=kernels)
-        return cls(rt, meta, threads)
+        opener = dict(name=backend, checkpoint=checkpoint, config=config, seed=seed, exported=exported,
+                      precision=precision, device=device, model=(model, meta), kernels=kernels)
+        out = cls(open_backend(threads=threads, **opener), meta, threads)
+        out._opener = opener
+        return out
+
+    @property
+    def can_reopen(self) -> bool:
+        """Whether `reopen` can open this pipeline's runtime again (it was opened by `load`)."""
+        return getattr(self, "_opener", None) is not None
+
+    def reopen(self, threads: int) -> None:
+        """Open the runtime again with `threads` inference threads (the server's lanes want one each); the
+        avatars prepared before stay valid (CPU tensors of the same model). Call it where no inference runs
+        (the scheduler thread, or before the server starts); run `warmup` after it."""
+        import torch
+
+        from engine.runtimes.backend import open_backend
+
+        if not self.can_reopen:
+            raise RuntimeError("this pipeline was not opened by Pipeline.load: nothing to reopen it with")
+        torch.set_num_threads(int(threads))
+        self.rt = open_backend(threads=int(threads), **self._opener)
+        self.threads = int(threads)
+        self.phase_times = {}
 
     # ---------------------------------------------------------------------------------- avatars
     def prepare_avatar(self, src, align: str | None = None):

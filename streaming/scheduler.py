@@ -17,6 +17,15 @@ the mouth net and its paste, the colour conversion: ~3 ms of the ~27 on 2 CPU co
 tick k is due. The pipeline latency then holds only the mouth's lead, not the whole round's. Redos are
 whole rounds.
 
+Lanes (`lanes` > 1, two phases only): on a CPU too slow for one frame a period, the bodies of `lanes` ticks are
+in flight at once, each on a lane thread with single-threaded inference (`Pipeline.load(threads=1)`): two
+single-threaded callers of ONNX Runtime make 24.0 frames/s where one two-threaded caller makes 14.5 (the slower
+2-core machine, `benchmarks/lanes.py`). The scheduler thread still walks the ticks: it builds each tick's
+requests and hands the body to a lane `body_lead` before its mouth is due, and runs each mouth phase itself, in
+order, when it is due; everything that touches a session stays on the scheduler thread. A tick's body reads a
+lip a few frames old (the mouth still reads the newest audio). No redos in lanes: a flushed tick is served by
+the next regular one.
+
 Admission control reads `round_times`: the recent round durations per batch size (90th percentile),
 seeded by the warmup's, and `RoundTimes.predict(n)`, the round time n sessions would take (measured when
 n has run lately, else extrapolated from the largest measured batch below n; see `RoundTimes`).
@@ -36,6 +45,19 @@ from typing import Any, Callable
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+LANE_NICE = 5  # lane threads run this much nicer than the rest: the mouth phase, audio and encoding go first
+
+
+def _lower_priority(nice: int) -> None:
+    """This thread's scheduling priority, `nice` steps lower (Linux: per thread; elsewhere nothing)."""
+    try:
+        import os
+
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the lanes run at the process' priority
+        pass
 
 
 @dataclass
@@ -160,6 +182,7 @@ class Scheduler:
         self.body_lead_s: float | None = None  # two phases: how long before the mouth phase the body starts
         self.est_body = 0.0  # EWMAs of the two phases (s)
         self.est_mouth = 0.0
+        self.lanes = 1  # bodies in flight at once (two phases only; see the module docstring)
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Scheduler":
@@ -206,6 +229,9 @@ class Scheduler:
         self._wake.set()
 
     def _run_redos(self) -> None:
+        if self.lanes > 1:  # lanes: the next regular tick serves a flushed one (a redo would race the lanes)
+            self._redo.clear()
+            return
         while self._redo:
             try:
                 s, k = self._redo.popleft()
@@ -267,6 +293,9 @@ class Scheduler:
             self.metrics.batch_size.observe(n)
 
     def _run_phased(self) -> None:
+        if self.lanes > 1:
+            self._run_lanes()
+            return
         clock = self.clock
         k = clock.next_video_tick(clock.now() + self.start_lead_s)
         while not self._stop.is_set():
@@ -306,6 +335,82 @@ class Scheduler:
             k += 1
             self._run_redos()
         self._cancel_jobs()
+
+    def _run_lanes(self) -> None:
+        """Two phases with the bodies of `lanes` ticks in flight: this thread walks the ticks, builds each
+        tick's requests and hands its body to a pool of `lanes` lane threads `body_lead` before its mouth is
+        due, then runs the mouth phase of each tick in order (the audio, E_aud, the mouth net, the delivery)
+        when it is due. Everything that touches a session stays on this thread; only the bodies run beside it."""
+        clock = self.clock
+        pool = concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="marionette-lane",
+                                                     initializer=_lower_priority, initargs=(LANE_NICE,))
+        pending: collections.OrderedDict[int, tuple] = collections.OrderedDict()  # tick -> (jobs, body future, t0)
+        try:
+            k = clock.next_video_tick(clock.now() + self.start_lead_s)  # the next tick whose body starts
+            while not self._stop.is_set():
+                mouth_lead = max(self.lead_s, self.est_mouth * 1.15)
+                t_body = clock.video_time(k) - mouth_lead - self._body_lead()
+                first = next(iter(pending), None)
+                t_mouth = clock.video_time(first) - mouth_lead if first is not None else float("inf")
+                busy = [f for _, f, _ in pending.values() if not f.done()]
+                if len(busy) >= self.lanes:  # no free lane: the next thing is the first mouth, or a lane freed
+                    concurrent.futures.wait(busy, timeout=max(0.0, t_mouth - clock.now()),
+                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                    if clock.now() >= t_mouth and first is not None:
+                        self._lane_mouth(first, *pending.pop(first))
+                    continue
+                self._wait_until(min(t_body, t_mouth))
+                if self._stop.is_set():
+                    break
+                if first is not None and t_mouth <= t_body:
+                    self._lane_mouth(first, *pending.pop(first))
+                    continue
+                now = clock.now()
+                if now + self.est_body + self.est_mouth > clock.video_time(k):  # lost: the first tick still on time
+                    k2 = clock.video_tick_at(now + self.est_body + self.est_mouth) + 1
+                    self.skipped_ticks += k2 - k
+                    k = k2
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    jobs = self._jobs_for(k, None, phased=True)
+                    if jobs:
+                        self._webcams(jobs, self._observe("prepare", t0))
+                        pending[k] = (jobs, pool.submit(self._timed_body, [j.avatar for j in jobs], self._z(jobs)),
+                                      t0)
+                except Exception:  # noqa: BLE001 - a bad tick must not kill the server
+                    self.errors += 1
+                    log.exception("scheduler body for tick %d failed", k)
+                k += 1
+        finally:
+            for _, fut, _ in pending.values():
+                fut.cancel()
+            pool.shutdown(wait=True)
+            self._cancel_jobs()
+
+    def _timed_body(self, avatars: list, z: np.ndarray) -> tuple[Any, float]:
+        """A lane's work: the body, and how long it took (its own time, two lanes sharing the cores)."""
+        t = time.perf_counter()
+        body = self.pipeline.generate_body(avatars, z)
+        t = self._observe("generate_body", t) - t
+        return body, t
+
+    def _lane_mouth(self, k: int, jobs: list[FrameJob], fut: concurrent.futures.Future, t0: float) -> None:
+        """The mouth phase of tick k once its body (from a lane) is there."""
+        n, t_body, t_mouth = 0, 0.0, 0.0
+        try:
+            body, t_body = fut.result()
+            t1 = time.perf_counter()
+            n = self.mouth_round(jobs, body)
+            t_mouth = time.perf_counter() - t1
+        except Exception:  # noqa: BLE001
+            self.errors += 1
+            log.exception("scheduler mouth for tick %d failed", k)
+        if n:
+            first = self.rounds == 0
+            self.est_body = t_body if first else 0.8 * self.est_body + 0.2 * t_body
+            self.est_mouth = t_mouth if first else 0.8 * self.est_mouth + 0.2 * t_mouth
+        self._account(k, n, t_body + t_mouth)
 
     def _cancel_jobs(self) -> None:
         while True:

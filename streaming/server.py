@@ -80,6 +80,8 @@ from streaming.metrics import CONTENT_TYPE, ServerMetrics
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+# lanes auto: two where one two-phase frame (body + mouth) takes more than this share of the frame period
+LANES_AUTO_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,10 @@ class ServeConfig:
     # make each frame in two phases where the runtime can (streaming.scheduler): the body ahead of the audio,
     # the mouth net last, so the pipeline latency holds the mouth's ~3 ms lead instead of the whole round's
     late_mouth: bool = True
+    # bodies in flight at once (streaming.scheduler, "Lanes"), each on its own thread with one inference thread:
+    # None (auto) takes 2 where the two-phase frame does not fit LANES_AUTO_SHARE of the frame period on a CPU
+    # with 2+ cores (ONNX Runtime), else 1
+    lanes: int | None = None
     # real photos (engine.face), for --avatar and uploads: "require" (the CLI's default) finds and aligns the
     # face, 400 without one; "auto" aligns when a face is found; "off" (the library default) uses images as
     # they are. Aligned avatars stream output_size frames around the face ("512": 512x512; "crop": the
@@ -295,6 +301,7 @@ class AvatarServer:
         self.lead_s = None
         self.lip_lag_s = 0.0
         self.warmup_times: dict[int, float] = {}
+        self.lanes = 1  # bodies in flight at once (set by start: ServeConfig.lanes or auto)
         self._ice = None
         try:
             self._ice_servers = ice_servers(cfg.ice_servers)
@@ -324,11 +331,6 @@ class AvatarServer:
 
     # =============================================================================== lifecycle
     async def start(self) -> None:
-        from streaming.avatars import AvatarStore
-        from streaming.clock import MediaClock
-        from streaming.pipeline import Pipeline
-        from streaming.scheduler import Scheduler
-
         cfg = self.cfg
         self._loop = asyncio.get_running_loop()
         if cfg.fps <= 0 or 90000 % cfg.fps:
@@ -345,6 +347,19 @@ class AvatarServer:
                 self._ice = restrict_host_candidates(cfg.ice_hosts)
             except ValueError as e:
                 raise InputError(str(e)) from None
+        try:
+            await self._start_pipeline()
+        except BaseException:  # a start that fails leaves nothing behind (the ICE patch, the scheduler thread)
+            await self.stop()
+            raise
+
+    async def _start_pipeline(self) -> None:
+        from streaming.avatars import AvatarStore
+        from streaming.clock import MediaClock
+        from streaming.pipeline import Pipeline
+        from streaming.scheduler import Scheduler
+
+        cfg = self.cfg
         if self.pipeline is None:
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg.checkpoint, cfg.config, cfg.backend,
                                                     cfg.seed, cfg.threads, cfg.exported, cfg.precision,
@@ -387,6 +402,14 @@ class AvatarServer:
                        max(level.lead_min_ms / 1000, level.lead_factor * p90 + level.lead_add_ms / 1000))
         self.lead_s = lead
         self.scheduler.lead_s = lead
+        lanes = await self._choose_lanes(phases, state)
+        if lanes > 1:
+            phases = p.phase_times.get(1)
+            self.scheduler.round_times.seed(self.warmup_times)
+            if cfg.round_budget_ms is None:  # each lane has `lanes` periods for its frame
+                self.round_budget_s = max(period * 0.5, lanes * period - cfg.admission_margin_ms / 1000)
+        self.lanes = lanes
+        self.scheduler.lanes = lanes  # (before body_lead_s: setting that switches the scheduler to two phases)
         if phases:  # the body starts this long before the mouth phase (the same rule, on the body's time)
             self.scheduler.body_lead_s = level.lead_factor * phases[0] + level.lead_add_ms / 1000
         mc = p.cfg
@@ -399,17 +422,39 @@ class AvatarServer:
         self.metrics.pipeline_latency.set(self.latency_s)
         self.metrics.avatars.set(len(self.avatars))
         if cfg.metrics_port is not None:
-            try:
-                await self._start_metrics_site()
-            except BaseException:
-                await self.stop()
-                raise
+            await self._start_metrics_site()
         self.started = time.time()
         log.info("model %s (%dpx, lookahead %d ms%s), %d fps, round %.1f ms%s -> lead %.0f ms, pipeline latency %.0f ms",
                  mc.name, mc.image_size, mc.lookahead_ms, ", random weights" if p.random_weights else "",
                  cfg.fps, 1000 * self.warmup_times.get(1, 0),
                  f" (body {1000 * phases[0]:.1f} ms ahead, mouth {1000 * phases[1]:.1f} ms last)" if phases else "",
                  1000 * lead, 1000 * self.latency_s)
+
+    async def _choose_lanes(self, phases, state) -> int:
+        """ServeConfig.lanes, or (auto) 2 where one two-phase frame takes more than LANES_AUTO_SHARE of the
+        frame period with ONNX Runtime on 2+ cores; with more than one lane, the runtime is reopened with one
+        inference thread per lane and warmed up again (its phase times are the lanes')."""
+        cfg, p, period = self.cfg, self.pipeline, self.clock.period
+        lanes = cfg.lanes
+        if lanes is not None and lanes < 1:
+            raise InputError(f"--lanes {lanes}: must be 1 or more")
+        if lanes is None:
+            frame = sum(phases) if phases else 0.0
+            lanes = 2 if (phases and getattr(p.rt, "name", "") == "onnxruntime" and (os.cpu_count() or 1) >= 2
+                          and frame > LANES_AUTO_SHARE * period and p.can_reopen) else 1
+            if lanes > 1:
+                log.info("one frame takes %.1f ms of the %.0f ms period: %d lanes (bodies in flight at once, one "
+                         "inference thread each; --lanes 1 turns this off)", 1000 * frame, 1000 * period, lanes)
+        if lanes > 1:
+            if not phases:
+                raise InputError(f"--lanes {lanes} needs the frame in two phases: an ONNX Runtime export with the "
+                                 "body / mouth graphs (a patch model) and late mouth on")
+            if p.can_reopen and p.threads != 1:
+                await asyncio.wrap_future(self.scheduler.submit(p.reopen, 1))
+                self.warmup_times = await asyncio.wrap_future(self.scheduler.submit(p.warmup, state))
+                if not p.phase_times.get(1):
+                    raise InputError("the reopened runtime has no two-phase frame")
+        return lanes
 
     async def _start_metrics_site(self) -> None:
         """/metrics alone on metrics_host:metrics_port (a private address a scraper reaches, not the public one)."""
@@ -603,7 +648,7 @@ class AvatarServer:
             "model": p.cfg.name, "image_size": p.cfg.image_size, "fps": self.cfg.fps,
             "lookahead_ms": p.cfg.lookahead_ms, "latency_ms": round(self.latency_s * 1000, 1),
             "latency_level": self.cfg.latency, "lead_ms": round(self.lead_s * 1000, 1),
-            "late_mouth": self.scheduler.phased,
+            "late_mouth": self.scheduler.phased, "lanes": self.lanes, "threads": p.threads,
             "body_lead_ms": round(self.scheduler.body_lead_s * 1000, 1) if self.scheduler.phased else None,
             "audio_margin_ms": round(self.audio_margin_s * 1000, 1), "lip_lag_ms": round(self.lip_lag_s * 1000, 1),
             "random_weights": p.random_weights, "presets": sorted(p.presets),
