@@ -23,3 +23,18 @@ def small_corpus(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("small_corpus") / "corpus"
     return generate_corpus(CorpusConfig(out=out, **SMALL_CORPUS_ARGS))
+
+
+@pytest.fixture(scope="session")
+def builtin_onnx(tmp_path_factory) -> Path:
+    """The built-in checkpoint exported by `marionette export --format onnx` (the export checks each graph
+    against torch within 1e-3), once per test session: ~90 s on 2 cores. Skips where none is installed."""
+    from engine.checkpoint import builtin_checkpoint_dir
+    from marionette.cli import main as cli_main
+
+    ck = builtin_checkpoint_dir()
+    if ck is None:
+        pytest.skip("no built-in checkpoint installed (make builtin)")
+    out = tmp_path_factory.mktemp("builtin_onnx") / "onnx"
+    assert cli_main(["export", "--checkpoint", str(ck), "--format", "onnx", "--out", str(out)]) == 0
+    return out

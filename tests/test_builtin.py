@@ -80,7 +80,7 @@ def test_render_opens_the_mouth_with_real_speech_and_shuts_it_in_the_pauses(tmp_
     assert r["jaw_speech_p90"] > r["jaw_pause_p90"], r
 
 
-def test_the_builtin_exports_and_onnxruntime_matches_torch(tmp_path):
+def test_the_builtin_exports_and_onnxruntime_matches_torch(builtin_onnx):
     """The default CPU path (`--backend auto` -> ONNX Runtime): the built-in exports (the export checks each
     graph against torch within 1e-3) and a frame of the bundled portrait, lips open, agrees with torch."""
     import torch
@@ -88,11 +88,8 @@ def test_the_builtin_exports_and_onnxruntime_matches_torch(tmp_path):
     from engine.image import BUILTIN_AVATAR
     from engine.runtimes.ort import OrtRuntime
     from engine.runtimes.torch_runtime import TorchRuntime
-    from marionette.cli import main as cli_main
 
-    out = tmp_path / "onnx"
-    assert cli_main(["export", "--checkpoint", str(BUILTIN), "--format", "onnx", "--out", str(out)]) == 0
-    ort = OrtRuntime(out, threads=2)
+    ort = OrtRuntime(builtin_onnx, threads=2)  # the CLI's export (conftest)
     model, _ = load_checkpoint(BUILTIN)
     ref = TorchRuntime(model.eval())
     a_ort, a_ref = ort.prepare_avatar(BUILTIN_AVATAR), ref.prepare_avatar(BUILTIN_AVATAR)

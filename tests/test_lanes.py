@@ -19,11 +19,11 @@ from streaming.server import ServeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def lanes_server():
+def lanes_server(builtin_onnx):
     from engine.checkpoint import builtin_checkpoint_dir
 
     cfg = ServeConfig(checkpoint=builtin_checkpoint_dir(), config="talk", backend="onnxruntime",
-                      ice_hosts=("127.0.0.1",), max_sessions=2, lanes=2)
+                      exported=builtin_onnx, ice_hosts=("127.0.0.1",), max_sessions=2, lanes=2)
     with ServerThread(cfg) as st:
         yield st
 
