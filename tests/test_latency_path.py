@@ -178,9 +178,10 @@ def test_interrupt_until_sample_drops_audio_sent_before_it(server):
     assert r["type"] == "ack", r
     # up to the second of speech that kept coming was dropped on arrival (what arrived before the interrupt
     # was taken in is flushed instead: how much depends on how fast the control came through, so only a
-    # floor far below a second is asserted), never more than that second and the one or two 20 ms frames the
-    # client sent just before the interrupt that the data channel overtook (CI saw 1020)
-    assert 200 <= st["audio_discarded_ms"] <= 1040, st["audio_discarded_ms"]
+    # floor far below a second is asserted), never more than that second and the few 20 ms frames the client
+    # sent just before the interrupt that the data channel overtook (CI saw 1020; a loaded run on the slowest
+    # machine 1060: up to five frames in transit are allowed)
+    assert 200 <= st["audio_discarded_ms"] <= 1100, st["audio_discarded_ms"]
 
 
 def test_sdp_extmap_helpers_find_and_add_the_playout_delay_extension():
