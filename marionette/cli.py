@@ -266,8 +266,8 @@ def _cmd_serve(argv: list[str]) -> int:
         "net last, so the pipeline latency holds ~10 ms for the mouth instead of a whole round (~40 ms on 2 cores)"))
     p.add_argument("--lanes", default="auto", help=(
         "bodies of frames made at once, each on its own thread with one inference thread: auto (default) takes 2 "
-        "where one frame does not fit 90%% of the frame period (a slow CPU: ONNX Runtime made 24 frames/s with "
-        "two one-thread lanes where one two-thread caller made 14.5), else 1; or a number. A frame's body then "
+        "where one frame does not fit 90%% of the frame period (a slow CPU: benchmarks/lanes.py served ~1.6x the "
+        "pictures per second there), else 1; or a number. A frame's body then "
         "starts up to two periods ahead (its mouth still reads the newest audio)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(

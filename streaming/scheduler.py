@@ -18,9 +18,9 @@ tick k is due. The pipeline latency then holds only the mouth's lead, not the wh
 whole rounds.
 
 Lanes (`lanes` > 1, two phases only): on a CPU too slow for one frame a period, the bodies of `lanes` ticks are
-in flight at once, each on a lane thread with single-threaded inference (`Pipeline.load(threads=1)`): two
-single-threaded callers of ONNX Runtime make 24.0 frames/s where one two-threaded caller makes 14.5 (the slower
-2-core machine, `benchmarks/lanes.py`). The scheduler thread still walks the ticks: it builds each tick's
+in flight at once, each on a lane thread with single-threaded inference (the server reopens the runtime with one
+thread, `Pipeline.reopen`): served on the slowest 2-core machine, 8.8-9.0 pictures/s with one lane, 14.0-14.6
+with two (`benchmarks/lanes.py`). The scheduler thread still walks the ticks: it builds each tick's
 requests and hands the body to a lane `body_lead` before its mouth is due, and runs each mouth phase itself, in
 order, when it is due; everything that touches a session stays on the scheduler thread. A tick's body reads a
 lip a few frames old (the mouth still reads the newest audio). No redos in lanes: a flushed tick is served by
@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 import time
@@ -53,8 +54,6 @@ LANE_NICE = 5  # lane threads run this much nicer than the rest: the mouth phase
 def _lower_priority(nice: int) -> None:
     """This thread's scheduling priority, `nice` steps lower (Linux: per thread; elsewhere nothing)."""
     try:
-        import os
-
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
     except (AttributeError, OSError):  # not Linux, or not allowed: the lanes run at the process' priority
         pass
@@ -327,10 +326,7 @@ class Scheduler:
                     self.errors += 1
                     log.exception("scheduler mouth round for tick %d failed", k)
                 t_mouth = time.perf_counter() - t1
-            if n:
-                first = self.rounds == 0
-                self.est_body = t_body if first else 0.8 * self.est_body + 0.2 * t_body
-                self.est_mouth = t_mouth if first else 0.8 * self.est_mouth + 0.2 * t_mouth
+            self._phase_times(n, t_body, t_mouth)
             self._account(k, n, t_body + t_mouth)
             k += 1
             self._run_redos()
@@ -406,11 +402,15 @@ class Scheduler:
         except Exception:  # noqa: BLE001
             self.errors += 1
             log.exception("scheduler mouth for tick %d failed", k)
+        self._phase_times(n, t_body, t_mouth)
+        self._account(k, n, t_body + t_mouth)
+
+    def _phase_times(self, n: int, t_body: float, t_mouth: float) -> None:
+        """The two phases' EWMAs, from a round that made `n` frames (before `_account` counts it)."""
         if n:
             first = self.rounds == 0
             self.est_body = t_body if first else 0.8 * self.est_body + 0.2 * t_body
             self.est_mouth = t_mouth if first else 0.8 * self.est_mouth + 0.2 * t_mouth
-        self._account(k, n, t_body + t_mouth)
 
     def _cancel_jobs(self) -> None:
         while True:
