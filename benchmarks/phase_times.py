@@ -4,6 +4,10 @@ from other processes hits all alike), medians over --rounds calls after --warmup
 
     python benchmarks/phase_times.py                                   # the built-in checkpoint
     python benchmarks/phase_times.py --checkpoints old=DIR new=engine/assets/builtin --rounds 100
+    python benchmarks/phase_times.py --exports before=EXPORT_DIR after=EXPORT_DIR   # two codes' exports (ONNX)
+
+--exports compares exports made by two versions of the code (`marionette export --format onnx --out DIR`, run in
+a checkout of each), where --checkpoints compares checkpoints exported by this one.
 
 Writes benchmarks/results/phase_times.json, with the machine's load average before and after.
 """
@@ -31,20 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="+", default=None, metavar="NAME=DIR",
                    help="default: builtin=<the built-in checkpoint>")
+    p.add_argument("--exports", nargs="+", default=None, metavar="NAME=DIR",
+                   help="ONNX export directories instead of checkpoints")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "phase_times.json")
     a = p.parse_args(argv)
-    pairs = a.checkpoints or [f"builtin={builtin_checkpoint_dir()}"]
+    if a.checkpoints and a.exports:
+        p.error("give --checkpoints or --exports, not both")
+    pairs = a.exports or a.checkpoints or [f"builtin={builtin_checkpoint_dir()}"]
     load0 = os.getloadavg()
     calls = {}
     for pair in pairs:
         name, _, path = pair.partition("=")
         if not path:
-            p.error(f"--checkpoints takes NAME=DIR, got {pair!r}")
-        be = open_backend("onnxruntime", checkpoint=Path(path), config="talk", threads=a.threads)
-        rt = getattr(be, "runtime", be)
+            p.error(f"--checkpoints / --exports take NAME=DIR, got {pair!r}")
+        if a.exports:
+            from engine.runtimes.ort import OrtRuntime  # noqa: PLC0415
+
+            rt = OrtRuntime(Path(path), threads=a.threads)
+        else:
+            be = open_backend("onnxruntime", checkpoint=Path(path), config="talk", threads=a.threads)
+            rt = getattr(be, "runtime", be)
         if not rt.late_mouth:
             p.error(f"{path}: its export has no body / mouth graphs (a patch model is needed)")
         av = rt.prepare_avatar(torch.rand(1, 3, rt.cfg.image_size, rt.cfg.image_size))
@@ -67,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n}: " + "  ".join(f"{k} {ms:.2f} ms" for k, ms in v.items()))
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f} on {os.cpu_count()} cores")
     doc = {"benchmark": "phase_times", "what": "median ms per call, ONNX Runtime, batch 1, interleaved",
-           "checkpoints": dict(x.partition("=")[::2] for x in pairs), "threads": a.threads, "rounds": a.rounds,
+           ("exports" if a.exports else "checkpoints"): dict(x.partition("=")[::2] for x in pairs),
+           "threads": a.threads, "rounds": a.rounds,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": load0,
            "loadavg_end": load1, "ms": res}
     a.out.parent.mkdir(parents=True, exist_ok=True)

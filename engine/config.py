@@ -156,6 +156,11 @@ class ModelConfig:
     # held-out identities the head's eye anchors were off by 15-33 px at the 99th percentile (70 px after a short
     # patch stage: a mouth pasted on the cheek), E_mot's keypoints by < 5 px at worst (README "The anchors")
     anchors_from_keypoints: bool = False
+    # the portrait (once per avatar) is also read shifted by +-portrait_jitter_px pixels in x and y (a 3 x 3 grid,
+    # each with its mirror image when `motion_mirror`; the shifts' readings averaged, the keypoints shifted back):
+    # E_mot's reading is not shift-equivariant to a pixel, and the portrait's error is a bias relative motion
+    # carries into every frame. 0: one reading (README "The portrait read nine times")
+    portrait_jitter_px: int = 0
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -202,12 +207,12 @@ class ModelConfig:
             # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
                         patches=True, eye_source_gaze=False, motion_mirror=True,
-                        anchors_from_keypoints=True,
+                        anchors_from_keypoints=True, portrait_jitter_px=3,
                         net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True,
                                           motion_keypoints=N_LANDMARKS)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,
                              pose_warp=True, local_z=True, patches=True, eye_source_gaze=False, motion_mirror=True,
-                             anchors_from_keypoints=True, net=NetworkConfig(
+                             anchors_from_keypoints=True, portrait_jitter_px=1, net=NetworkConfig(
                                  app_channels=(8, 16, 16), app_dim=32, motion_channels=(8, 16, 16, 32, 32),
                                  motion_dim=64, head_hidden=32, audio_channels=(16, 16, 32), flow_channels=16,
                                  refine_channels=8, mouth_channels=8, mouth_branch=False, patch_levels=3,

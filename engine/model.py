@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import FACTORS, LANDMARK_ANCHORS, LANDMARK_MIRROR, ModelConfig
@@ -90,12 +91,20 @@ class Marionette(nn.Module):
         too when `cfg.motion_mirror`: once per avatar, so the second pass costs nothing per frame)."""
         return self.read_portrait(portrait)[0]
 
-    def read_portrait(self, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def read_portrait(self, portrait: torch.Tensor, jitter: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """E_mot + heads on the portrait (and its mirror image when `cfg.motion_mirror`) -> (its state z (B, total),
         its keypoints (B,K,2) in grid units, or None without E_mot's keypoint branch). Mirrored readings are mapped
         back and averaged (`mirror_mean`; keypoints on the renderer's landmarks: x negated, left and right swapped;
-        other keypoint sets are the plain reading's)."""
+        other keypoint sets are the plain reading's). With `cfg.portrait_jitter_px` d > 0 (and `jitter`), read at
+        the 3 x 3 shifts of +-d px too, the readings averaged and each shift's keypoints moved back first."""
         k = self.cfg.net.motion_keypoints
+        b = portrait.shape[0]
+        d = self.cfg.portrait_jitter_px if jitter else 0
+        shifts = [(dx, dy) for dy in (-d, 0, d) for dx in (-d, 0, d)] if d > 0 else [(0, 0)]
+        if d > 0:  # (9B,3,S,S): the portrait's content moved by (dx, dy) px, the border repeated
+            s = portrait.shape[-1]
+            pad = F.pad(portrait, (d, d, d, d), mode="replicate")
+            portrait = torch.cat([pad[:, :, d - dy:d - dy + s, d - dx:d - dx + s] for dx, dy in shifts], dim=0)
         feat = self.e_mot(portrait)
         out = self.heads(feat)
         kp = MotionEncoder.keypoints(feat, k) if k else None
@@ -104,7 +113,15 @@ class Marionette(nn.Module):
             out = mirror_mean(out, self.heads(feat_m))
             if k == len(LANDMARK_MIRROR):
                 kp = 0.5 * (kp + mirror_keypoints(MotionEncoder.keypoints(feat_m, k)))
-        return self.compose(out), kp
+        z = self.compose(out)
+        if d > 0:  # the shifts' mean; each shift's keypoints moved back by its shift (grid units: 2 px / S)
+            n = len(shifts)
+            z = z.reshape(n, b, -1).mean(0)
+            if kp is not None:
+                off = torch.tensor([[2.0 * dx / s, 2.0 * dy / s] for dx, dy in shifts], dtype=kp.dtype,
+                                   device=kp.device)  # (n,2)
+                kp = (kp.reshape(n, b, *kp.shape[1:]) - off[:, None, None, :]).mean(0)
+        return z, kp
 
     # ---- per driving frame
     def motion_feature(self, frames: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ Tensor conventions: images are (B, 3, S, S) in [-1, 1]; S must be a multiple of 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -56,9 +57,13 @@ KP_FEATURE_GAIN = 10.0  # E_mot's keypoints enter the motion feature x this: a 1
 # painter (0.46 x 0.35 d, centred 0.04-0.07 d above the eye centre) can touch
 MOUTH_SIDE, MOUTH_DOWN = 1.04, 0.17  # side; centre below the mouth anchor
 EYE_SIDE, EYE_UP = 0.56, 0.05
-# d outside this (grid units; the corpus framing gives ~0.57) means the anchors are not a face's: the squares keep a
-# sane size instead of collapsing to a point (where tiny numeric differences between runtimes blow up)
-FACE_SCALE_MIN, FACE_SCALE_MAX = 0.15, 1.5
+# d outside this (grid units) means the anchors are not a face's: the squares keep a sane size instead of collapsing
+# to a point (where tiny numeric differences between runtimes blow up) or covering the frame. Measured d: 0.45-0.65
+# on held-out corpus clips (the corpus framing); on real photos aligned by engine.face over pose sweeps up to 30 deg,
+# 0.40-0.57 (grace_hopper) and 0.54-0.65 (astronaut); a whole unaligned photograph read as a face reached 1.2.
+# The bound also sizes the crops the changes are pasted in (PatchRefiner.crop_side): it was 1.5, and below 1.0
+# the frames are bit-identical to before; the paste had covered the whole frame.
+FACE_SCALE_MIN, FACE_SCALE_MAX = 0.15, 1.0
 MOUTH_RES, EYE_RES = 1 / 4, 1 / 8  # patch resolution as a fraction of S (64 and 32 px at 256^2: ~1.2 frame px
 # per patch px for the mouth; at 48 px its thin openings were blurred away)
 PATCH_FEATHER = 0.2  # the pasted change fades to 0 over this outer fraction of each half-side
@@ -597,7 +602,9 @@ class PatchRefiner(nn.Module):
       * ``boxes(a_t)``: squares from the anchors: axis along the eye line, side from the face scale d;
       * ``apply(frame, z_t, z_s, a_t)``: each square is sampled (the right-hand eye mirrored, so one eye net
         serves both), its net turns [square, target and source factor values] into a change, and the change
-        is pasted back through the inverse map with a feathered edge: frame + sum_k W_k * change_k.
+        is pasted back through the inverse map with a feathered edge: frame + sum_k W_k * change_k, computed
+        only inside a crop of the frame that holds the square (``_place``; W_k is 0 outside it), gathered and
+        scattered back by flat index: the eyes' crops are 106 px at 256^2, 17 % of the frame each.
     The mouth net is told lip [jaw, width, rounding] and expression of target and source; the eye net the
     eye's lid, gaze and expression of target and source (the source's gaze only with
     ModelConfig.eye_source_gaze; without it the net finds the source's iris in the square).
@@ -640,6 +647,13 @@ class PatchRefiner(nn.Module):
         self.register_buffer("grid_full", _base_grid(s), persistent=False)
         self.register_buffer("grid_mouth", _base_grid(self.mouth_res), persistent=False)
         self.register_buffer("grid_eye", _base_grid(self.eye_res), persistent=False)
+        # each change is pasted inside a crop of the frame that holds its square at any angle and any face scale
+        # up to FACE_SCALE_MAX (the frame outside it is untouched: the window there is 0), not over the whole frame
+        self.size = s
+        # (the mouth's paste covers the frame: its crop would be 193 px at 256^2, and scattering it back cost the
+        # late, latency-bound mouth phase 1.6 ms more than the whole-frame paste: phase_times_crops.json)
+        self.crop_eye = self.crop_side(s, EYE_SIDE)
+        self.register_buffer("ramp_eye", torch.arange(self.crop_eye), persistent=False)  # int64
 
     # ---- anchors
     def anchor_maps(self, feat_lo: torch.Tensor) -> torch.Tensor:
@@ -709,22 +723,70 @@ class PatchRefiner(nn.Module):
                                    z_t[:, self.exp], z_s[:, self.exp]], dim=1))
         return mouth, eyes[0], eyes[1]
 
-    def _place(self, a_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Square k's geometry at frame anchors a_t: its sampling grid (B,n,n,2), the frame's pixels in its
-        coordinates (B,S,S,2) (the paste-back grid) and its feathered window (B,1,S,S)."""
+    @staticmethod
+    def crop_side(s: int, side: float) -> int:
+        """Frame pixels of the crop that holds a square of `side` x the face scale at FACE_SCALE_MAX, turned to
+        any angle (its half-diagonal), plus 2 px each way for the crop's rounding; at most the frame."""
+        half_px = FACE_SCALE_MAX * side / 2 * s / 2
+        return min(s, int(math.ceil(2 * math.sqrt(2) * half_px)) + 4)
+
+    def _crop_index(self, centre: torch.Tensor, k: int) -> torch.Tensor | None:
+        """Square k's centre (B,2) in grid units -> the flat frame indices (B,1,W*W) of its W x W crop, placed
+        around the centre and kept inside the frame (int64: exact at any precision); None for the mouth (its
+        paste covers the frame)."""
+        if k == 2:
+            return None
+        s = self.size
+        ramp = self.ramp_eye  # (W,)
+        w = ramp.shape[0]
+        px = (centre.float() + 1.0) * (s / 2) - 0.5  # (B,2) pixel coordinates (x, y)
+        o = torch.floor(px - (w - 1) / 2 + 0.5).clamp(0, s - w).long()  # (B,2) the crop's top-left pixel
+        ys, xs = o[:, 1:2] + ramp, o[:, 0:1] + ramp  # (B,W)
+        return (ys[:, :, None] * s + xs[:, None, :]).reshape(-1, 1, w * w)  # (B,1,W*W)
+
+    @staticmethod
+    def take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """x (B,C,S,S), crop indices (B,1,W*W) -> the crop (B,C,W,W) (None: the whole frame)."""
+        if idx is None:
+            return x
+        b, c = x.shape[:2]
+        w = math.isqrt(idx.shape[-1])
+        return torch.gather(x.flatten(2), 2, idx.expand(b, c, -1)).reshape(b, c, w, w)
+
+    @staticmethod
+    def put(x: torch.Tensor, idx: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """x (B,C,S,S) with its crop (indices (B,1,W*W)) replaced by v (B,C,W,W) -> (B,C,S,S) (None: v)."""
+        if idx is None:
+            return v
+        b, c = x.shape[:2]
+        return torch.scatter(x.flatten(2), 2, idx.expand(b, c, -1), v.flatten(2)).reshape(x.shape)
+
+    def _place(self, a_t: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Square k's geometry at frame anchors a_t: its sampling grid (B,n,n,2), the crop's flat frame indices
+        (B,1,W*W) (None for the mouth, whose crop is the frame: W = S), the crop's pixels in the square's
+        coordinates (B,W,W,2) (the paste-back grid) and its feathered window (B,1,W,W) (0 outside the square, so
+        the frame outside the crop is untouched)."""
         centre, half, u, v = self.boxes(a_t)
         g = self.grid_mouth if k == 2 else self.grid_eye  # (1,n,n,2)
         sx = -1.0 if k == 1 else 1.0  # the image-right eye is sampled mirrored
         c, h = centre[:, k], half[:, k].view(-1, 1, 1, 1)  # (B,2), (B,1,1,1)
         px, py = g[..., :1] * sx, g[..., 1:]  # (1,n,n,1)
         grid = c.view(-1, 1, 1, 2) + h * (px * u.view(-1, 1, 1, 2) + py * v.view(-1, 1, 1, 2))  # (B,n,n,2)
+        idx = self._crop_index(c, k)  # (B,1,W*W) or None: the whole frame
+        if idx is None:
+            gq = self.grid_full  # (1,S,S,2)
+        else:
+            b, w = idx.shape[0], math.isqrt(idx.shape[-1])
+            gq = torch.gather(self.grid_full.reshape(1, -1, 2).expand(b, -1, -1), 1,
+                              idx.reshape(b, -1, 1).expand(-1, -1, 2)).reshape(b, w, w, 2)  # (B,W,W,2) its pixels
         # back: frame pixel q -> patch coordinates ((q - c).u / h * sx, (q - c).v / h)
-        q = self.grid_full - c.view(-1, 1, 1, 2)  # (B,S,S,2)
+        q = gq - c.view(-1, 1, 1, 2)  # (B,W,W,2)
         qx = (q * u.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h * sx
         qy = (q * v.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h
-        edge = torch.maximum(qx.abs(), qy.abs()).permute(0, 3, 1, 2)  # (B,1,S,S): 1 on the square's border
+        edge = torch.maximum(qx.abs(), qy.abs()).permute(0, 3, 1, 2)  # (B,1,W,W): 1 on the square's border
         win = ((1.0 - edge) / PATCH_FEATHER).clamp(0.0, 1.0)
-        return grid, torch.cat([qx, qy], dim=-1), win
+        return grid, idx, torch.cat([qx, qy], dim=-1), win
 
     def body(self, frame: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, flow: torch.Tensor,
              a_s: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -734,7 +796,7 @@ class PatchRefiner(nn.Module):
         out = self.apply(frame, z_t, z_s, self.target_anchors(a_s, flow), base=base, squares=(0, 1), clamp=False,
                          with_anchors=True)
         out, a_t = out
-        grid, back, win = self._place(a_t, 2)
+        grid, _, back, win = self._place(a_t, 2)
         square = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out + win * (base - out), win, back, square
 
@@ -752,7 +814,7 @@ class PatchRefiner(nn.Module):
         `with_window`, the union (B,1,S,S) of the feathered paste windows). Inside each square the frame
         becomes base + the net's change, base (default: the frame) being what the net reads: G's pose-warped
         source image at run time (sharp, the source's own mouth and eyes at the target pose), the renderer's
-        source-moved-to-the-target-pose in training."""
+        source-moved-to-the-target-pose in training. Each square works in its crop (`_place`)."""
         if base is None:
             base = frame
         cond = self.conditions(z_t, z_s)
@@ -760,13 +822,15 @@ class PatchRefiner(nn.Module):
         win_all = []
         for k in squares:
             net = self.mouth_net if k == 2 else self.eye_net
-            grid, back_grid, win = self._place(a_t, k)
+            grid, idx, back_grid, win = self._place(a_t, k)
             patch = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
             delta = net(patch, cond[0] if k == 2 else cond[1 + k])  # (B,3,n,n)
             back = F.grid_sample(delta, back_grid, mode="bilinear", padding_mode="zeros",
-                                 align_corners=False)  # (B,3,S,S)
-            out = out + win * (base - out + back)
-            win_all.append(win)
+                                 align_corners=False)  # (B,3,W,W)
+            o = self.take(out, idx)
+            out = self.put(out, idx, o + win * (self.take(base, idx) - o + back))
+            if with_window:
+                win_all.append(self.put(torch.zeros_like(out[:, :1]), idx, win))
         if clamp:
             out = out.clamp(-1.0, 1.0)
         if with_anchors:

@@ -202,7 +202,6 @@ def test_serve_without_its_extra_refuses_naming_it():
 def test_anchors_land_on_the_eyes_and_the_mouth_at_any_pose():
     """The renderer's anchors (what the patch stage teaches the anchor head) sit inside its own eye and mouth
     region masks, for every target pose the pair sampler draws."""
-    import dataclasses
 
     from trainer.synthetic import PairRenderer
 
@@ -256,6 +255,75 @@ def test_patch_refiner_follows_the_flow_and_pastes_only_inside_its_squares():
     assert ((gx - centre[0, 2, 0]).abs().max() <= half[0, 2] + 1e-3)  # nothing outside the mouth square
     assert ((gy - centre[0, 2, 1]).abs().max() <= half[0, 2] + 1e-3)
     assert win.amax() == 1.0 and win.amin() == 0.0
+
+
+def _full_frame_paste(P, frame, base, z_t, z_s, a_t, squares=(0, 1, 2)):
+    """The paste as it was before the crops: every square's window and inverse map over the whole frame."""
+    import torch.nn.functional as F
+
+    from engine.networks import PATCH_FEATHER
+
+    cond = P.conditions(z_t, z_s)
+    out = frame
+    for k in squares:
+        centre, half, u, v = P.boxes(a_t)
+        c, h = centre[:, k], half[:, k].view(-1, 1, 1, 1)
+        sx = -1.0 if k == 1 else 1.0
+        grid, _, _, _ = P._place(a_t, k)
+        patch = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        delta = (P.mouth_net if k == 2 else P.eye_net)(patch, cond[0] if k == 2 else cond[1 + k])
+        q = P.grid_full - c.view(-1, 1, 1, 2)
+        qx = (q * u.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h * sx
+        qy = (q * v.view(-1, 1, 1, 2)).sum(-1, keepdim=True) / h
+        win = ((1.0 - torch.maximum(qx.abs(), qy.abs()).permute(0, 3, 1, 2)) / PATCH_FEATHER).clamp(0.0, 1.0)
+        back = F.grid_sample(delta, torch.cat([qx, qy], -1), mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+        out = out + win * (base - out + back)
+    return out.clamp(-1.0, 1.0)
+
+
+def test_patch_crops_hold_every_square_up_to_the_largest_face():
+    """Each eye's change is pasted inside a crop around its square (gather, compute, scatter; the mouth's over
+    the frame); the crop is sized so the frame is what the whole-frame paste makes for any face scale up to
+    FACE_SCALE_MAX, any turn of the eye line and squares that leave the frame; and the two phases (body, mouth)
+    make the same frame."""
+    from engine.networks import FACE_SCALE_MAX, PatchRefiner
+
+    cfg = ModelConfig.preset("talk-tiny")
+    torch.manual_seed(0)
+    P = PatchRefiner(cfg).eval()
+    s = cfg.image_size
+    assert P.crop_eye < s  # a crop, not the frame
+    with torch.no_grad():
+        for p in (*P.mouth_net.parameters(), *P.eye_net.parameters()):  # fresh nets draw nothing: give them weights
+            p.add_(torch.randn_like(p) * 0.2)
+    g = torch.Generator().manual_seed(1)
+    b = 24
+    angle = (torch.rand(b, generator=g) * 2 - 1) * math.pi  # the eye line at any angle
+    d = torch.rand(b, generator=g) * (FACE_SCALE_MAX - 0.2) + 0.2
+    d[:4] = FACE_SCALE_MAX * 0.999  # the largest faces
+    centre = (torch.rand(b, 2, generator=g) * 2 - 1) * 0.9  # some squares leave the frame
+    u = torch.stack([angle.cos(), angle.sin()], -1)
+    v = torch.stack([-u[:, 1], u[:, 0]], -1)
+    ln = d * 0.7  # eye distance; the mouth below the eyes' midpoint by sqrt(d^2 - ln^2)
+    em = (d * d - ln * ln).sqrt()
+    e0 = centre - 0.5 * ln[:, None] * u
+    e1 = centre + 0.5 * ln[:, None] * u
+    mo = centre + em[:, None] * v
+    a_t = torch.stack([e0, e1, mo], 1)  # (B,3,2)
+    frame = torch.rand(b, 3, s, s, generator=g) * 2 - 1
+    base = torch.rand(b, 3, s, s, generator=g) * 2 - 1
+    z_t = torch.randn(b, cfg.latents.total, generator=g) * 0.5
+    z_s = torch.randn(b, cfg.latents.total, generator=g) * 0.5
+    with torch.no_grad():
+        want = _full_frame_paste(P, frame, base, z_t, z_s, a_t)
+        got, win = P.apply(frame, z_t, z_s, a_t, base=base, with_window=True)
+        assert (got - want).abs().max() < 1e-5
+        assert ((got - frame.clamp(-1, 1)).abs().amax(1) > 1e-6).float().mean() > 0.01  # the nets did draw
+        # the same through the two phases: body (the eyes, the mouth's window) + mouth (its net, pasted)
+        flow = torch.zeros(b, 2, s // 4, s // 4)
+        assert (P.mouth(*P.body(frame, z_t, z_s, flow, a_t, base), z_t, z_s) - want).abs().max() < 1e-5
+    assert win.shape == (b, 1, s, s) and win.amax() == 1.0
 
 
 def test_a_third_patch_level_starts_as_the_two_level_net_and_reaches_further():
@@ -334,7 +402,6 @@ def test_a_warping_patch_net_starts_as_the_painting_one_and_moves_what_is_there(
 def test_the_patch_stage_moves_a_checkpoint_into_the_new_generator_layout(tmp_path, one_thread):
     """A talk checkpoint with G's old mouth branch and two-level local generators trains on in the new layout:
     every shared weight outside the local generators kept as it was, the branch dropped, the third level added."""
-    import dataclasses
 
     from engine.checkpoint import load_model, save_checkpoint
     from engine.config import NetworkConfig
@@ -381,7 +448,6 @@ def test_the_patch_stage_moves_a_checkpoint_into_the_new_generator_layout(tmp_pa
 def test_resuming_a_stage_started_from_init_keeps_that_checkpoints_config(tmp_path, one_thread):
     """`train --init CK --resume` after an interruption rebuilds the model as saved, not from the preset: the
     jaw calibration of CK (which the preset lacks) survives into the resumed stage's checkpoint."""
-    import dataclasses
 
     from engine.checkpoint import load_model, save_checkpoint
     from engine.model import Marionette
@@ -406,7 +472,6 @@ def test_resuming_a_stage_started_from_init_keeps_that_checkpoints_config(tmp_pa
 def test_without_the_source_gaze_the_eye_net_hears_only_the_target_gaze():
     """eye_source_gaze=False: the per-avatar estimate of the source's gaze (which E_mot cannot read) reaches no
     net; the target's gaze still does, mirrored for the image-right eye."""
-    import dataclasses
 
     from engine.networks import PatchRefiner
 
@@ -525,7 +590,6 @@ def test_the_state_estimator_finds_keypoints_and_learns_them(one_thread):
 def test_the_state_stage_gives_an_older_checkpoint_the_keypoint_branch(tmp_path, one_thread):
     """`train --stage state --init CK` on a checkpoint without E_mot's keypoint branch: the branch is added, the
     estimator trains, and every weight outside it (G, E_app, E_aud) is kept as it was."""
-    import dataclasses
 
     from engine.checkpoint import load_model, save_checkpoint
     from engine.model import Marionette
@@ -549,6 +613,38 @@ def test_the_state_stage_gives_an_older_checkpoint_the_keypoint_branch(tmp_path,
     assert not torch.equal(osd["e_mot.body.0.0.weight"], sd["e_mot.body.0.0.weight"])
 
 
+def test_the_portrait_is_read_at_nine_shifts_and_its_keypoints_moved_back():
+    """`portrait_jitter_px`: the portrait's state is the mean of its (mirror-averaged) readings at the 3 x 3 shifts
+    of +-d px (the border repeated), and its keypoints the mean of each shift's keypoints moved back by the shift;
+    the built-in reads its portrait that way, and driving frames are not jittered."""
+    from engine.model import Marionette
+
+    cfg = ModelConfig.preset("talk-tiny")
+    assert cfg.portrait_jitter_px == 1 and ModelConfig.preset("talk").portrait_jitter_px == 3
+    torch.manual_seed(0)
+    m = Marionette(cfg).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    once = dataclasses.replace(cfg, portrait_jitter_px=0)
+    with torch.no_grad():
+        z, kp = m.read_portrait(x)
+        m.cfg = once
+        zs, kps = [], []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                pad = F.pad(x, (1, 1, 1, 1), mode="replicate")
+                shifted = pad[:, :, 1 - dy:65 - dy, 1 - dx:65 - dx]  # content moved by (dx, dy), border repeated
+                zi, ki = m.read_portrait(shifted)
+                zs.append(zi)
+                kps.append(ki - torch.tensor([2.0 * dx / 64, 2.0 * dy / 64]))
+        z1, kp1 = m.read_portrait(x)
+        m.cfg = cfg
+        assert torch.allclose(z, torch.stack(zs).mean(0), atol=1e-6)
+        assert torch.allclose(kp, torch.stack(kps).mean(0), atol=1e-6)
+        assert (z - z1).abs().max() > 0 and (kp - kp1).abs().max() > 0  # not the single reading
+        assert torch.allclose(m.encode_avatar(x)[2][:, cfg.net.app_dim:cfg.net.app_dim + cfg.latents.total], z)
+        assert torch.equal(m.encode_motion(x, mirror=True)["pose"], m.encode_motion(x, mirror=True)["pose"])
+
+
 def test_the_mirror_reading_of_a_mirrored_frame_is_the_mirrored_state():
     """The mirror reading (`motion_mirror`) averages a frame's reading and its mirror image's, so for any weights a
     mirrored frame reads exactly as the mirrored state (yaw, roll, tx and gaze_x negated, the lids swapped, the
@@ -565,7 +661,9 @@ def test_the_mirror_reading_of_a_mirrored_frame_is_the_mirrored_state():
     with torch.no_grad():
         a, b = m.encode_motion(x, mirror=True), m.encode_motion(torch.flip(x, dims=[3]), mirror=True)
         one = m.encode_motion(x)
+        m.cfg = dataclasses.replace(cfg, portrait_jitter_px=0)  # the portrait read once (with its mirror image)
         assert torch.allclose(m.source_state(x), m.compose(a))
+        m.cfg = cfg
     for k in a:
         assert torch.allclose(mirror_latent(k, b[k]), a[k], atol=1e-5), k
     pose, eye = a["pose"], a["eye"]
@@ -577,7 +675,6 @@ def test_the_mirror_reading_of_a_mirrored_frame_is_the_mirrored_state():
     x01 = (x + 1) / 2
     assert torch.allclose(rt.encode_motion(x01)["pose"], pose, atol=1e-5)
     assert torch.allclose(rt.encode_motion(x01, mirror=False)["pose"], one["pose"], atol=1e-5)
-    import dataclasses
 
     with pytest.raises(ValueError, match="gt_latents"):
         Marionette(dataclasses.replace(ModelConfig.preset("tiny"), motion_mirror=True))

@@ -380,7 +380,8 @@ class PatchStage(StageModule):
         if m.cfg.anchors_from_keypoints:  # the run-time anchors are E_mot's keypoints (frozen here): nothing to learn
             if diag:
                 with torch.no_grad():
-                    a_s = m.read_portrait(src)[1][:, list(LANDMARK_ANCHORS)]  # (n_ids,3,2), as encode_avatar's
+                    # (n_ids,3,2), as encode_avatar's but read once (the nine shifts would cost this log-only pass 9x)
+                    a_s = m.read_portrait(src, jitter=False)[1][:, list(LANDMARK_ANCHORS)]
                 anchor = (a_s - batch["anchor_source"]).abs().mean()  # logged only
             anchor_loss = torch.zeros((), device=src.device)
         else:
