@@ -207,7 +207,7 @@ class ModelConfig:
             # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
                         patches=True, eye_source_gaze=False, motion_mirror=True,
-                        anchors_from_keypoints=True,
+                        anchors_from_keypoints=True, portrait_jitter_px=3,
                         net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True,
                                           motion_keypoints=N_LANDMARKS)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,

@@ -4,6 +4,7 @@ the scheduler thread) and cached under a content id, least recently used evicted
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import io
 import time
@@ -86,6 +87,13 @@ class AvatarStore:
         self._items: OrderedDict[str, AvatarEntry] = OrderedDict()
         self._pending: dict[str, asyncio.Future] = {}
         self.max_items = max_items
+        self._worker = None  # a thread of its own for uploads where the runtime allows it (see `add`)
+
+    def close(self) -> None:
+        """Stop the uploads' thread (pending preparations are cancelled)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -115,7 +123,19 @@ class AvatarStore:
             return self.get(aid), False
         fut = self._pending.get(aid)
         if fut is None:
-            cf = self._scheduler.submit(self._pipeline.prepare_avatar, bytes(data))
+            # on the scheduler thread an upload's E_app / E_mot (40-160 ms on 2 CPU cores) holds every session's
+            # mouth phase: where the runtime allows it, a thread of its own at the lanes' lower priority prepares
+            # it while the frames go on (the cores are shared: bodies slow down a little, no tick waits on it)
+            if getattr(self._pipeline, "concurrent_prepare", False):
+                if self._worker is None:
+                    from streaming.scheduler import LANE_NICE, _lower_priority
+
+                    self._worker = concurrent.futures.ThreadPoolExecutor(
+                        1, thread_name_prefix="marionette-avatar", initializer=_lower_priority,
+                        initargs=(LANE_NICE,))
+                cf = self._worker.submit(self._pipeline.prepare_avatar, bytes(data))
+            else:
+                cf = self._scheduler.submit(self._pipeline.prepare_avatar, bytes(data))
             fut = self._pending[aid] = asyncio.wrap_future(cf)
         try:
             state = await asyncio.shield(fut)

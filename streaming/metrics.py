@@ -177,6 +177,9 @@ class ServerMetrics:
                                             "Video ticks whose own frame was not sent", ["reason"]))
         self.frames_repeated = r.add(Counter("marionette_frames_repeated_total",
                                              "Dropped video ticks that carried an earlier picture again"))
+        self.frames_mouth_only = r.add(Counter("marionette_frames_mouth_only_total",
+                                               "Video frames sent whose body a frame before them showed already "
+                                               "(lanes: their own mouth on the newest body)"))
         self.audio_frames_sent = r.add(Counter("marionette_audio_frames_sent_total", "Outbound 20 ms audio frames"))
         self.audio_underruns = r.add(Counter("marionette_audio_underrun_samples_total",
                                              "Outbound audio samples due before they arrived (sent as silence)"))

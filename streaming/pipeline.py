@@ -189,6 +189,16 @@ class Pipeline:
             return frames
         return [f.paste(fr[None])[0] if f is not None else fr for f, fr in zip(faces, frames)]
 
+    @property
+    def concurrent_prepare(self) -> bool:
+        """Whether `prepare_avatar` may run on another thread while frames are being made: ONNX Runtime's sessions
+        and torch on a CPU are safe to call from two threads (TensorRT's execution contexts and CUDA are not, so
+        there it runs on the scheduler thread, between rounds)."""
+        if getattr(self.rt, "name", "") == "onnxruntime":
+            return True
+        dev = getattr(self.rt, "device", None)
+        return getattr(self.rt, "name", "") == "torch" and dev is not None and dev.type == "cpu"
+
     # the frame in two phases (streaming.scheduler): the body ahead of the audio, the mouth net last
     @property
     def late_mouth(self) -> bool:

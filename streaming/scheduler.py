@@ -26,6 +26,15 @@ order, when it is due; everything that touches a session stays on the scheduler 
 lip a few frames old (the mouth still reads the newest audio). No redos in lanes: a flushed tick is served by
 the next regular one.
 
+Mouth-only ticks (lanes): a tick that no body can be made for in time is not skipped while a body of the same
+sessions exists: its mouth phase runs on the newest body there is (its pose, eyes and expression; the newest
+audio's lip, E_aud and the mouth net as for any tick), so the mouth, which is what a listener watches, moves on
+every tick and a speech onset is shown on the first tick that reads it, whatever the bodies' rate. A body not done
+when its tick's mouth is due is not waited for (the wait made that tick and the ones after it late): that tick is
+mouth-only too, and the body, once done, is the newest for the ticks after it. The head and eyes move at the rate
+bodies are done (`bodies_shown`); `mouth_only_ticks` counts the pictures that showed a body already shown, and a
+session's stats say how many it sent.
+
 Admission control reads `round_times`: the recent round durations per batch size (90th percentile),
 seeded by the warmup's, and `RoundTimes.predict(n)`, the round time n sessions would take (measured when
 n has run lately, else extrapolated from the largest measured batch below n; see `RoundTimes`).
@@ -182,6 +191,11 @@ class Scheduler:
         self.est_body = 0.0  # EWMAs of the two phases (s)
         self.est_mouth = 0.0
         self.lanes = 1  # bodies in flight at once (two phases only; see the module docstring)
+        self.mouth_only_ticks = 0  # lanes: ticks made from a body an earlier tick showed, and their own mouth
+        self.bodies_shown = 0  # lanes: pictures that showed a body for the first time (their own or a late one)
+        self._shown_body = -1  # lanes: the tick of the body the last picture showed
+        self._last_body: tuple | None = None  # lanes: (sessions, avatars, body, rests, tick) of the newest body
+        self._late_bodies: list[tuple] = []  # lanes: bodies not done when their mouth was due (still running)
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Scheduler":
@@ -348,9 +362,17 @@ class Scheduler:
                 t_body = clock.video_time(k) - mouth_lead - self._body_lead()
                 first = next(iter(pending), None)
                 t_mouth = clock.video_time(first) - mouth_lead if first is not None else float("inf")
-                busy = [f for _, f, _ in pending.values() if not f.done()]
-                if len(busy) >= self.lanes:  # no free lane: the next thing is the first mouth, or a lane freed
-                    concurrent.futures.wait(busy, timeout=max(0.0, t_mouth - clock.now()),
+                busy = [f for _, f, _ in pending.values() if f is not None and not f.done()]
+                busy += [x[3] for x in self._late_bodies if not x[3].done()]  # a late body still holds its lane
+                if len(busy) >= self.lanes:  # no free lane: the next thing is the first mouth, a lane freed, or
+                    # tick k lost (no lane can make its body in time): it is made mouth-only now, not skipped
+                    # when a lane frees, by which time its mouth would be late too
+                    t_lost = clock.video_time(k) - self.est_body - self.est_mouth
+                    if clock.now() >= t_lost:
+                        self.skipped_ticks += 1 - self._queue_mouth_only(k, k + 1, pending)
+                        k += 1
+                        continue
+                    concurrent.futures.wait(busy, timeout=max(0.0, min(t_mouth, t_lost) - clock.now()),
                                             return_when=concurrent.futures.FIRST_COMPLETED)
                     if clock.now() >= t_mouth and first is not None:
                         self._lane_mouth(first, *pending.pop(first))
@@ -364,7 +386,8 @@ class Scheduler:
                 now = clock.now()
                 if now + self.est_body + self.est_mouth > clock.video_time(k):  # lost: the first tick still on time
                     k2 = clock.video_tick_at(now + self.est_body + self.est_mouth) + 1
-                    self.skipped_ticks += k2 - k
+                    filled = self._queue_mouth_only(k, k2, pending)
+                    self.skipped_ticks += k2 - k - filled
                     k = k2
                     continue
                 t0 = time.perf_counter()
@@ -380,9 +403,55 @@ class Scheduler:
                 k += 1
         finally:
             for _, fut, _ in pending.values():
-                fut.cancel()
+                if fut is not None:
+                    fut.cancel()
+            self._late_bodies.clear()
             pool.shutdown(wait=True)
             self._cancel_jobs()
+
+    def _queue_mouth_only(self, k: int, k2: int, pending: collections.OrderedDict) -> int:
+        """Ticks k..k2-1 have no body in time: queue a mouth-only phase (body None) for each whose mouth can
+        still be on time, while a body exists or is on its way. Returns how many were queued."""
+        if self._last_body is None and not pending:
+            return 0
+        clock = self.clock
+        need = max(self.lead_s, self.est_mouth * 1.15)
+        n = 0
+        for kk in range(k, k2):
+            if clock.now() + need > clock.video_time(kk):
+                continue  # its mouth would be late too: skipped
+            t0 = time.perf_counter()
+            try:
+                jobs = self._jobs_for(kk, None, phased=True)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("scheduler: the request for mouth-only tick %d failed", kk)
+                continue
+            if jobs:
+                pending[kk] = (jobs, None, t0)
+                n += 1
+        return n
+
+    @staticmethod
+    def _body_serves(last: tuple | None, jobs: list[FrameJob]) -> bool:
+        """Whether body record `last` can make these jobs' pictures: the same sessions, avatars and epochs (after an
+        interrupt a body's jaw still reads the speech it flushed)."""
+        return (last is not None and last[0] == tuple(j.session for j in jobs)
+                and all(a is j.avatar for a, j in zip(last[1], jobs)) and last[5] == tuple(j.epoch for j in jobs))
+
+    def _take_late_bodies(self) -> None:
+        """The newest late body that is done now becomes the one mouth-only ticks use (if newer than it)."""
+        keep = []
+        for late in self._late_bodies:
+            k, sessions, avatars, fut, rests, epochs = late
+            if not fut.done():
+                keep.append(late)
+                continue
+            last = self._last_body
+            if fut.exception() is None and (last is None or k > last[4]):
+                self._last_body = (sessions, avatars, fut.result()[0], rests, k, epochs)
+        last_k = self._last_body[4] if self._last_body is not None else -1
+        self._late_bodies = [x for x in keep if x[0] > last_k]
 
     def _timed_body(self, avatars: list, z: np.ndarray) -> tuple[Any, float]:
         """A lane's work: the body, and how long it took (its own time, two lanes sharing the cores)."""
@@ -393,17 +462,59 @@ class Scheduler:
 
     def _lane_mouth(self, k: int, jobs: list[FrameJob], fut: concurrent.futures.Future, t0: float) -> None:
         """The mouth phase of tick k once its body (from a lane) is there."""
+        if fut is not None and not fut.done():
+            self._take_late_bodies()
+            if self._body_serves(self._last_body, jobs):  # another body can make this picture: wait for its own
+                # only while the mouth would still be done by the tick
+                concurrent.futures.wait([fut], timeout=max(0.0, self.clock.video_time(k) - self.clock.now()
+                                                           - self.est_mouth))
+        if fut is not None and not fut.done() and self._body_serves(self._last_body, jobs):
+            # its body is late: the mouth does not wait for it (a wait makes this tick and the ones after it late);
+            # the tick is made mouth-only, and the body, once done, serves the mouth-only ticks after it
+            self._late_bodies.append((k, tuple(j.session for j in jobs), tuple(j.avatar for j in jobs), fut,
+                                      [j.rest for j in jobs], tuple(j.epoch for j in jobs)))
+            fut = None
+        if fut is None:
+            self._mouth_only(k, jobs)
+            return
         n, t_body, t_mouth = 0, 0.0, 0.0
         try:
             body, t_body = fut.result()
             t1 = time.perf_counter()
             n = self.mouth_round(jobs, body)
             t_mouth = time.perf_counter() - t1
+            self._last_body = (tuple(j.session for j in jobs), tuple(j.avatar for j in jobs), body,
+                               [j.rest for j in jobs], k, tuple(j.epoch for j in jobs))
+            self._shown_body = k
+            self.bodies_shown += 1
         except Exception:  # noqa: BLE001
             self.errors += 1
             log.exception("scheduler mouth for tick %d failed", k)
         self._phase_times(n, t_body, t_mouth)
         self._account(k, n, t_body + t_mouth)
+
+    def _mouth_only(self, k: int, jobs: list[FrameJob]) -> None:
+        """Tick k from the newest body (the same sessions, avatars and epochs) and its own mouth phase; where there
+        is none (a session joined, changed its avatar or was interrupted since) the tick is skipped as before."""
+        self._take_late_bodies()
+        last = self._last_body
+        if not self._body_serves(last, jobs):
+            self.skipped_ticks += 1
+            return
+        fresh = last[4] != self._shown_body  # a late body no picture has shown yet
+        for j, rest in zip(jobs, last[3]):
+            j.rest = rest  # the body's pose / eye / expression: the mouth net reads what the body was made with
+            j.extra["mouth_only"] = not fresh
+        try:
+            self.mouth_round(jobs, last[2])
+            self._shown_body = last[4]
+            if fresh:
+                self.bodies_shown += 1
+            else:
+                self.mouth_only_ticks += 1
+        except Exception:  # noqa: BLE001
+            self.errors += 1
+            log.exception("scheduler mouth-only tick %d failed", k)
 
     def _phase_times(self, n: int, t_body: float, t_mouth: float) -> None:
         """The two phases' EWMAs, from a round that made `n` frames (before `_account` counts it)."""
@@ -523,7 +634,10 @@ class Scheduler:
         out = self.pipeline.to_video_frames(frames)
         self._observe("convert", t)
         for j, f in zip(jobs, out):
-            j.session.deliver(j.tick, f, j.epoch, z_lip=j.lip)
+            if j.extra.get("mouth_only"):
+                j.session.deliver(j.tick, f, j.epoch, z_lip=j.lip, mouth_only=True)
+            else:
+                j.session.deliver(j.tick, f, j.epoch, z_lip=j.lip)
 
     def round(self, k: int, only: tuple | None = None) -> int:
         """Generate tick k for every live session (or just `only`) in one piece. Returns the batch size."""

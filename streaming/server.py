@@ -501,6 +501,8 @@ class AvatarServer:
             self._collect_handle = None
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())),
                              return_exceptions=True)
+        if self.avatars is not None:
+            self.avatars.close()
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
         if self._ice is not None:

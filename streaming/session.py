@@ -107,6 +107,9 @@ class Session:
         self.frames_dropped = 0
         self.frames_late = 0  # sent within the grace period after their tick
         self.frames_repeated = 0  # the last picture sent again for a dropped tick (not counted as sent)
+        self.frames_mouth_only = 0  # made from an earlier tick's body and their own mouth (lanes; counted as sent)
+        self._mouth_only_ticks: set[int] = set()  # delivered, not yet sent
+        self._mouth_only_sent: deque = deque(maxlen=128)
         self.rest_picture = None  # the latest frame made without speech (av.VideoFrame)
         self._discard_before_pts = 0  # inbound audio ending before this (48 kHz, the sender's clock) is dropped
         self._audio_sender = None
@@ -401,13 +404,18 @@ class Session:
     def set_webcam_latents(self, lat: dict) -> None:
         self.motion.webcam_latents = lat
 
-    def deliver(self, k: int, frame, epoch: int, z_lip=None) -> None:
+    def deliver(self, k: int, frame, epoch: int, z_lip=None, mouth_only: bool = False) -> None:
+        """Tick k's frame (the scheduler thread); mouth_only: its body is an earlier tick's (see the scheduler)."""
         with self._lock:
             if self.closed or epoch != self.epoch:
                 return
             self._slot[k] = frame
             for old in [t for t in self._slot if t < k - 2]:
                 del self._slot[old]
+            if mouth_only:
+                self._mouth_only_ticks.add(k)
+            for old in [t for t in self._mouth_only_ticks if t < k - 2]:
+                self._mouth_only_ticks.discard(old)
             if self._interrupt_at is not None and self._interrupt_tick is None:
                 self._interrupt_tick = k  # the first frame made after the flush
             if z_lip is None:
@@ -483,6 +491,14 @@ class Session:
 
     def note_video_sent(self, k: int, t: float) -> None:
         self.frames_sent += 1
+        if self._mouth_only_ticks:
+            with self._lock:
+                mouth_only = k in self._mouth_only_ticks
+                self._mouth_only_ticks.discard(k)
+            if mouth_only:
+                self.frames_mouth_only += 1
+                self._mouth_only_sent.append(t)
+                self.metrics.frames_mouth_only.inc()
         if self._interrupt_tick is not None and k >= self._interrupt_tick:
             lat = t - self._interrupt_at
             self.interrupt_latencies.append(lat)
@@ -578,6 +594,11 @@ class Session:
         recent = [t for t in self._sent_times if now - t <= 1.0]
         return float(len(recent))
 
+    def body_fps_now(self) -> float:
+        """Pictures sent in the last second with a body of their own (fps_now less the mouth-only ones)."""
+        now = time.monotonic()
+        return self.fps_now() - float(sum(1 for t in self._mouth_only_sent if now - t <= 1.0))
+
     def stats(self) -> dict:
         sch = self.scheduler
         return {
@@ -590,6 +611,8 @@ class Session:
             "frames_dropped": self.frames_dropped,
             "frames_late": self.frames_late,
             "frames_repeated": self.frames_repeated,
+            "frames_mouth_only": self.frames_mouth_only,
+            "body_fps": self.body_fps_now(),
             "audio_discarded_ms": round(self.audio_discarded_samples / 48.0, 1),
             "audio_packet_ms": self.audio_track.packet_ms,
             "playout_delay_ms": None if self.playout_delay_ms is None else list(self.playout_delay_ms),

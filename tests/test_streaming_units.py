@@ -653,6 +653,160 @@ def test_two_phase_rounds_make_the_body_ahead_and_the_mouth_from_the_final_lip()
     assert np.abs(bad.got[k].to_ndarray().astype(int) - shut).max() <= 1
 
 
+class _SlowBodyPipeline:
+    """A two-phase pipeline whose body takes far longer than a frame period (a slow CPU) and whose mouth is quick:
+    a frame records which tick's body it was made on, the lip it was finished with and the pose it carries."""
+
+    late_mouth = True
+
+    def __init__(self, body_s):
+        from types import SimpleNamespace
+
+        from engine.config import LatentConfig
+
+        self.cfg = SimpleNamespace(latents=LatentConfig())
+        self.body_s = body_s
+
+    def generate_body(self, avatars, z):
+        time.sleep(self.body_s)
+        sl = self.cfg.latents.slices()
+        return {"pose": z[:, sl["pose"]].copy()}
+
+    def generate_mouth(self, body, avatars, z):
+        sl = self.cfg.latents.slices()
+        return [(float(body["pose"][r, 0]), float(z[r, sl["lip"]][0]), float(z[r, sl["pose"]][0]))
+                for r in range(len(z))]
+
+    def encode_audio(self, mel):  # pragma: no cover - the sink gives its lips directly
+        raise AssertionError("no audio here")
+
+    def to_video_frames(self, frames):
+        return list(frames)
+
+
+class _TickSink(_PhasedSink):
+    """Each tick's pose says its tick (pose[0] = k), its final lip says it too (lip[0] = k / 1000)."""
+
+    interrupt_every = 0  # an interrupt (the epoch goes up by one) every so many ticks built
+    epochs: dict
+
+    def begin_job(self, k):
+        job = super().begin_job(k)
+        job.rest["pose"] = np.full(self.total_pose, float(k), np.float32)
+        if self.interrupt_every:
+            job.epoch = self.epochs[k] = sum(c == "begin" for c, _, _ in self.calls) // self.interrupt_every
+        return job
+
+    def finish_job(self, job):
+        job = super().finish_job(job)
+        job.lip = np.full_like(self.final, job.tick / 1000.0)
+        return job
+
+    def deliver(self, k, frame, epoch, z_lip=None, mouth_only=False):
+        self.got[k] = (frame, mouth_only)
+
+
+def test_lanes_fill_the_ticks_no_body_makes_with_the_newest_body_and_their_own_mouth():
+    """A body that takes 4 periods on each of two lanes makes about half the ticks: the others are not skipped
+    but made from the newest body there is (its pose) and their own mouth (their own tick's lip); a picture is
+    flagged mouth-only when its body was shown already."""
+    from streaming.scheduler import Scheduler
+
+    p = _SlowBodyPipeline(body_s=0.16)
+    lat = p.cfg.latents
+    clock = MediaClock(25)
+    sch = Scheduler(p, clock, ServerMetrics(), lead_s=0.01)
+    sch.lanes = 2
+    sch.est_body, sch.est_mouth = 0.16, 0.002
+    sch.body_lead_s = 0.02
+    sch.start()
+    sink = _TickSink("s", object(), lat.total, lat.lip)
+    sink.total_pose = lat.pose
+    sink.interrupt_every, sink.epochs = 13, {}
+    try:
+        sch.add(sink)
+        t0 = time.monotonic()
+        while len(sink.got) < 60 and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        sch.remove(sink)
+    finally:
+        sch.stop()
+    ks = sorted(sink.got)
+    assert len(ks) >= 60 and sch.errors == 0
+    span = range(ks[5], ks[-1] + 1)
+    made = [k for k in span if k in sink.got]
+    # nearly every tick has a picture of its own (not those between an interrupt and the first body after it)
+    assert len(made) >= 0.8 * len(span), (len(made), len(span))
+    bodies = {k: sink.got[k][0][0] for k in made}
+    for k in made:
+        body_tick, lip, pose = sink.got[k][0]
+        assert body_tick == pose and body_tick <= k  # one body's pose, never a later tick's
+        assert lip == pytest.approx(k / 1000.0)  # every picture's mouth reads its own tick's audio
+    own = [k for k in made if bodies[k] == k]
+    assert 0.15 * len(made) <= len(own) <= 0.75 * len(made), (len(own), len(made))  # bodies for about half
+    prev = None
+    for k in made:  # bodies shown in order; mouth-only exactly where the body was shown by the picture before
+        if prev is not None:
+            assert bodies[k] >= bodies[prev]
+            if k == prev + 1:
+                assert sink.got[k][1] == (bodies[k] == bodies[prev]), (k, sink.got[k], sink.got[prev])
+        prev = k
+    only = [k for k in made if sink.got[k][1]]
+    assert 0.25 * len(made) <= len(only) <= 0.75 * len(made), (len(only), len(made))
+    assert sch.mouth_only_ticks >= len(only) and sch.bodies_shown >= len(made) - len(only)
+    # after an interrupt no picture is made from a body of before it (that body's jaw read the flushed speech)
+    assert len(set(sink.epochs.values())) >= 5
+    assert all(sink.epochs[bodies[k]] == sink.epochs[k] for k in made), \
+        [(k, bodies[k]) for k in made if sink.epochs[bodies[k]] != sink.epochs[k]]
+
+
+def test_uploads_are_prepared_off_the_scheduler_thread_where_the_runtime_allows_it():
+    """An upload's preparation (E_app, E_mot: 40-160 ms) on the scheduler thread would hold every session's frames:
+    on ONNX Runtime / torch on a CPU it runs on a thread of its own; where concurrency is not safe (TensorRT) it
+    stays a scheduler job."""
+    import concurrent.futures
+    import threading
+
+    from streaming.avatars import AvatarStore
+
+    class _Sched:
+        def __init__(self):
+            self.jobs = 0
+
+        def submit(self, fn, *a):
+            self.jobs += 1
+            f = concurrent.futures.Future()
+            f.set_result(fn(*a))
+            return f
+
+    class _Pipe:
+        def __init__(self, concurrent_prepare):
+            self.concurrent_prepare = concurrent_prepare
+            self.threads = []
+
+        def prepare_avatar(self, data):
+            self.threads.append(threading.current_thread().name)
+            return ("state", len(data))
+
+    async def go(store, data):
+        return await store.add(data)
+
+    for allowed in (True, False):
+        sch, pipe = _Sched(), _Pipe(allowed)
+        store = AvatarStore(sch, pipe)
+        try:
+            entry, created = asyncio.run(go(store, b"x" * 10))
+            assert created and entry.state == ("state", 10)
+            again, created = asyncio.run(go(store, b"x" * 10))
+            assert not created and again is entry and len(pipe.threads) == 1  # once per content
+        finally:
+            store.close()
+        if allowed:
+            assert sch.jobs == 0 and pipe.threads[0].startswith("marionette-avatar")
+        else:
+            assert sch.jobs == 1 and pipe.threads[0] == threading.current_thread().name
+
+
 def test_inbound_audio_takes_any_rate_and_layout_even_changing_midstream():
     a = InboundAudio(0.2)
     t = 0.02

@@ -616,11 +616,11 @@ def test_the_state_stage_gives_an_older_checkpoint_the_keypoint_branch(tmp_path,
 def test_the_portrait_is_read_at_nine_shifts_and_its_keypoints_moved_back():
     """`portrait_jitter_px`: the portrait's state is the mean of its (mirror-averaged) readings at the 3 x 3 shifts
     of +-d px (the border repeated), and its keypoints the mean of each shift's keypoints moved back by the shift;
-    driving frames are not jittered. (The built-in does not use it yet: README "The portrait read nine times".)"""
+    the built-in reads its portrait that way, and driving frames are not jittered."""
     from engine.model import Marionette
 
     cfg = ModelConfig.preset("talk-tiny")
-    assert cfg.portrait_jitter_px == 1 and ModelConfig.preset("talk").portrait_jitter_px == 0  # measured, not on
+    assert cfg.portrait_jitter_px == 1 and ModelConfig.preset("talk").portrait_jitter_px == 3
     torch.manual_seed(0)
     m = Marionette(cfg).eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1

@@ -26,6 +26,8 @@ class TorchRuntime:
     """Runs a `Marionette` with torch. Takes ownership of the model: moves it to `device`/`dtype` and puts
     it in eval mode (pass a copy if you keep training it)."""
 
+    name = "torch"
+
     def __init__(self, model: Marionette, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  kernels: bool | None = None):
         """kernels: route G's warps through the fused Triton kernels (kernels.warp). None (default) = off:
