@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -261,6 +262,43 @@ class Pipeline:
                 self.phase_times[b] = (float(np.percentile(body_t, 90)), float(np.percentile(mouth_t, 90)))
         self.encode_motion(np.zeros((1, s, s, 3), np.uint8))
         return out
+
+
+def mouth_time_beside_bodies(pipeline, avatar, lanes: int, repeats: int = 12) -> float:
+    """The mouth phase's 90th-percentile time (s) while `lanes` bodies run beside it, each on a thread of its own at
+    the lanes' lower priority: what the mouth takes when the server runs lanes (measured alone it took about half
+    of what it takes served, and a lead sized on that made half the frames late)."""
+    from streaming.scheduler import LANE_NICE, _lower_priority
+
+    lat, s = pipeline.cfg.latents, pipeline.cfg
+    z = np.zeros((1, lat.total), np.float32)
+    mel = np.zeros((1, s.audio.n_mels, s.mel_window), np.float32)
+    body = pipeline.generate_body([avatar], z)
+    stop = threading.Event()
+
+    def spin():
+        _lower_priority(LANE_NICE)
+        while not stop.is_set():
+            pipeline.generate_body([avatar], z)
+
+    threads = [threading.Thread(target=spin, name=f"marionette-warmup-lane{i}", daemon=True) for i in range(lanes)]
+    for t in threads:
+        t.start()
+    times = []
+    try:
+        time.sleep(0.05)
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            pipeline.encode_audio(mel)
+            pipeline.to_video_frames(pipeline.generate_mouth(body, [avatar], z))
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return float(np.percentile(times, 90))
 
 
 def placeholder_portrait(size: int = 256):

@@ -760,6 +760,45 @@ def test_lanes_fill_the_ticks_no_body_makes_with_the_newest_body_and_their_own_m
         [(k, bodies[k]) for k in made if sink.epochs[bodies[k]] != sink.epochs[k]]
 
 
+def test_the_mouth_phase_is_timed_beside_running_bodies_for_the_lanes_lead():
+    """`--latency balanced|safe` with lanes size the lead on the mouth phase timed while `lanes` bodies run (on 2
+    cores about twice its time alone): the bodies run during the timing, on their own threads, and stop after."""
+    import threading
+
+    from streaming.pipeline import mouth_time_beside_bodies
+
+    class _Pipe(_SlowBodyPipeline):
+        def __init__(self):
+            super().__init__(body_s=0.004)
+            from types import SimpleNamespace
+
+            self.cfg = SimpleNamespace(latents=self.cfg.latents, audio=SimpleNamespace(n_mels=4), mel_window=6)
+            self.bodies = 0
+            self.body_threads = set()
+            self.during = []
+
+        def generate_body(self, avatars, z):
+            self.bodies += 1
+            self.body_threads.add(threading.current_thread().name)
+            return super().generate_body(avatars, z)
+
+        def encode_audio(self, mel):
+            assert mel.shape == (1, 4, 6)
+            self.during.append(self.bodies)
+
+        def generate_mouth(self, body, avatars, z):
+            time.sleep(0.003)
+            return super().generate_mouth(body, avatars, z)
+
+    p = _Pipe()
+    t = mouth_time_beside_bodies(p, object(), lanes=2, repeats=6)
+    assert 0.003 <= t < 0.5
+    assert len(p.during) == 8 and p.during[-1] > p.during[0]  # bodies kept running while the mouth was timed
+    assert {n for n in p.body_threads if n.startswith("marionette-warmup-lane")} == {"marionette-warmup-lane0",
+                                                                                    "marionette-warmup-lane1"}
+    assert not [th for th in threading.enumerate() if th.name.startswith("marionette-warmup-lane")]
+
+
 def test_uploads_are_prepared_off_the_scheduler_thread_where_the_runtime_allows_it():
     """An upload's preparation (E_app, E_mot: 40-160 ms) on the scheduler thread would hold every session's frames:
     on ONNX Runtime / torch on a CPU it runs on a thread of its own; where concurrency is not safe (TensorRT) it
