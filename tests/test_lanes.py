@@ -54,6 +54,10 @@ def test_two_lanes_serve_the_builtin_talking_in_order_and_in_sync(lanes_server):
     # sound and picture stay together at the client
     s = r["stats"]
     assert abs(s["av_offset_mean_ms"]) < 20, s
+    # ticks no body was made for in time carried their own mouth on the newest body (none on a machine fast enough):
+    # the session, the scheduler and /metrics count them alike
+    assert 0 <= s["frames_mouth_only"] <= s["frames_sent"] and 0 <= s["body_fps"] <= s["fps"], s
+    assert s["frames_mouth_only"] <= srv.metrics.frames_mouth_only.value() <= sch.mouth_only_ticks  # (sent <= made)
 
 
 def test_lanes_need_the_two_phase_frame(tmp_path):
