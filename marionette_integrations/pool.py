@@ -138,7 +138,7 @@ class _Member:
             if not fut.done():
                 fut.set_result(None)
 
-    def deliver(self, tick: int, frame, epoch: int, z_lip=None) -> None:
+    def deliver(self, tick: int, frame, epoch: int, z_lip=None, mouth_only: bool = False) -> None:
         entry = self._building.pop(tick, None)
         if entry is None:
             return

@@ -128,10 +128,10 @@ class AvatarStore:
             # it while the frames go on (the cores are shared: bodies slow down a little, no tick waits on it)
             if getattr(self._pipeline, "concurrent_prepare", False):
                 if self._worker is None:
-                    from streaming.scheduler import LANE_NICE, _lower_priority
+                    from streaming.scheduler import LANE_NICE, lower_priority
 
                     self._worker = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="marionette-avatar", initializer=_lower_priority,
+                        1, thread_name_prefix="marionette-avatar", initializer=lower_priority,
                         initargs=(LANE_NICE,))
                 cf = self._worker.submit(self._pipeline.prepare_avatar, bytes(data))
             else:

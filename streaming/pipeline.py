@@ -268,7 +268,7 @@ def mouth_time_beside_bodies(pipeline, avatar, lanes: int, repeats: int = 12) ->
     """The mouth phase's 90th-percentile time (s) while `lanes` bodies run beside it, each on a thread of its own at
     the lanes' lower priority: what the mouth takes when the server runs lanes (measured alone it took about half
     of what it takes served, and a lead sized on that made half the frames late)."""
-    from streaming.scheduler import LANE_NICE, _lower_priority
+    from streaming.scheduler import LANE_NICE, lower_priority
 
     lat, s = pipeline.cfg.latents, pipeline.cfg
     z = np.zeros((1, lat.total), np.float32)
@@ -277,7 +277,7 @@ def mouth_time_beside_bodies(pipeline, avatar, lanes: int, repeats: int = 12) ->
     stop = threading.Event()
 
     def spin():
-        _lower_priority(LANE_NICE)
+        lower_priority(LANE_NICE)
         while not stop.is_set():
             pipeline.generate_body([avatar], z)
 

@@ -60,12 +60,37 @@ log = logging.getLogger(__name__)
 LANE_NICE = 5  # lane threads run this much nicer than the rest: the mouth phase, audio and encoding go first
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
     """This thread's scheduling priority, `nice` steps lower (Linux: per thread; elsewhere nothing)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
     except (AttributeError, OSError):  # not Linux, or not allowed: the lanes run at the process' priority
         pass
+
+
+@dataclass
+class BodyRecord:
+    """Lanes: a tick's body and what it was made for (the sessions, avatars, epochs and pose / eye / expression
+    rows); `body` None while `fut` (its lane's future) runs."""
+
+    tick: int
+    sessions: tuple
+    avatars: tuple
+    epochs: tuple
+    rests: list
+    body: Any = None
+    fut: concurrent.futures.Future | None = None
+
+    @classmethod
+    def of(cls, k: int, jobs: list, body=None, fut=None) -> "BodyRecord":
+        return cls(k, tuple(j.session for j in jobs), tuple(j.avatar for j in jobs), tuple(j.epoch for j in jobs),
+                   [j.rest for j in jobs], body, fut)
+
+    def serves(self, jobs: list) -> bool:
+        """Whether this body can make these jobs' pictures: the same sessions, avatars and epochs (after an
+        interrupt a body's jaw still reads the speech it flushed)."""
+        return (self.sessions == tuple(j.session for j in jobs) and self.epochs == tuple(j.epoch for j in jobs)
+                and all(a is j.avatar for a, j in zip(self.avatars, jobs)))
 
 
 @dataclass
@@ -194,8 +219,8 @@ class Scheduler:
         self.mouth_only_ticks = 0  # lanes: ticks made from a body an earlier tick showed, and their own mouth
         self.bodies_shown = 0  # lanes: pictures that showed a body for the first time (their own or a late one)
         self._shown_body = -1  # lanes: the tick of the body the last picture showed
-        self._last_body: tuple | None = None  # lanes: (sessions, avatars, body, rests, tick) of the newest body
-        self._late_bodies: list[tuple] = []  # lanes: bodies not done when their mouth was due (still running)
+        self._last_body: BodyRecord | None = None  # lanes: the newest body done
+        self._late_bodies: list[BodyRecord] = []  # lanes: bodies not done when their mouth was due (still running)
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Scheduler":
@@ -353,7 +378,7 @@ class Scheduler:
         when it is due. Everything that touches a session stays on this thread; only the bodies run beside it."""
         clock = self.clock
         pool = concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="marionette-lane",
-                                                     initializer=_lower_priority, initargs=(LANE_NICE,))
+                                                     initializer=lower_priority, initargs=(LANE_NICE,))
         pending: collections.OrderedDict[int, tuple] = collections.OrderedDict()  # tick -> (jobs, body future, t0)
         try:
             k = clock.next_video_tick(clock.now() + self.start_lead_s)  # the next tick whose body starts
@@ -363,7 +388,7 @@ class Scheduler:
                 first = next(iter(pending), None)
                 t_mouth = clock.video_time(first) - mouth_lead if first is not None else float("inf")
                 busy = [f for _, f, _ in pending.values() if f is not None and not f.done()]
-                busy += [x[3] for x in self._late_bodies if not x[3].done()]  # a late body still holds its lane
+                busy += [b.fut for b in self._late_bodies if not b.fut.done()]  # a late body still holds its lane
                 if len(busy) >= self.lanes:  # no free lane: the next thing is the first mouth, a lane freed, or
                     # tick k lost (no lane can make its body in time): it is made mouth-only now, not skipped
                     # when a lane frees, by which time its mouth would be late too
@@ -432,26 +457,16 @@ class Scheduler:
                 n += 1
         return n
 
-    @staticmethod
-    def _body_serves(last: tuple | None, jobs: list[FrameJob]) -> bool:
-        """Whether body record `last` can make these jobs' pictures: the same sessions, avatars and epochs (after an
-        interrupt a body's jaw still reads the speech it flushed)."""
-        return (last is not None and last[0] == tuple(j.session for j in jobs)
-                and all(a is j.avatar for a, j in zip(last[1], jobs)) and last[5] == tuple(j.epoch for j in jobs))
-
-    def _take_late_bodies(self) -> None:
-        """The newest late body that is done now becomes the one mouth-only ticks use (if newer than it)."""
-        keep = []
-        for late in self._late_bodies:
-            k, sessions, avatars, fut, rests, epochs = late
-            if not fut.done():
-                keep.append(late)
-                continue
+    def _body_for(self, jobs: list[FrameJob]) -> BodyRecord | None:
+        """The newest body done (late ones that finished since included) if it can make these jobs' pictures."""
+        for late in [b for b in self._late_bodies if b.fut.done()]:
             last = self._last_body
-            if fut.exception() is None and (last is None or k > last[4]):
-                self._last_body = (sessions, avatars, fut.result()[0], rests, k, epochs)
-        last_k = self._last_body[4] if self._last_body is not None else -1
-        self._late_bodies = [x for x in keep if x[0] > last_k]
+            if late.fut.exception() is None and (last is None or late.tick > last.tick):
+                late.body = late.fut.result()[0]
+                self._last_body = late
+        last = self._last_body
+        self._late_bodies = [b for b in self._late_bodies if not b.fut.done() and (last is None or b.tick > last.tick)]
+        return last if last is not None and last.serves(jobs) else None
 
     def _timed_body(self, avatars: list, z: np.ndarray) -> tuple[Any, float]:
         """A lane's work: the body, and how long it took (its own time, two lanes sharing the cores)."""
@@ -462,18 +477,15 @@ class Scheduler:
 
     def _lane_mouth(self, k: int, jobs: list[FrameJob], fut: concurrent.futures.Future, t0: float) -> None:
         """The mouth phase of tick k once its body (from a lane) is there."""
-        if fut is not None and not fut.done():
-            self._take_late_bodies()
-            if self._body_serves(self._last_body, jobs):  # another body can make this picture: wait for its own
-                # only while the mouth would still be done by the tick
-                concurrent.futures.wait([fut], timeout=max(0.0, self.clock.video_time(k) - self.clock.now()
-                                                           - self.est_mouth))
-        if fut is not None and not fut.done() and self._body_serves(self._last_body, jobs):
-            # its body is late: the mouth does not wait for it (a wait makes this tick and the ones after it late);
-            # the tick is made mouth-only, and the body, once done, serves the mouth-only ticks after it
-            self._late_bodies.append((k, tuple(j.session for j in jobs), tuple(j.avatar for j in jobs), fut,
-                                      [j.rest for j in jobs], tuple(j.epoch for j in jobs)))
-            fut = None
+        if fut is not None and not fut.done() and self._body_for(jobs) is not None:
+            # another body can make this picture: wait for its own only while the mouth would still be done by the
+            # tick; past that the mouth does not wait (a wait makes this tick and the ones after it late): the tick
+            # is made mouth-only, and its body, once done, serves the mouth-only ticks after it
+            concurrent.futures.wait([fut], timeout=max(0.0, self.clock.video_time(k) - self.clock.now()
+                                                       - self.est_mouth))
+            if not fut.done():
+                self._late_bodies.append(BodyRecord.of(k, jobs, fut=fut))
+                fut = None
         if fut is None:
             self._mouth_only(k, jobs)
             return
@@ -483,8 +495,7 @@ class Scheduler:
             t1 = time.perf_counter()
             n = self.mouth_round(jobs, body)
             t_mouth = time.perf_counter() - t1
-            self._last_body = (tuple(j.session for j in jobs), tuple(j.avatar for j in jobs), body,
-                               [j.rest for j in jobs], k, tuple(j.epoch for j in jobs))
+            self._last_body = BodyRecord.of(k, jobs, body=body)
             self._shown_body = k
             self.bodies_shown += 1
         except Exception:  # noqa: BLE001
@@ -496,18 +507,17 @@ class Scheduler:
     def _mouth_only(self, k: int, jobs: list[FrameJob]) -> None:
         """Tick k from the newest body (the same sessions, avatars and epochs) and its own mouth phase; where there
         is none (a session joined, changed its avatar or was interrupted since) the tick is skipped as before."""
-        self._take_late_bodies()
-        last = self._last_body
-        if not self._body_serves(last, jobs):
+        last = self._body_for(jobs)
+        if last is None:
             self.skipped_ticks += 1
             return
-        fresh = last[4] != self._shown_body  # a late body no picture has shown yet
-        for j, rest in zip(jobs, last[3]):
+        fresh = last.tick != self._shown_body  # a late body no picture has shown yet
+        for j, rest in zip(jobs, last.rests):
             j.rest = rest  # the body's pose / eye / expression: the mouth net reads what the body was made with
             j.extra["mouth_only"] = not fresh
         try:
-            self.mouth_round(jobs, last[2])
-            self._shown_body = last[4]
+            self.mouth_round(jobs, last.body)
+            self._shown_body = last.tick
             if fresh:
                 self.bodies_shown += 1
             else:
@@ -634,10 +644,7 @@ class Scheduler:
         out = self.pipeline.to_video_frames(frames)
         self._observe("convert", t)
         for j, f in zip(jobs, out):
-            if j.extra.get("mouth_only"):
-                j.session.deliver(j.tick, f, j.epoch, z_lip=j.lip, mouth_only=True)
-            else:
-                j.session.deliver(j.tick, f, j.epoch, z_lip=j.lip)
+            j.session.deliver(j.tick, f, j.epoch, z_lip=j.lip, mouth_only=bool(j.extra.get("mouth_only")))
 
     def round(self, k: int, only: tuple | None = None) -> int:
         """Generate tick k for every live session (or just `only`) in one piece. Returns the batch size."""

@@ -114,6 +114,11 @@ class LatencyLevel:
     # cores) rather than alone: fewer frames late and dropped, ~10-15 ms more pipeline latency
     lead_beside_bodies: bool = False
 
+    def lead_for(self, p90_s: float, period_s: float) -> float:
+        """The scheduler lead (s) for work whose 90th-percentile time is p90_s."""
+        return min(self.lead_max_periods * period_s,
+                   max(self.lead_min_ms / 1000, self.lead_factor * p90_s + self.lead_add_ms / 1000))
+
 
 LATENCY_LEVELS: dict[str, LatencyLevel] = {
     # the default: every margin near its floor, the lips from the frame period before the tick; a session's arrival
@@ -401,8 +406,7 @@ class AvatarServer:
         else:
             # two phases: the lead covers the mouth phase (E_aud, the mouth net, the conversion) only
             p90 = phases[1] if phases else self.warmup_times.get(1, period)
-            lead = min(level.lead_max_periods * period,
-                       max(level.lead_min_ms / 1000, level.lead_factor * p90 + level.lead_add_ms / 1000))
+            lead = level.lead_for(p90, period)
         self.lead_s = lead
         self.scheduler.lead_s = lead
         lanes = await self._choose_lanes(phases, state)
@@ -416,8 +420,7 @@ class AvatarServer:
                 from streaming.pipeline import mouth_time_beside_bodies
 
                 mouth = await asyncio.wrap_future(self.scheduler.submit(mouth_time_beside_bodies, p, state, lanes))
-                lead = min(level.lead_max_periods * period,
-                           max(level.lead_min_ms / 1000, level.lead_factor * mouth + level.lead_add_ms / 1000))
+                lead = level.lead_for(mouth, period)
                 log.info("the mouth phase beside %d bodies: %.1f ms (p90; %.1f ms alone) -> lead %.0f ms", lanes,
                          1000 * mouth, 1000 * phases[1], 1000 * lead)
                 self.lead_s = lead

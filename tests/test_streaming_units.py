@@ -521,7 +521,7 @@ class _Sink:
                         rest={"pose": np.zeros(6, np.float32), "eye": np.zeros(6, np.float32),
                               "exp": np.zeros(10, np.float32)})
 
-    def deliver(self, k, frame, epoch, z_lip=None):
+    def deliver(self, k, frame, epoch, z_lip=None, mouth_only=False):
         self.got[k] = frame
 
     def fail_from_thread(self, reason):  # pragma: no cover
@@ -585,7 +585,7 @@ class _PhasedSink(_Sink):
         job.lip = self.final
         return job
 
-    def deliver(self, k, frame, epoch, z_lip=None):
+    def deliver(self, k, frame, epoch, z_lip=None, mouth_only=False):
         self.got[k] = frame
         self.lips[k] = z_lip
 
