@@ -61,7 +61,8 @@ BUILTIN_RUN ?= runs/builtin
 DEVICE ?= cpu
 LOOKAHEAD_MS ?=
 # The factor oracle is the instrument that measures every model (`evaluate`, the jaw calibration), not part of the
-# model: the committed one (engine/assets/builtin/oracle) is used, so every model is read by the same yardstick.
+# model: the committed one (engine/assets/builtin/oracle) is used, so every model is read by the same yardstick. It
+# also ships with the built-in: the runtimes read each avatar's mouth with it once (engine/jaw_map.py).
 # `make oracle` trains one from nothing (~27 min on the slower 2-core machine) and `make builtin ORACLE=...` uses it;
 # where none is found, `make builtin` trains it first.
 ORACLE ?= engine/assets/builtin/oracle

@@ -23,6 +23,8 @@ class AvatarState:
 
     face: for an avatar made from a photograph, its `engine.face.FacePortrait` (the alignment transform
     and the compositor that pastes frames back into the photo); None for a portrait used as it is.
+    jaw_map: its `engine.jaw_map.JawMap` (how far to command G's jaw for this portrait's mouth to open as
+    asked), measured by a runtime with `ModelConfig.avatar_jaw_map`; None: the commanded jaw as it is.
     """
 
     source: torch.Tensor
@@ -30,6 +32,7 @@ class AvatarState:
     feat_lo: torch.Tensor
     app: torch.Tensor
     face: Any = None
+    jaw_map: Any = None
 
     def __post_init__(self) -> None:
         for name in ("source", "feat_hi", "feat_lo", "app"):
@@ -61,7 +64,8 @@ class AvatarState:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AvatarState":
-        return AvatarState(*(t.to(device=device, dtype=dtype) for t in self.tensors()), face=self.face)
+        return AvatarState(*(t.to(device=device, dtype=dtype) for t in self.tensors()), face=self.face,
+                           jaw_map=self.jaw_map)
 
     def expand(self, batch: int) -> tuple[torch.Tensor, ...]:
         """The tensors broadcast to `batch` rows (views, no copy): one avatar for every row."""

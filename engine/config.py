@@ -161,6 +161,11 @@ class ModelConfig:
     # E_mot's reading is not shift-equivariant to a pixel, and the portrait's error is a bias relative motion
     # carries into every frame. 0: one reading (README "The portrait read nine times")
     portrait_jitter_px: int = 0
+    # the runtime measures, once per avatar, how far G opens this portrait's mouth (the factor oracle's reading
+    # of G's frames at a grid of jaws) and maps every commanded jaw so the mouth opens as far as the renderer's
+    # would (engine.jaw_map): the global jaw_calibration fits the mean face, and per face G's opening for one
+    # command varies ~20x (README "The mouth per avatar"). Needs an oracle (the built-in's ships with it)
+    avatar_jaw_map: bool = False
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -207,7 +212,7 @@ class ModelConfig:
             # (benchmarks/results/lookahead_curve.md), and every 10 ms of it is 10 ms of latency
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
                         patches=True, eye_source_gaze=False, motion_mirror=True,
-                        anchors_from_keypoints=True, portrait_jitter_px=3,
+                        anchors_from_keypoints=True, portrait_jitter_px=3, avatar_jaw_map=True,
                         net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True,
                                           motion_keypoints=N_LANDMARKS)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,

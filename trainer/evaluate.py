@@ -307,11 +307,14 @@ def _generate(rt, avatar, z: torch.Tensor, bs: int) -> torch.Tensor:
 class _Model:
     """A runtime plus the expression presets it is commanded with."""
 
-    def __init__(self, name: str, model, presets: dict[str, list[float]], device: str):
+    def __init__(self, name: str, model, presets: dict[str, list[float]], device: str, oracle=None):
+        from engine.jaw_map import JawCalibrated
         from engine.runtimes.torch_runtime import TorchRuntime
 
         self.name = name
         self.rt = TorchRuntime(model, device=device)
+        if oracle is not None and model.cfg.avatar_jaw_map:  # each avatar's jaw map, as render and serve apply it
+            self.rt = JawCalibrated(self.rt, oracle)
         self.cfg = self.rt.cfg
         self.presets = {k.lower(): np.asarray(v, np.float32) for k, v in presets.items()}
 
@@ -502,7 +505,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     mcfg = model.cfg
     S = mcfg.image_size
     models = {
-        "model": _Model("model", model, meta["expression_presets"], cfg.device),
+        "model": _Model("model", model, meta["expression_presets"], cfg.device, oracle=oracle),
         "random_weights": _Model("random_weights", _random_model(mcfg, cfg.seed + 1),
                                  default_expression_presets(mcfg), cfg.device),
     }

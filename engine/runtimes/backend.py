@@ -103,6 +103,19 @@ def open_backend(name: str, *, checkpoint: Path | None = None, config: str = "li
                  exported: Path | None = None, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, model: tuple[Any, dict] | None = None,
                  kernels: bool = False) -> Backend:
+    """A ready backend by name; for a model with `ModelConfig.avatar_jaw_map`, wrapped so that each avatar gets
+    its jaw map (`engine.jaw_map.calibrated`). The arguments are `_open_backend`'s."""
+    from engine.jaw_map import calibrated  # noqa: PLC0415
+
+    return calibrated(_open_backend(name, checkpoint=checkpoint, config=config, seed=seed, exported=exported,
+                                    device=device, precision=precision, threads=threads, model=model,
+                                    kernels=kernels), checkpoint)
+
+
+def _open_backend(name: str, *, checkpoint: Path | None = None, config: str = "lite", seed: int = 0,
+                  exported: Path | None = None, device: str = "cpu", precision: str = "fp32",
+                  threads: int | None = None, model: tuple[Any, dict] | None = None,
+                  kernels: bool = False) -> Backend:
     """A ready backend by name.
 
     checkpoint/config/seed: the model (engine.checkpoint.load_model: a checkpoint directory, else the
