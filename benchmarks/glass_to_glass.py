@@ -178,6 +178,84 @@ def client_av_offset(client, sess, tap) -> dict:
     return res
 
 
+def client_av_offset_sr(client) -> dict:
+    """Audio vs video at the client without the server's internals (its own process): each decoded frame's
+    delay behind its RTP timestamp's instant on the sender's clock, through the RTCP sender reports (what a
+    browser lines audio and video up with), minus the same delay of the audio playing at that instant. The
+    sender reports map a timestamp to when it was *sent*, so a frame sent late within the server's pacing
+    grace counts here as on time: the in-process run (`--server thread`) measures against the media clock."""
+    epoch_minus_mono = time.time() - time.monotonic()
+    aud = []
+    for t, pts, _rms in client.received.audio:
+        m = client.media_time("audio", client.rtp_of("audio", pts), 48000, at=t)
+        if m is not None:
+            aud.append((m, t + epoch_minus_mono - m))
+    if len(aud) < 10:
+        return {"n": 0}
+    aud.sort()
+    am = np.array([a[0] for a in aud])
+    ad = np.array([a[1] for a in aud])
+    offs, vd = [], []
+    for t, pts, _ in client.received.video:
+        m = client.media_time("video", client.rtp_of("video", pts), 90000, at=t)
+        if m is None:
+            continue
+        d = t + epoch_minus_mono - m
+        vd.append(1000 * d)
+        i = int(np.searchsorted(am, m, side="right")) - 1
+        if 0 <= i and m - am[i] < 0.025:  # the audio packet playing at the frame's instant
+            offs.append(1000 * (d - ad[i]))
+    res = percentiles(offs, (5, 50, 95))
+    if offs:
+        res["max_abs"] = float(np.max(np.abs(offs)))
+    res["video_delay_ms"] = percentiles(vd)
+    res["audio_delay_ms"] = percentiles(1000 * ad)
+    res["method"] = "RTCP sender reports (send times)"
+    return res
+
+
+class ServeProcess:
+    """`python -m marionette serve` in a process of its own, on a free loopback port: what a user runs and
+    what a hidden client would talk to. `with ServeProcess(args) as url:`."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args, self.log = args, log
+        self.proc = None
+
+    def __enter__(self) -> str:
+        import subprocess
+
+        from capacity import free_port, wait_healthy
+
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "marionette", "serve", "--host", "127.0.0.1",
+                                      "--port", str(port), "--ice-host", "127.0.0.1", *self.args],
+                                     cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, self.proc, timeout=600.0)  # the first run exports the model to ONNX (~1-2 min)
+        except SystemExit:
+            self.__exit__(None, None, None)
+            print(Path(self.log).read_text()[-3000:], file=sys.stderr)
+            raise
+        return url
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
 CLOSED_LIPS = ("m", "b", "p", "w", "f", "v")  # espeak phonemes said with the lips shut, pressed or nearly shut
 
 
@@ -204,7 +282,7 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
     c = AvatarClient(url, keep_frames=False, on_video=on_video, audio_prefetch=audio_prefetch)
     await c.connect(mic=mic, controls=STATIC)
     await c.wait_first_frame(30)
-    sess = server.server.sessions.get(c.session)
+    sess = server.server.sessions.get(c.session) if server is not None else None  # None: a server process
     tap = ServerTap()
     if sess is not None:
         sess.taps.append(tap)
@@ -232,8 +310,8 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         await asyncio.sleep(len(long_speech) / 48000 - 0.8 + 0.3)
     await asyncio.sleep(1.0)
     server_onsets = list(sess.onset_latencies) if sess else []
-    latency_ms = sess.latency_s * 1000 if sess else None
     stats = await c.request({"type": "stats"})
+    latency_ms = sess.latency_s * 1000 if sess else stats.get("latency_ms")
     await c.close()
 
     # the mouth at rest: the frames of the 0.6 s before the first onset (the head has settled into the
@@ -291,7 +369,7 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
             if (dev[hold] < thr).all():
                 cut.append(1000 * (t[j] - t_int))
                 break
-    period = 1.0 / server.server.pipeline.cfg.fps
+    period = 1.0 / (server.server.pipeline.cfg.fps if server is not None else stats.get("target_fps", 25))
     extra = {"trace": {"t": t.tolist(), "pts": [f[1] for f in regions], "dev": dev.tolist(), "interrupts": interrupts,
                        "onsets_leave": [send_time_of_sample(mic.sent, s) for s in onsets]}} if trace else {}
     return {**extra,
@@ -302,9 +380,9 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         "client_decoded_ms": percentiles(decoded),
         "client_decoded_ms_by_first_sound": {k: percentiles(v) for k, v in by_onset.items()},
         "client_decoded_first_move_ms": percentiles(moved), "client_network_ms": percentiles(network),
-        "server_ms": percentiles([1000 * x for x in server_onsets]),
+        "server_ms": percentiles([1000 * x for x in server_onsets]) if sess else stats.get("onset_latency_ms"),
         "stages_ms": stage_split(leaves, frames, thr, c, sess, tap, period) if sess else {},
-        "client_av_offset_ms": client_av_offset(c, sess, tap) if sess else {},
+        "client_av_offset_ms": client_av_offset(c, sess, tap) if sess else client_av_offset_sr(c),
         # what a viewer sees: the lips of a sound reach the screen this much after the sound (the A/V offset of the
         # streams plus the lip lag: at --latency low a frame shows the audio that ends at its tick, 20 ms back)
         "lip_lag_ms": stats.get("lip_lag_ms", 0.0),
@@ -506,11 +584,17 @@ def main(argv=None) -> int:
                     help="do not ask browsers for the latency level's playout delay (the RTP header extension)")
     ap.add_argument("--trace", action="store_true",
                     help="keep every decoded frame's arrival time and mouth deviation, the onsets and interrupts")
+    ap.add_argument("--server", choices=("thread", "process"), default="thread",
+                    help="thread: the server in this process, its stages split by reading its internals (the default); "
+                         "process: `marionette serve` in a process of its own, as a user runs it, measured from the "
+                         "aiortc client alone (no stage split; the A/V offset through the RTCP sender reports)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "glass_to_glass.json")
     a = ap.parse_args(argv)
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         ck, what = (a.checkpoint, str(a.checkpoint)) if a.checkpoint else default_checkpoint(Path(tmp), a.config)
+        if a.server == "process":
+            return _main_process(a, ck, what, Path(tmp))
         cfg = ServeConfig(checkpoint=ck, config=a.config, ice_hosts=("127.0.0.1",), latency=a.latency,
                           backend=a.backend, threads=a.threads, audio_packet_ms=a.audio_packet_ms,
                           playout_delay=not a.no_playout_delay)
@@ -533,6 +617,46 @@ def main(argv=None) -> int:
                         "backend": a.backend, "threads": st.server.pipeline.threads,
                         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
                                     "python": platform.python_version()}})
+    return _report(a, res)
+
+
+def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
+    """--server process: `marionette serve` with the same options, the aiortc client in this process."""
+    from streaming.ice import restrict_host_candidates
+
+    args = ["--checkpoint", str(ck), "--config", a.config, "--latency", a.latency, "--backend", a.backend,
+            "--audio-packet-ms", f"{a.audio_packet_ms:g}"]
+    if a.threads:
+        args += ["--threads", str(a.threads)]
+    if a.no_playout_delay:
+        args += ["--no-playout-delay"]
+    res: dict = {"server": "process", "serve_args": args}
+    restrict_host_candidates(["127.0.0.1"])
+    with ServeProcess(args, tmp / "serve.log") as url:
+        t0 = time.time()
+        res["loadavg_start"] = os.getloadavg()
+        if a.client in ("aiortc", "both"):
+            res["aiortc"] = asyncio.run(run(url, None, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts, a.trace))
+            res["aiortc"]["loadavg_end"] = os.getloadavg()
+        if a.client in ("chromium", "both"):
+            res["chromium"] = {"skipped": "--server process measures the aiortc client only (Chromium's figures start "
+                                          "at the onset's arrival at the server, which only --server thread sees)"}
+        st = (res.get("aiortc") or {}).get("session_stats") or {}
+        from engine.checkpoint import read_checkpoint_config
+
+        mcfg = read_checkpoint_config(ck)[0]
+        res.update({"model": what, "config": mcfg.name, "image_size": mcfg.image_size, "lookahead_ms": mcfg.lookahead_ms,
+                    "pipeline_latency_ms": st.get("latency_ms"), "lead_ms": None, "duration_s": time.time() - t0,
+                    "latency_level": a.latency, "client_audio_prefetch": a.client_audio_prefetch,
+                    "audio_packet_ms": a.audio_packet_ms, "backend": a.backend, "threads": a.threads,
+                    "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                                "python": platform.python_version()}})
+        log = (tmp / "serve.log").read_text()
+    res["serve_log_tail"] = log.splitlines()[-20:]
+    return _report(a, res)
+
+
+def _report(a, res: dict) -> int:
     # a run whose server dropped ticks (a busy machine) is not a clean figure: say so
     notes, info = [], []
     for name in ("aiortc", "chromium"):
@@ -561,7 +685,8 @@ def main(argv=None) -> int:
     def fmt(p):
         return f"p50 {p['p50']:.0f} ms, p95 {p['p95']:.0f} ms (n={p['n']})" if p and p.get("n") else "n=0"
     print(f"glass-to-glass ({res['config']} {res['image_size']}px, lookahead {res['lookahead_ms']} ms, "
-          f"pipeline {res['pipeline_latency_ms']:.0f} ms, --latency {a.latency}; {res['model']})")
+          f"pipeline {res['pipeline_latency_ms']:.0f} ms, --latency {a.latency}, server in its own "
+          f"{'process' if res.get('server') == 'process' else 'thread'}; {res['model']})")
     r = res.get("aiortc")
     if r:
         print(f"aiortc client (audio prefetch {a.client_audio_prefetch}):")
@@ -571,13 +696,17 @@ def main(argv=None) -> int:
             print(f"    words with a {k.replace('_', ' ')}: {fmt(v)}")
         print(f"  onset -> first packet of that frame    : {fmt(r['client_network_ms'])}")
         print(f"  server: onset arrival -> frame sent    : {fmt(r['server_ms'])}")
+        st_ = r.get("session_stats") or {}
+        print(f"  server: {st_.get('fps')} fps sent, {st_.get('frames_dropped')} ticks dropped, "
+              f"{st_.get('frames_mouth_only')} mouth-only, {st_.get('frames_late')} late of {st_.get('frames_sent')}")
         for name, p in r.get("stages_ms", {}).items():
             if isinstance(p, dict) and p.get("n"):
                 print(f"    {name:34s}: p50 {p['p50']:6.1f}, p95 {p['p95']:6.1f}")
         av = r.get("client_av_offset_ms", {})
         if av.get("n"):
             print(f"  A/V offset at the client (video - audio): p5 {av['p5']:.1f}, p50 {av['p50']:.1f}, "
-                  f"p95 {av['p95']:.1f} ms, max |{av['max_abs']:.1f}| ms")
+                  f"p95 {av['p95']:.1f} ms, max |{av['max_abs']:.1f}| ms"
+                  + (f" ({av['method']})" if av.get("method") else ""))
             lag = r.get("lip_lag_ms") or 0.0
             if lag:
                 print(f"    the lips behind their sound (+ the {lag:.0f} ms lip lag): p5 {av['p5'] + lag:.1f}, "
