@@ -164,7 +164,8 @@ class ModelConfig:
     # the runtime measures, once per avatar, how far G opens this portrait's mouth (the factor oracle's reading
     # of G's frames at a grid of jaws) and maps every commanded jaw so the mouth opens as far as the renderer's
     # would (engine.jaw_map): the global jaw_calibration fits the mean face, and per face G's opening for one
-    # command varies ~20x (README "The mouth per avatar"). Needs an oracle (the built-in's ships with it)
+    # command varies ~4x between the 10th and 90th percentile (README "The mouth per avatar"). Needs an oracle
+    # (the built-in's ships with it)
     avatar_jaw_map: bool = False
 
     # --- mel window geometry of the audio encoder (derived) ---

@@ -1,9 +1,10 @@
 """Per-avatar jaw calibration: each portrait's mouth opens as far as commanded.
 
 G's global jaw calibration (`ModelConfig.jaw_calibration`) matches G's *mean* opening over a few identities to the
-renderer's. Per face it varies a lot: for a commanded jaw of 0.15 the factor oracle reads G's frames anywhere
-from 0.01 to 0.24 over 20 fresh identities (the renderer's own frames: 0.12-0.16), and the built-in avatar is
-among the shut ones (0.02: a thin line of lips through most of real speech; README "The mouth per avatar").
+renderer's. Per face it varies a lot: for an opening of 0.15 over the portrait's own jaw the factor oracle reads
+G's frames at 0.044-0.178 (10th-90th percentile over 20 fresh identities; the renderer's own frames of the same
+faces: 0.079-0.136), and the built-in avatar read 0.023: a thin line of lips through most of real speech
+(`benchmarks/jaw_map.py`; README "The mouth per avatar").
 
 So, once per avatar, with `ModelConfig.avatar_jaw_map` on: G makes the portrait at a grid of jaw openings relative
 to its own (`GRID`, everything else the portrait's state), the factor oracle (`engine.oracle`, shipped with the
@@ -53,17 +54,18 @@ class JawMap:
     knots: tuple[tuple[float, float], ...]
 
     def __post_init__(self):
-        d = np.asarray([k[0] for k in self.knots])
-        e = np.asarray([k[1] for k in self.knots])
+        d = np.asarray([k[0] for k in self.knots], np.float32)
+        e = np.asarray([k[1] for k in self.knots], np.float32)
         if len(d) < 2 or d[0] != 0.0 or e[0] != 0.0 or (np.diff(d) <= 0).any() or (np.diff(e) < 0).any():
             raise ValueError(f"JawMap knots must start at (0, 0) and increase, got {self.knots}")
+        object.__setattr__(self, "_x", d)  # the knots as arrays once, not per frame
+        object.__setattr__(self, "_y", e)
 
     def apply(self, jaw: np.ndarray) -> np.ndarray:
         """Commanded jaw openings (any shape) -> the jaws to give G."""
         jaw = np.asarray(jaw, np.float32)
         d = jaw - self.source
-        x = np.asarray([k[0] for k in self.knots], np.float32)
-        y = np.asarray([k[1] for k in self.knots], np.float32)
+        x, y = self._x, self._y
         mapped = np.where(d > x[-1], d + (y[-1] - x[-1]), np.interp(d, x, y)).astype(np.float32)
         return np.where(d > 0, self.source + mapped, jaw).astype(np.float32)
 
@@ -198,11 +200,10 @@ def calibrated(backend, checkpoint: Path | None = None):
         if d is not None and d.is_dir():
             try:
                 oracle, _ = load_oracle(d)
+                return JawCalibrated(backend, oracle)  # InputError too where it reads no jaw
             except InputError as e:
                 log.warning("jaw map: %s; avatars keep the commanded jaw", e)
                 return backend
-            oracle.column(JAW_COLUMN)
-            return JawCalibrated(backend, oracle)
     log.warning("jaw map: the model asks for one but no factor oracle is installed; avatars keep the commanded jaw")
     return backend
 
