@@ -498,7 +498,16 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
         finally:
             if term is not None:
                 term.__exit__(None, None, None)
-        return session.stats()
+        # the final figures once everything has stopped: an output thread may still be sending its last frame
+        if hasattr(source, "stop"):
+            source.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close("live stopped")
+        stats = session.stats()
+        stats["outputs"] = [o.stats() for o in outs]  # closing detached them from the session
+        return stats
     finally:
         if hasattr(source, "stop"):
             source.stop()
