@@ -111,6 +111,29 @@ def test_mouth_vs_speech_finds_the_pauses_of_real_recordings():
     assert with_pauses >= len(files) - 2  # a 1-2 s card utterance may have no 160 ms pause
 
 
+def test_disentanglement_report_names_the_columns_that_leak():
+    """A pose sweep that moves the brows: the report's leak is pose -> expression, made by brow_raise."""
+    rng = np.random.default_rng(0)
+    K = 8
+    cols = [c for _, c in O.COLUMNS]
+    sl = O.group_slices()
+    reads = {}
+    for f, g in E.FACTOR_TO_GROUP.items():
+        r = np.tile(O.LOW + O.RANGE / 2, (K, 1)) + rng.normal(0, 1e-4, (K, O.N_OUT)) * O.RANGE
+        r[:, sl[g]] += rng.uniform(-0.3, 0.3, (K, sl[g].stop - sl[g].start)) * O.RANGE[sl[g]]
+        reads[f] = r
+    brow = cols.index("brow_raise")
+    reads["pose"][:, brow] += np.linspace(-0.3, 0.3, K) * O.RANGE[brow]
+    rep = E._matrix_report(E._variance_matrix(reads))
+    assert np.array(rep["variance"]).shape == (4, 4)
+    top = rep["leaks"][0]
+    assert (top["varied"], top["measured"]) == ("pose", "expression")
+    assert top["ratio"] == pytest.approx(rep["ratio"][1][3]) and top["ratio"] >= E.LEAK_REPORTED
+    assert next(iter(top["columns"])) == "brow_raise" and top["columns"]["brow_raise"] > 0.9
+    assert all(x["ratio"] >= E.LEAK_REPORTED for x in rep["leaks"])
+    assert rep["max_off_diagonal_ratio"] == pytest.approx(top["ratio"])
+
+
 def test_frame_window():
     np.testing.assert_array_equal(E.frame_window(10, None), np.arange(1, 10))
     np.testing.assert_array_equal(E.frame_window(10, 4), np.arange(3, 7))
@@ -198,6 +221,11 @@ def test_report_files_and_structure(report):
             if m[i, i] > 0:
                 assert v["ratio"][i][i] == pytest.approx(1.0)
     assert set(r["disentanglement"]) >= {"model", "random_weights"}
+    for v in r["disentanglement"].values():
+        for x in v["leaks"]:
+            assert x["ratio"] >= E.LEAK_REPORTED and 0 < len(x["columns"]) <= 3
+            assert set(x["columns"]) <= {c for g, c in O.COLUMNS if g == x["measured"]}
+            assert sum(x["columns"].values()) <= 1.001
     for name, v in r["lip_sync"].items():
         assert -1 <= v["correlation"] <= 1 and -1 <= v["best_correlation"] <= 1
         assert v["best_correlation"] >= v["correlation"]

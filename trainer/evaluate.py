@@ -400,15 +400,15 @@ def _disentangle_values(cfg: EvalConfig, presets: Sequence[str]) -> dict[str, np
 
 
 def _variance_matrix(reads: dict[str, np.ndarray]) -> np.ndarray:
-    """{varied factor: (K, N_OUT) readings} -> (4, 4) [factor, measured group] variance / range^2."""
+    """{varied factor: (K, N_OUT) readings} -> (4, N_OUT) [factor, oracle column] variance / range^2 (the
+    (4, 4) matrix is its mean over each measured group's columns: `_group_matrix`)."""
+    return np.stack([(reads[f] / _or.RANGE[None]).var(0) for f in FACTOR_TO_GROUP])
+
+
+def _group_matrix(V: np.ndarray) -> np.ndarray:
+    """(4, N_OUT) column variances -> (4, 4) [varied factor, measured group]."""
     sl = _or.group_slices()
-    M = np.zeros((4, 4))
-    for i, f in enumerate(FACTOR_TO_GROUP):
-        r = reads[f] / _or.RANGE[None]
-        v = r.var(0)
-        for j, g in enumerate(FACTOR_TO_GROUP.values()):
-            M[i, j] = float(v[sl[g]].mean())
-    return M
+    return np.stack([V[:, sl[g]].mean(1) for g in FACTOR_TO_GROUP.values()], 1)
 
 
 def _lip_sweep_frames(cd: _ClipData, k: int) -> np.ndarray:
@@ -464,15 +464,36 @@ def _disentangle_renderer(renderer, oracle, cd: _ClipData, ident: np.ndarray, va
     return _variance_matrix(reads)
 
 
-def _matrix_report(M: np.ndarray) -> dict[str, Any]:
+LEAK_REPORTED = 0.05  # off-diagonal entries at least this share of their row's diagonal are broken down by column
+
+
+def _matrix_report(V: np.ndarray) -> dict[str, Any]:
+    """(4, N_OUT) column variances -> the (4, 4) matrix, its ratios to each row's diagonal, and `leaks`: each
+    off-diagonal entry >= LEAK_REPORTED of its diagonal, with the oracle columns that make it (their share of the
+    entry), so a report says where a leak is (pose -> expression: the brows, say), not only how large."""
+    M = _group_matrix(V)
     diag = np.diag(M)
     ratio = M / np.where(diag[:, None] > 0, diag[:, None], np.nan)
     off = ratio[~np.eye(4, dtype=bool)]
     off = off[np.isfinite(off)]
-    return {"rows": list(FACTOR_TO_GROUP), "columns": list(FACTOR_TO_GROUP.values()),
+    sl = _or.group_slices()
+    rows, groups = list(FACTOR_TO_GROUP), list(FACTOR_TO_GROUP.values())
+    leaks = []
+    for i, j in zip(*np.nonzero(np.isfinite(ratio) & ~np.eye(4, dtype=bool))):
+        if ratio[i, j] < LEAK_REPORTED:
+            continue
+        cols = V[i, sl[groups[j]]]
+        names = [c for g, c in _or.COLUMNS if g == groups[j]]
+        share = cols / cols.sum() if cols.sum() > 0 else cols
+        top = sorted(zip(names, share.tolist()), key=lambda x: -x[1])[:3]
+        leaks.append({"varied": rows[i], "measured": groups[j], "ratio": float(ratio[i, j]),
+                      "columns": {n: round(float(x), 3) for n, x in top}})
+    leaks.sort(key=lambda x: -x["ratio"])
+    return {"rows": rows, "columns": groups,
             "variance": M.tolist(),
             "ratio": [[None if not np.isfinite(x) else float(x) for x in row] for row in ratio],
-            "max_off_diagonal_ratio": float(off.max()) if len(off) else None}
+            "max_off_diagonal_ratio": float(off.max()) if len(off) else None,
+            "leaks": leaks}
 
 
 # =================================================================================== evaluate
@@ -781,6 +802,10 @@ def markdown(r: dict[str, Any]) -> str:
               "| varied \\ measured | " + " | ".join(v["columns"]) + " |", "|---" * (len(v["columns"]) + 1) + "|"]
         for name, row, rat in zip(v["rows"], v["variance"], v["ratio"]):
             L.append(f"| {name} | " + " | ".join(f"{x:.2e} ({_f(q, 2)})" for x, q in zip(row, rat)) + " |")
+        if v.get("leaks"):
+            L += ["", "Leaks of at least 5 % (the oracle columns that make each, as a share of it): " + "; ".join(
+                f"{x['varied']} -> {x['measured']} {_f(x['ratio'], 3)} ("
+                + ", ".join(f"{c} {100 * q:.0f} %" for c, q in x["columns"].items()) + ")" for x in v["leaks"])]
         L.append("")
     L += ["## 5. Lip sync (oracle jaw_open vs phoneme-derived truth)", "",
           "| | corr @ 0 ms | best offset ms | corr @ best |", "|---|---|---|---|"]
