@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from streaming.client import AvatarClient, PcmSource  # noqa: E402
 from streaming.fixtures import (WORDS, ServerThread, default_checkpoint, espeak, mouth_region,  # noqa: E402
                                 percentiles, send_time_of_sample)
+from streaming.metrics import histogram_delta  # noqa: E402
 from streaming.server import ServeConfig  # noqa: E402
 
 STATIC = [{"type": "source", "factor": "pose", "from": "controls"},
@@ -636,8 +637,11 @@ def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
         t0 = time.time()
         res["loadavg_start"] = os.getloadavg()
         if a.client in ("aiortc", "both"):
+            before = scrape_stages(url)
             res["aiortc"] = asyncio.run(run(url, None, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts, a.trace))
             res["aiortc"]["loadavg_end"] = os.getloadavg()
+            # the server's own split, as a user reads it: its /metrics stage histograms over this run
+            res["aiortc"]["server_stages_ms"] = histogram_delta(before, scrape_stages(url))
         if a.client in ("chromium", "both"):
             res["chromium"] = {"skipped": "--server process measures the aiortc client only (Chromium's figures start "
                                           "at the onset's arrival at the server, which only --server thread sees)"}
@@ -654,6 +658,16 @@ def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
         log = (tmp / "serve.log").read_text()
     res["serve_log_tail"] = log.splitlines()[-20:]
     return _report(a, res)
+
+
+def scrape_stages(url: str) -> dict:
+    """The server's marionette_stage_latency_seconds histograms, read from its /metrics."""
+    import urllib.request
+
+    from streaming.metrics import parse_histogram
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return parse_histogram(r.read().decode(), "marionette_stage_latency_seconds")
 
 
 def _report(a, res: dict) -> int:
@@ -702,6 +716,10 @@ def _report(a, res: dict) -> int:
         for name, p in r.get("stages_ms", {}).items():
             if isinstance(p, dict) and p.get("n"):
                 print(f"    {name:34s}: p50 {p['p50']:6.1f}, p95 {p['p95']:6.1f}")
+        if r.get("server_stages_ms"):
+            print("  the server's stages (its /metrics over the run; mean exact, p50/p95 within their buckets):")
+            for name, p in sorted(r["server_stages_ms"].items()):
+                print(f"    {name:34s}: mean {p['mean']:6.1f}, p50 {p['p50']:6.1f}, p95 {p['p95']:6.1f} (n={p['n']})")
         av = r.get("client_av_offset_ms", {})
         if av.get("n"):
             print(f"  A/V offset at the client (video - audio): p5 {av['p5']:.1f}, p50 {av['p50']:.1f}, "

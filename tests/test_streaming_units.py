@@ -179,6 +179,31 @@ def test_metrics_render_prometheus_text():
             float(line.rsplit(" ", 1)[1].replace("+Inf", "inf"))
 
 
+def test_stage_histograms_read_back_between_two_scrapes():
+    """parse_histogram + histogram_delta on the server's own /metrics text: the observations between two scrapes,
+    exact means, quantiles within their bucket (Prometheus histogram_quantile)."""
+    from streaming.metrics import histogram_delta, histogram_quantile, parse_histogram
+
+    name = "marionette_stage_latency_seconds"
+    m = ServerMetrics()
+    for v in (0.004, 0.004, 0.004):  # before the window: not counted
+        m.stage_latency.observe(v, stage="encode")
+    before = parse_histogram(m.render(), name)
+    vals = np.linspace(0.041, 0.049, 20)  # all in the 40-50 ms bucket
+    for v in vals:
+        m.stage_latency.observe(float(v), stage="encode")
+    m.stage_latency.observe(0.012, stage="round")
+    m.stage_latency.observe(2.0, stage="round")  # past the last finite bucket
+    after = parse_histogram(m.render(), name)
+    d = histogram_delta(before, after)
+    assert d["encode"]["n"] == 20 and d["encode"]["mean"] == pytest.approx(1000 * vals.mean())
+    assert 40 <= d["encode"]["p50"] <= 50 and 40 <= d["encode"]["p95"] <= 50
+    assert d["round"]["n"] == 2 and d["round"]["p95"] == pytest.approx(1000.0)  # +Inf: the last finite bound
+    assert histogram_quantile(0.5, (0.01, 0.02, float("inf")), (0, 10, 10)) == pytest.approx(0.015)
+    assert math.isnan(histogram_quantile(0.5, (0.01, float("inf")), (0, 0)))
+    assert parse_histogram("", name) == {}
+
+
 # ----------------------------------------------------------------------------------- inbound audio
 def _frames(x48: np.ndarray, stereo: bool = True, rate: int = 48000, chunk: int = 960):
     for i in range(0, len(x48) - chunk + 1, chunk):
