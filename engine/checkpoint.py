@@ -9,6 +9,7 @@ Meta keys the engine reads (all optional in a file; `load_model` fills the defau
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -248,10 +249,12 @@ ORACLE_FILES = ("oracle.safetensors", "oracle.json")  # trainer.oracle's directo
 
 
 def install_checkpoint(src: Path, dest: Path = BUILTIN_DIR, *, oracle: Path | None = None,
-                       dtype: torch.dtype = torch.float16, max_bytes: int = BUILTIN_MAX_BYTES) -> Path:
+                       dtype: torch.dtype = torch.float16, max_bytes: int = BUILTIN_MAX_BYTES,
+                       head_axes: tuple[float, float, float] | None = None) -> Path:
     """Package a trained checkpoint as the engine's default (`dest`, normally engine/assets/builtin):
     the weights stored in `dtype` (fp16 halves them; loading gives float32 back), its idle model, and
     the factor oracle that evaluates it in `dest/oracle` (so `marionette evaluate` needs no other file).
+    `head_axes`: the computed pose warp's head ellipsoid the installed model runs with (ModelConfig.head_axes).
 
     Refuses random-weights checkpoints and anything over `max_bytes` in all. Built in a temporary
     directory beside `dest`, checked by loading it back, then swapped in: whatever `dest` held stays
@@ -263,6 +266,8 @@ def install_checkpoint(src: Path, dest: Path = BUILTIN_DIR, *, oracle: Path | No
 
     src, dest = _resolve_dir(src), Path(dest)
     model, meta = load_checkpoint(src)
+    if head_axes is not None:
+        model.cfg = dataclasses.replace(model.cfg, head_axes=tuple(float(x) for x in head_axes))
     if meta.get("random_weights"):
         raise InputError(f"checkpoint {src} holds random weights: only a trained checkpoint can be installed")
     if oracle is not None:

@@ -167,6 +167,11 @@ class ModelConfig:
     # command varies ~4x between the 10th and 90th percentile (README "The mouth per avatar"). Needs an oracle
     # (the built-in's ships with it)
     avatar_jaw_map: bool = False
+    # pose_warp: the computed warp's head ellipsoid, half-axes (x, y, z) in head units, in training and at run time;
+    # empty: engine.geometry's HEAD_AXES (the corpus' mean cranium plus a hair margin, what the built-in trained
+    # with). engine.geometry.CRANIUM_AXES moves a rendered face better; run with a G trained on HEAD_AXES it trades
+    # disentanglement for PSNR (README "The warp's head"), so it waits for a G trained with it
+    head_axes: tuple = ()
 
     # --- mel window geometry of the audio encoder (derived) ---
     @property
@@ -242,6 +247,10 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ModelConfig fields in checkpoint config: {sorted(unknown)}")
+        if "head_axes" in d:
+            d["head_axes"] = tuple(float(x) for x in d["head_axes"])
+            if d["head_axes"] and (len(d["head_axes"]) != 3 or min(d["head_axes"]) <= 0):
+                raise ValueError(f"head_axes must be three positive half-axes, got {list(d['head_axes'])}")
         if "jaw_calibration" in d:
             d["jaw_calibration"] = tuple(tuple(float(x) for x in kn) for kn in d["jaw_calibration"])
         return cls(latents=lat, audio=aud, net=net, **d)

@@ -7,7 +7,7 @@ at the head's depth 2 * VIEW_HALF, the head centre HEAD_Y above the image centre
 as fractions of the image size and a scale relative to the canonical framing.
 
 `pose_flow(target_pose, source_pose, n)` casts one ray per output pixel at an n x n grid into a generic
-head ellipsoid (HEAD_AXES, the corpus' average head including a little hair) posed at the target, maps
+head ellipsoid (`axes`: HEAD_AXES, or a model's `head_axes`) posed at the target, maps
 the hit point back to the source pose and projects it: a backward warp in `grid_sample` units (output
 pixel p samples the source at p + flow(p)). Rays that miss the head fade (over HEAD_FADE in the
 ellipsoid's unit-sphere distance) into the body's motion, which follows translation and scale but not
@@ -29,8 +29,15 @@ CAM_Z = 6.0
 VIEW_HALF = 1.55
 HEAD_Y = 0.10
 TAN = VIEW_HALF / CAM_Z
-# generic head ellipsoid (head space, centred on the head centre): the corpus' mean cranium + a little hair
+# generic head ellipsoid (head space, centred on the head centre): the corpus' mean cranium + a little hair. The
+# shipped G was trained with it (the default when a model's `head_axes` is empty)
 HEAD_AXES = (0.80, 1.08, 0.92)
+# the corpus' mean cranium (trainer.corpus.face_identity's sampler: head_width 0.66-0.82, head_height 0.96-1.08,
+# head_depth 0.82-0.94), the surface the face is painted on. Moving a rendered face by the warp alone, it beats
+# HEAD_AXES by 1.0-1.8 dB in the face region at 10-30 deg of turn (the face's own cranium: 1.5-2.6 dB): the hair's
+# margin made the ellipsoid too big for the features on it (README "The warp's head"; a model opts in with
+# ModelConfig.head_axes)
+CRANIUM_AXES = (0.74, 1.02, 0.88)
 HEAD_FADE = 0.18  # unit-sphere distance over which a ray that misses the head blends into the body's motion
 
 
@@ -60,10 +67,12 @@ def pixel_grid(n: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, 
     return u.unsqueeze(0), v.unsqueeze(0)
 
 
-def pose_flow(target: torch.Tensor, source: torch.Tensor, n: int) -> torch.Tensor:
+def pose_flow(target: torch.Tensor, source: torch.Tensor, n: int,
+              axes: tuple[float, float, float] = HEAD_AXES) -> torch.Tensor:
     """Backward flow (B, 2, n, n) in grid_sample units that moves a head at pose `source` to pose `target`.
 
-    target, source: (B, 6) physical poses [yaw, pitch, roll (deg), tx, ty (fractions of the image), scale].
+    target, source: (B, 6) physical poses [yaw, pitch, roll (deg), tx, ty (fractions of the image), scale];
+    axes: the head ellipsoid's half-axes (x, y, z) in head units.
     """
     u, v = pixel_grid(n, target.device, target.dtype)  # (1,n,n)
     b = target.shape[0]
@@ -81,7 +90,7 @@ def pose_flow(target: torch.Tensor, source: torch.Tensor, n: int) -> torch.Tenso
     dw = (u * TAN, v * TAN, -torch.ones_like(u))  # 3 x (1,n,n)
     d_h = [(col(r_t[:, 0, i]) * dw[0] + col(r_t[:, 1, i]) * dw[1] + col(r_t[:, 2, i]) * dw[2]) / col(s_t)
            for i in range(3)]  # 3 x (B,n,n)
-    ax = HEAD_AXES
+    ax = tuple(float(a) for a in axes)
     ox, oy, oz = (col(o_h[:, i]) / ax[i] for i in range(3))
     dx, dy, dz = (d_h[i] / ax[i] for i in range(3))
     a = dx * dx + dy * dy + dz * dz

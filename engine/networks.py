@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.geometry import pose_flow
+from engine.geometry import HEAD_AXES, pose_flow
 from kernels.warp import warp_cat
 
 # ---- constants that are not (yet) NetworkConfig fields ------------------------------------------
@@ -299,6 +299,7 @@ class Generator(nn.Module):
         self.app_dim = n.app_dim
         self.relative = cfg.relative
         self.pose_warp = cfg.pose_warp
+        self.head_axes = tuple(cfg.head_axes) or HEAD_AXES  # the computed warp's head ellipsoid
         lat = cfg.latents
         self.pose_slice = lat.slices()["pose"]
         self.jaw_index = lat.slices()["lip"].start  # lip[0] is the jaw opening (GT_DIMS)
@@ -383,7 +384,7 @@ class Generator(nn.Module):
             p_t = z[:, self.pose_slice] * self.pose_scale + self.pose_offset
             p_s = (zin[1][:, self.pose_slice] * self.pose_scale + self.pose_offset if self.relative
                    else self.pose_offset.expand_as(p_t))
-            base = pose_flow(p_t, p_s, self.size // 4)  # (B,2,S/4,S/4)
+            base = pose_flow(p_t, p_s, self.size // 4, self.head_axes)  # (B,2,S/4,S/4)
             parts.append(base)
         m = self.dec64(torch.cat(parts, dim=1))  # (B,fc/2,S/4,S/4)
         o = self.flow_out(m)  # (B,3,S/4,S/4)

@@ -442,6 +442,16 @@ def _cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _axes(s: str) -> tuple[float, float, float]:
+    try:
+        v = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3 or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive half-axes X,Y,Z (e.g. 0.74,1.02,0.88), got {s!r}")
+    return v
+
+
 def _cmd_install_builtin(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="marionette install-builtin", description=(
         "Package a trained checkpoint as the engine's default: weights in fp16, its idle model and the factor "
@@ -449,10 +459,13 @@ def _cmd_install_builtin(argv: list[str]) -> int:
     p.add_argument("--checkpoint", type=Path, required=True, help="trained checkpoint (RUN/checkpoint)")
     p.add_argument("--oracle", type=Path, help="factor oracle directory (marionette oracle) to ship beside it")
     p.add_argument("--dest", type=Path, help="default: engine/assets/builtin")
+    p.add_argument("--head-axes", type=_axes, metavar="X,Y,Z", help=(
+        "the computed pose warp's head ellipsoid the installed model runs with (half-axes in head units, e.g. the "
+        "corpus' mean cranium 0.74,1.02,0.88); default: the checkpoint's (README \"The warp's head\")"))
     a = p.parse_args(argv)
     from engine.checkpoint import BUILTIN_DIR, install_checkpoint
 
-    print(install_checkpoint(a.checkpoint, a.dest or BUILTIN_DIR, oracle=a.oracle))
+    print(install_checkpoint(a.checkpoint, a.dest or BUILTIN_DIR, oracle=a.oracle, head_axes=a.head_axes))
     return 0
 
 

@@ -230,3 +230,13 @@ def test_install_checkpoint_packages_fp16_idle_and_oracle(tmp_path):
         ckpt.install_checkpoint(src, dest, oracle=oracle, max_bytes=10_000)
     assert sorted(p.name for p in dest.rglob("*")) == before
     assert [p.name for p in dest.parent.iterdir()] == ["builtin"]  # no temporary directories left behind
+    # --head-axes: the installed model's computed warp runs with that head ellipsoid (the weights unchanged)
+    assert got.cfg.head_axes == ()
+    assert cli_main(["install-builtin", "--checkpoint", str(src), "--dest", str(dest),
+                     "--head-axes", "0.74,1.02,0.88"]) == 0
+    got2, _ = load_checkpoint(dest)
+    assert got2.cfg.head_axes == (0.74, 1.02, 0.88) and got2.generator.head_axes == (0.74, 1.02, 0.88)
+    for a, b in zip(got.state_dict().values(), got2.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(SystemExit):
+        cli_main(["install-builtin", "--checkpoint", str(src), "--dest", str(dest), "--head-axes", "0.7,1"])

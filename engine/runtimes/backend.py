@@ -233,7 +233,7 @@ def _source_digest() -> str:
     """Code that shapes an exported graph: a change in any of these files invalidates cached exports."""
     engine_dir = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for f in ("networks.py", "model.py", "runtimes/export.py", "config.py"):
+    for f in ("networks.py", "model.py", "geometry.py", "runtimes/export.py", "config.py"):
         p = engine_dir / f
         h.update(p.read_bytes() if p.exists() else b"")
     return h.hexdigest()
