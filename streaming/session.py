@@ -271,6 +271,7 @@ class Session:
             self._last_flush = self.clock.now()
             self._interrupt_at, self._interrupt_tick = time.monotonic(), None
             self._audio_lip = None  # bodies made from now on start from a shut mouth
+            self._onsets_pending.clear()  # their frames are flushed: no frame will show them
         self.interrupts += 1
         if self.k_start is not None:  # remake the flushed ticks' frames now rather than lose them
             nxt = self.clock.video_tick_at(self.clock.now()) + 1
@@ -505,17 +506,18 @@ class Session:
             self.metrics.stage_latency.observe(lat, stage="interrupt_to_frame_sent")
             self._interrupt_at = self._interrupt_tick = None
         if self._onsets_pending:
+            # an onset whose own tick was dropped (sent as a repeat) is timed to the first frame sent after it,
+            # which shows it too: leaving it out hid exactly the onsets a busy machine made slow
             with self._lock:
-                arrived = self._onsets_pending.pop(k, None)
-                for old in [x for x in self._onsets_pending if x < k]:
-                    del self._onsets_pending[old]
-            if arrived is not None:
+                due = sorted(x for x in self._onsets_pending if x <= k)
+                shown = [(x, self._onsets_pending.pop(x)) for x in due]
+            for k_on, arrived in shown:
                 lat = (t - self.clock.t0) - arrived
                 self.onset_latencies.append(lat)
                 self.onset_events.append((arrived, k, t - self.clock.t0))
                 self.metrics.stage_latency.observe(lat, stage="speech_onset_to_frame_sent")
-                # the designed part of it: the onset's arrival -> the tick that shows it is due
-                self.metrics.stage_latency.observe(self.clock.video_time(k) - arrived, stage="speech_onset_to_tick")
+                # the designed part of it: the onset's arrival -> the tick that first showed it was due
+                self.metrics.stage_latency.observe(self.clock.video_time(k_on) - arrived, stage="speech_onset_to_tick")
         # pacing: the tick due -> the frame handed to the encoder (grace waits, event-loop delay)
         self.metrics.stage_latency.observe(max(0.0, t - self.clock.t0 - self.clock.video_time(k)), stage="tick_to_sent")
         self._last_video_sent = t

@@ -179,6 +179,40 @@ def test_metrics_render_prometheus_text():
             float(line.rsplit(" ", 1)[1].replace("+Inf", "inf"))
 
 
+def test_an_onset_whose_tick_was_dropped_is_timed_to_the_next_frame_sent():
+    """A speech onset's tick that went out as a repeat (dropped) is counted at the first frame sent after it (which
+    shows it too), not left out: leaving it out hid the onsets a busy machine made slow. An interrupt forgets the
+    onsets whose frames it flushed."""
+    from engine.config import ModelConfig
+    from engine.model import Marionette
+    from engine.runtimes.torch_runtime import TorchRuntime
+    from streaming.pipeline import Pipeline
+    from streaming.session import Session
+
+    pipe = Pipeline(TorchRuntime(Marionette(ModelConfig.preset("tiny"))), {})
+
+    async def main():
+        clock = MediaClock(25)
+        s = Session("t", None, clock=clock, scheduler=None, pipeline=pipe, metrics=ServerMetrics(), avatar_id="a",
+                    avatar=None, latency_s=0.04, lead_s=0.01)
+        t0 = clock.t0
+        s._onsets_pending[10] = clock.video_time(10) - 0.05  # its tick (10) dropped: the next frame sent is 11
+        s.note_video_sent(11, t0 + clock.video_time(11) + 0.002)
+        assert len(s.onset_latencies) == 1
+        assert s.onset_latencies[0] == pytest.approx(0.05 + 0.04 + 0.002)
+        assert s.onset_events[0][1] == 11 and not s._onsets_pending
+        s._onsets_pending[20] = clock.video_time(20) - 0.05
+        s.note_video_sent(19, t0 + clock.video_time(19))  # before the onset's tick: still waiting
+        assert len(s.onset_latencies) == 1 and 20 in s._onsets_pending
+        s.interrupt()
+        s.note_video_sent(21, t0 + clock.video_time(21))
+        assert len(s.onset_latencies) == 1 and not s._onsets_pending
+        text = s.metrics.registry.render()
+        assert 'marionette_stage_latency_seconds_count{stage="speech_onset_to_frame_sent"} 1' in text
+
+    asyncio.run(main())
+
+
 def test_stage_histograms_read_back_between_two_scrapes():
     """parse_histogram + histogram_delta on the server's own /metrics text: the observations between two scrapes,
     exact means, quantiles within their bucket (Prometheus histogram_quantile)."""
