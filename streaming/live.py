@@ -499,26 +499,26 @@ async def run_live(cfg: LiveConfig, stop: asyncio.Event | None = None, ready=Non
             if term is not None:
                 term.__exit__(None, None, None)
         # the final figures once everything has stopped: an output thread may still be sending its last frame
-        if hasattr(source, "stop"):
-            source.stop()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await session.close("live stopped")
+        await _stop_session(source, tasks, session)
         stats = session.stats()
         stats["outputs"] = [o.stats() for o in outs]  # closing detached them from the session
         return stats
     finally:
-        if hasattr(source, "stop"):
-            source.stop()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if session is not None:
-            await session.close("live stopped")
+        await _stop_session(source, tasks, session)  # (idempotent: a second call finds everything stopped)
         if runner is not None:
             await runner.cleanup()
         await server.stop()
+
+
+async def _stop_session(source, tasks, session) -> None:
+    """The input stopped, its tasks ended, the session and its outputs closed."""
+    if hasattr(source, "stop"):
+        source.stop()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if session is not None:
+        await session.close("live stopped")
 
 
 def _alias(server, name):
