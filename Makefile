@@ -35,7 +35,7 @@ system-deps:
 	fi
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

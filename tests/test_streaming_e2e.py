@@ -225,7 +225,7 @@ def test_a_webcam_track_drives_the_factors_it_is_given(server):
     poses = np.array([[-25, 0, 0, 0, 0, 1.0], [25, 10, 0, 0, 0, 1.0]], np.float32)  # yaw, pitch, roll, tx, ty, scale
     faces = (FaceRenderer(240).render(np.repeat(ident, 2, 0), poses).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     pics = [np.pad(f, ((0, 0), (40, 40), (0, 0))) for f in faces]  # (240, 320, 3)
-    cam = SyntheticCamera(lambda t: pics[int(t / 0.4) % 2])  # the face turns every 400 ms
+    cam = SyntheticCamera(lambda t: pics[int(t / 0.8) % 2])  # the face turns every 800 ms
     snaps = {}
 
     def snap(name):
@@ -241,15 +241,20 @@ def test_a_webcam_track_drives_the_factors_it_is_given(server):
     actions = [(1.0, snap("a0")), (2.0, snap("a1")),
                (2.1, ask({"type": "source", "factor": "pose", "from": "webcam"})),
                (2.2, ask({"type": "source", "factor": "exp", "from": "webcam"})),
-               (2.6, snap("b0")), (4.6, snap("b1"))]
-    r = asyncio.run(run_session(server.url, np.zeros(48000 * 6, np.int16), 4.7, controls=STATIC, actions=actions,
+               (2.6, snap("b0")), (5.8, snap("b1"))]
+    r = asyncio.run(run_session(server.url, np.zeros(48000 * 7, np.int16), 5.9, controls=STATIC, actions=actions,
                              webcam=cam))
     f = r["frames"].astype(np.float32)
-    steps = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))
-    still = steps[snaps["a0"]:snaps["a1"] - 1]
-    driven = steps[snaps["b0"]:snaps["b1"] - 1]
+    # how far the picture moved over 400 ms (half a turn period), frame by frame: a turn that reaches the
+    # client spread over several frames (the webcam's VP8 refining its picture, E_mot's crop following,
+    # a loaded machine's dropped ticks) still counts in full, where single-frame steps split it up
+    lag = 10
+    moved = np.abs(f[lag:] - f[:-lag]).mean(axis=(1, 2, 3))  # moved[i]: frame i -> i + lag
+    still = moved[snaps["a0"]:snaps["a1"] - lag]
+    driven = moved[snaps["b0"]:snaps["b1"] - lag]
     assert r["stats"]["webcam_frames_in"] > 50
     assert r["stats"]["sources"]["pose"] == "webcam" and r["stats"]["sources"]["exp"] == "webcam"
-    # the webcam is ignored while no factor uses it; then each change of its picture moves the avatar
-    assert driven.max() > 0.3 and (driven > 0.2).sum() >= 3, np.sort(driven)[-6:]
+    # the webcam is ignored while no factor uses it; then each turn of its face turns the avatar: the four
+    # turns in the window keep the picture 400 ms apart far from itself for about half the frames
+    assert driven.max() > 0.5 and (driven > 0.3).mean() > 0.25, np.round(np.sort(driven), 2)
     assert still.max() < driven.max() / 3, (still.max(), driven.max())
