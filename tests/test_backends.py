@@ -149,6 +149,19 @@ def tiny_export(tiny_ckpt, tmp_path_factory):
     return out
 
 
+def test_the_dynamo_exporter_still_writes_a_graph_that_matches(tiny_model, tmp_path):
+    """`--exporter dynamo` (and the fallback for a graph the TorchScript exporter cannot write): the same
+    parity check against torch; an unknown exporter is refused by name."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).eval()
+    entry = export_onnx(model, tmp_path, graphs=("audio_encoder",), exporter="dynamo")["audio_encoder"]
+    assert entry["exporter"] == "dynamo" and entry["validation"]["fp32_max_abs_diff_vs_torch"] < 1e-5
+    assert entry["inputs"][0]["shape"][0] == "batch"
+    with pytest.raises(InputError, match="exporter 'jit'"):
+        export_model(model, {}, ExportConfig(config="talk-tiny", out=tmp_path / "x", exporter="jit"))
+
+
 LITE_DEFAULT_GRAPHS = ("generator", "motion_encoder")  # the lite graphs whose ops differ from tiny's
 
 
@@ -176,6 +189,8 @@ def test_export_cli_writes_manifest_and_loadable_models(tiny_export, tiny_ckpt):
     # patch models also get the generator in two phases (the server's late-bound mouth)
     assert set(m["graphs"]) == {"generator", "audio_encoder", "avatar_encoder", "motion_encoder",
                                 "generator_body", "generator_mouth"}
+    # every graph from the TorchScript exporter (the dynamo fallback is for graphs it cannot write)
+    assert {g["exporter"] for g in m["graphs"].values()} == {"torchscript"}
     gen = m["graphs"]["generator"]
     assert [i["name"] for i in gen["inputs"]] == ["z", "source", "feat_hi", "feat_lo", "app"]
     assert gen["inputs"][0]["shape"] == ["batch", 42] and gen["outputs"][0]["shape"] == ["batch", 3, 64, 64]

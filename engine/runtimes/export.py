@@ -1,7 +1,7 @@
 """`marionette export`: a checkpoint -> ONNX graphs for ONNX Runtime, or TensorRT engines built from them.
 
-An ONNX export directory holds four self-contained graphs (opset 18, torch's dynamo exporter, weights
-embedded) and a manifest:
+An ONNX export directory holds four self-contained graphs (opset 18, torch's TorchScript exporter, the
+dynamo exporter where it fails; weights embedded) and a manifest:
 
   generator.onnx       per frame:      z (B, latents.total), source (B,3,S,S), feat_hi, feat_lo, app
                                        -> frame (B,3,S,S) in [0, 1]  (G plus the runtime's [-1,1] -> [0,1])
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-OPSET = 18  # torch 2.13's dynamo exporter; lower opsets are down-converted into graphs ORT rejects
+OPSET = 18  # GridSample 16+; torch 2.13's dynamo exporter down-converts lower opsets into graphs ORT rejects
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 MIN_PSNR_DB = 35.0  # a reduced precision must stay this close to fp32 on generated frames
@@ -72,6 +72,7 @@ class ExportConfig:
     max_batch: int = 16  # TensorRT optimization profile's max; ONNX graphs take any batch
     overwrite: bool = False
     seed: int = 0  # seed of random weights when there is no checkpoint
+    exporter: str = "torchscript"  # torch's ONNX exporter (`export_graph`): "torchscript" | "dynamo"
 
 
 # ------------------------------------------------------------------------------------ graph modules
@@ -277,9 +278,63 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
+EXPORTERS = ("torchscript", "dynamo")
+
+
 def export_graph(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: tuple[str, ...],
-                 outputs: tuple[str, ...], opset: int = OPSET) -> None:
-    """One module -> one self-contained ONNX file with a dynamic batch axis on every input and output."""
+                 outputs: tuple[str, ...], opset: int = OPSET, exporter: str = "torchscript") -> str:
+    """One module -> one self-contained ONNX file with a dynamic batch axis on every input and output;
+    returns the exporter that made it.
+
+    "torchscript" (torch's tracing exporter, `dynamo=False`) is the default: it writes the same graphs as
+    the dynamo exporter (the parity check against torch is unchanged, ONNX Runtime runs them as fast:
+    benchmarks/export_speed.py) in about a tenth of the time (the built-in's four graphs: ~20 s instead of
+    ~3 min on 2 cores, which is what a new user waits at the first `serve`). Where it fails on a graph,
+    the dynamo exporter makes that one."""
+    if exporter not in EXPORTERS:
+        raise InputError(f"unknown ONNX exporter {exporter!r}; one of {', '.join(EXPORTERS)}")
+    if exporter == "torchscript":
+        try:
+            _export_torchscript(module, example, path, inputs, outputs, opset)
+            return exporter
+        except Exception as e:  # noqa: BLE001 - an op the tracer cannot write: the dynamo exporter may
+            log.warning("the TorchScript exporter failed on %s (%s: %s); using the dynamo exporter",
+                        path.name, type(e).__name__, e)
+    _export_dynamo(module, example, path, inputs, outputs, opset)
+    return "dynamo"
+
+
+def _export_torchscript(module, example, path, inputs, outputs, opset) -> None:
+    import onnx  # noqa: PLC0415
+
+    axes = {name: {0: "batch"} for name in (*inputs, *outputs)}
+    with _quiet_exporter(), torch.no_grad():
+        want = module.eval()(*example)
+        torch.onnx.export(module, example, str(path), input_names=list(inputs), output_names=list(outputs),
+                          opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    # the tracer leaves some outputs' non-batch sizes symbolic (a Resize/GridSample chain): only the batch
+    # axis is dynamic, so write the traced sizes into the graph's outputs
+    model = onnx.load(str(path))
+    for vi, t in zip(model.graph.output, want):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != t.dim():
+            raise RuntimeError(f"{path.name}: output {vi.name} has rank {len(dims)}, torch's {t.dim()}")
+        for d, size in zip(list(dims)[1:], t.shape[1:]):
+            d.ClearField("dim_param")
+            d.dim_value = int(size)
+    # the tracer writes every shape computation of the dynamic batch as ops (half the generator's nodes are
+    # Constant / Shape / Gather / Concat): onnxscript's optimizer folds them, as the dynamo exporter's
+    # `optimize=True` does (~3 s for the built-in's generator)
+    from onnxscript import optimizer  # noqa: PLC0415
+
+    with _quiet_exporter():
+        model = optimizer.optimize(model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def _export_dynamo(module, example, path, inputs, outputs, opset) -> None:
     import onnx  # noqa: PLC0415
 
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -418,7 +473,7 @@ def _int8_generator(model, path: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- main
 def export_onnx(model, out: Path, *, precision: str = "fp32", opset: int = OPSET,
-                graphs: tuple[str, ...] = GRAPH_NAMES) -> dict[str, Any]:
+                graphs: tuple[str, ...] = GRAPH_NAMES, exporter: str = "torchscript") -> dict[str, Any]:
     """Export `model`'s graphs into the existing directory `out`; returns the manifest's "graphs" entry
     (and writes no manifest). Each graph is checked against torch with ONNX Runtime."""
     import onnx  # noqa: PLC0415
@@ -430,8 +485,8 @@ def export_onnx(model, out: Path, *, precision: str = "fp32", opset: int = OPSET
         t0 = time.perf_counter()
         path = out / f"{name}.onnx"
         log.info("exporting %s ...", path.name)
-        export_graph(spec.module(model), spec.example(model.cfg, 2, torch.Generator().manual_seed(0)), path,
-                     spec.inputs, spec.outputs, opset)
+        how = export_graph(spec.module(model), spec.example(model.cfg, 2, torch.Generator().manual_seed(0)),
+                           path, spec.inputs, spec.outputs, opset, exporter)
         # parity: ONNX Runtime vs torch on fresh inputs (batch 2, so the batch axis is exercised)
         example = spec.example(model.cfg, 2, torch.Generator().manual_seed(1234))
         ref = _torch_outputs(model, spec, example)
@@ -450,6 +505,7 @@ def export_onnx(model, out: Path, *, precision: str = "fp32", opset: int = OPSET
             "outputs": [_io_entry(v) for v in m.graph.output],
             "dynamic_axes": {v.name: {"0": "batch"} for v in (*m.graph.input, *m.graph.output)},
             "validation": validation,
+            "exporter": how,
         }
         log.info("exported %s in %.1f s (%.2f MB, max |ORT - torch| = %.2g)", path.name,
                  time.perf_counter() - t0, path.stat().st_size / 1e6, diff)
@@ -504,6 +560,8 @@ def _check_config(cfg: ExportConfig) -> None:
         raise InputError(f"unknown format {cfg.format!r}; valid: {', '.join(FORMATS)}")
     if cfg.precision not in PRECISIONS:
         raise InputError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if cfg.exporter not in EXPORTERS:
+        raise InputError(f"unknown ONNX exporter {cfg.exporter!r}; valid: {', '.join(EXPORTERS)}")
     if cfg.format == "onnx" and cfg.precision == "fp16":
         raise InputError(FP16_ONNX_REFUSED)
     if cfg.max_batch < 1:
@@ -536,7 +594,7 @@ def export_model(model, meta: dict, cfg: ExportConfig) -> Path:
     try:
         if cfg.format == "onnx":
             names = GRAPH_NAMES + (SPLIT_GRAPH_NAMES if model.cfg.patches and cfg.precision == "fp32" else ())
-            graphs = export_onnx(model, tmp, precision=cfg.precision, graphs=names)
+            graphs = export_onnx(model, tmp, precision=cfg.precision, graphs=names, exporter=cfg.exporter)
             manifest = build_manifest(model, meta, cfg, graphs, OPSET)
             manifest["tensorrt_opcheck"] = _opcheck_entries(tmp, graphs)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -545,7 +603,7 @@ def export_model(model, meta: dict, cfg: ExportConfig) -> Path:
 
             onnx_dir = tmp / "onnx"
             onnx_dir.mkdir()
-            graphs = export_onnx(model, onnx_dir, precision="fp32")
+            graphs = export_onnx(model, onnx_dir, precision="fp32", exporter=cfg.exporter)
             manifest = build_manifest(model, meta, dataclasses.replace(cfg, precision="fp32", format="onnx"),
                                       graphs, OPSET)
             checks = _opcheck_entries(onnx_dir, graphs)

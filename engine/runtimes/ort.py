@@ -127,6 +127,22 @@ class SplitGraph:
         return [w for lv in self.levels for w in lv]
 
 
+def _constant_value(node) -> np.ndarray | None:
+    """A Constant node's value (its dense forms), or None for any other node."""
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    if a.name in ("value_float", "value_floats"):
+        return np.asarray(helper.get_attribute_value(a), np.float32)
+    if a.name in ("value_int", "value_ints"):
+        return np.asarray(helper.get_attribute_value(a), np.int64)
+    return None
+
+
 _TORCH_GS_MODE = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
                   "cubic": "bicubic"}
 
@@ -146,13 +162,22 @@ def split_at_grid_sample(model, any_outputs: bool = False) -> SplitGraph | None:
     inferred = onnx.shape_inference.infer_shapes(model)
     vinfo = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
     inits = {i.name: i for i in g.initializer}
-    graph_inputs = [i.name for i in g.input if i.name not in inits]
+    # Constant nodes become initializers, copied into each segment that reads them: passed from one segment
+    # to the next as a value, a constant loses its constness (a Resize's empty `scales` then reads as a
+    # `sizes` of no elements, which ONNX Runtime rejects: the TorchScript exporter writes such constants)
+    kept = []
+    for n in g.node:
+        arr = _constant_value(n)
+        if arr is None:
+            kept.append(n)
+        else:
+            inits[n.output[0]] = onnx.numpy_helper.from_array(arr, n.output[0])
     outputs = [o.name for o in g.output]
 
     depth: dict[str, int] = {}
     seg_nodes: dict[int, list] = {}
     warp_nodes: dict[int, list] = {}
-    for n in g.node:  # ONNX graphs are topologically sorted
+    for n in kept:  # ONNX graphs are topologically sorted
         ins = [i for i in n.input if i]
         d = max((depth.get(i, 0) for i in ins), default=0)
         if n.op_type == "GridSample" and n.domain in ("", "ai.onnx"):
