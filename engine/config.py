@@ -170,7 +170,7 @@ class ModelConfig:
     # pose_warp: the computed warp's head ellipsoid, half-axes (x, y, z) in head units, in training and at run time;
     # empty: engine.geometry's HEAD_AXES (the corpus' mean cranium plus a hair margin, what the built-in trained
     # with). engine.geometry.CRANIUM_AXES moves a rendered face better; run with a G trained on HEAD_AXES it trades
-    # disentanglement for PSNR (README "The warp's head"), so it waits for a G trained with it
+    # disentanglement for PSNR, and a G fine-tuned on it as well (README "The warp's head")
     head_axes: tuple = ()
 
     # --- mel window geometry of the audio encoder (derived) ---
