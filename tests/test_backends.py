@@ -301,6 +301,41 @@ def test_split_at_grid_sample(tiny_export):
     assert split_at_grid_sample(onnx.load(str(tiny_export / "audio_encoder.onnx"))) is None
 
 
+def test_split_keeps_constants_constant_across_segments():
+    """A Constant node made before a GridSample and read after it (the TorchScript exporter writes a Resize's
+    empty `scales` that way) is copied into the segment that reads it, as an initializer: passed between
+    segments as a value it lost its constness and ONNX Runtime refused the segment ('sizes' of no elements)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Constant", [], ["roi"], value=numpy_helper.from_array(np.zeros(0, np.float32), "roi")),
+        helper.make_node("Constant", [], ["scales"], value=numpy_helper.from_array(np.zeros(0, np.float32), "s")),
+        helper.make_node("Constant", [], ["sizes"],
+                         value=numpy_helper.from_array(np.array([1, 1, 8, 8], np.int64), "sz")),
+        helper.make_node("GridSample", ["x", "grid"], ["warped"], align_corners=0),
+        helper.make_node("Resize", ["warped", "roi", "scales", "sizes"], ["y"], mode="linear"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [1, 1, 4, 4]),
+                                           helper.make_tensor_value_info("grid", f32, [1, 4, 4, 2])],
+                              [helper.make_tensor_value_info("y", f32, [1, 1, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    sp = split_at_grid_sample(model)
+    assert sp is not None and len(sp.levels) == 1 and sp.segments[0] is None
+    last = sp.segments[-1]
+    assert last.inputs == ["warped"]  # the constants are not read from the segment before
+    assert {i.name for i in last.model.graph.initializer} == {"roi", "scales", "sizes"}
+    sess = ort.InferenceSession(last.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 1, 4, 4), np.float32)
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 4), np.linspace(-1, 1, 4)), -1)[None].astype(np.float32)
+    warped = torch.nn.functional.grid_sample(torch.from_numpy(x), torch.from_numpy(grid), align_corners=False)
+    (y,) = sess.run(None, {"warped": warped.numpy()})
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "grid": grid})
+    assert y.shape == (1, 1, 8, 8) and np.allclose(y, want, atol=1e-5)
+
+
 def test_open_backend_onnxruntime_uses_the_cache(tiny_ckpt, tiny_export, reference, tmp_path, monkeypatch):
     """A cached export is found by the model's key and used as is (the export itself: the next test)."""
     import shutil
