@@ -7,9 +7,9 @@ For each exporter: the wall time of `marionette export --format onnx` per graph 
 check against torch), then, on the two exports, `OrtRuntime` (the serving path: GridSample offload, IO
 binding) timed per frame at batch 1 -- `generate`, the split `generate_body` + `generate_mouth` where the
 model has a late-bound mouth, and `encode_audio` -- in interleaved rounds, shuffled (so load from other
-processes and a call's place in the round hit both alike), medians over --rounds calls after --warmup. The frames of the two exports are compared
-with each other and with torch. The machine's load is recorded before and after; figures taken while
-something else ran are not clean. Writes benchmarks/results/export_speed.json.
+processes and a call's place in the round hit both alike), medians over --rounds calls after --warmup.
+The frames of the two exports are compared with each other and with torch. The machine's load is recorded
+before and after; figures taken while something else ran are not clean. Writes benchmarks/results/export_speed.json.
 """
 
 from __future__ import annotations
@@ -32,23 +32,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import builtin_checkpoint_dir, load_model  # noqa: E402
-from engine.runtimes.export import EXPORTERS, GRAPH_NAMES, SPLIT_GRAPH_NAMES, export_onnx  # noqa: E402
+from engine.runtimes.export import (EXPORTERS, GRAPH_NAMES, MANIFEST, OPSET, SPLIT_GRAPH_NAMES,  # noqa: E402
+                                    ExportConfig, build_manifest, export_onnx)
 
 RESULTS = ROOT / "benchmarks" / "results" / "export_speed.json"
 
 
-def _export(model, out: Path, exporter: str, graphs: tuple[str, ...]) -> dict:
-    """Each graph exported and timed; then just enough of a manifest for OrtRuntime."""
-    from engine.runtimes.export import MANIFEST  # noqa: PLC0415
-
+def _export(model, meta: dict, out: Path, exporter: str, graphs: tuple[str, ...]) -> dict:
+    """Each graph exported and timed on its own; then the manifest `marionette export` writes."""
     times, entries = {}, {}
     for g in graphs:
         t0 = time.perf_counter()
         entries[g] = export_onnx(model, out, graphs=(g,), exporter=exporter)[g]
         times[g] = {"seconds": round(time.perf_counter() - t0, 2), "exporter": entries[g]["exporter"],
                     "max_abs_vs_torch": entries[g]["validation"]["fp32_max_abs_diff_vs_torch"]}
-    (out / MANIFEST).write_text(json.dumps({"format": "onnx", "precision": "fp32",
-                                            "model_config": model.cfg.to_dict(), "graphs": entries}))
+    cfg = ExportConfig(out=out, exporter=exporter)
+    (out / MANIFEST).write_text(json.dumps(build_manifest(model, meta, cfg, entries, OPSET), indent=1))
     return {"graphs": times, "total_s": round(sum(v["seconds"] for v in times.values()), 1)}
 
 
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
     ck = args.checkpoint or builtin_checkpoint_dir()
     if ck is None:
         raise SystemExit("no checkpoint: pass --checkpoint, or install the built-in (make builtin)")
-    model, _ = load_model(ck)
+    model, meta = load_model(ck)
     model.eval()
     graphs = GRAPH_NAMES + (SPLIT_GRAPH_NAMES if model.cfg.patches else ())
     load0 = os.getloadavg()
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
             d = Path(tmp) / ex
             d.mkdir()
             logging.info("exporting with the %s exporter ...", ex)
-            report["exporters"][ex] = _export(model, d, ex, graphs)
+            report["exporters"][ex] = _export(model, meta, d, ex, graphs)
             dirs[ex] = d
         rts = {ex: OrtRuntime(d, threads=args.threads) for ex, d in dirs.items()}
         ref = TorchRuntime(model)

@@ -28,7 +28,7 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def builtin_onnx(tmp_path_factory) -> Path:
     """The built-in checkpoint exported by `marionette export --format onnx` (the export checks each graph
-    against torch within 1e-3), once per test session: ~15 s on 2 cores. Skips where none is installed."""
+    against torch within 1e-3), once per test session: ~60 s on 2 cores. Skips where none is installed."""
     from engine.checkpoint import builtin_checkpoint_dir
     from marionette.cli import main as cli_main
 

@@ -1,7 +1,7 @@
 """`marionette export`: a checkpoint -> ONNX graphs for ONNX Runtime, or TensorRT engines built from them.
 
-An ONNX export directory holds four self-contained graphs (opset 18, torch's TorchScript exporter, the
-dynamo exporter where it fails; weights embedded) and a manifest:
+An ONNX export directory holds four self-contained graphs (opset 18, torch's dynamo exporter or, with
+`--exporter torchscript`, its TorchScript one; weights embedded) and a manifest:
 
   generator.onnx       per frame:      z (B, latents.total), source (B,3,S,S), feat_hi, feat_lo, app
                                        -> frame (B,3,S,S) in [0, 1]  (G plus the runtime's [-1,1] -> [0,1])
@@ -72,7 +72,7 @@ class ExportConfig:
     max_batch: int = 16  # TensorRT optimization profile's max; ONNX graphs take any batch
     overwrite: bool = False
     seed: int = 0  # seed of random weights when there is no checkpoint
-    exporter: str = "torchscript"  # torch's ONNX exporter (`export_graph`): "torchscript" | "dynamo"
+    exporter: str = "dynamo"  # torch's ONNX exporter (`export_graph`): "dynamo" | "torchscript"
 
 
 # ------------------------------------------------------------------------------------ graph modules
@@ -278,19 +278,20 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("dynamo", "torchscript")
 
 
 def export_graph(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: tuple[str, ...],
-                 outputs: tuple[str, ...], opset: int = OPSET, exporter: str = "torchscript") -> str:
+                 outputs: tuple[str, ...], opset: int = OPSET, exporter: str = "dynamo") -> str:
     """One module -> one self-contained ONNX file with a dynamic batch axis on every input and output;
     returns the exporter that made it.
 
-    "torchscript" (torch's tracing exporter, `dynamo=False`) is the default: it writes the same graphs as
-    the dynamo exporter (the parity check against torch is unchanged, ONNX Runtime runs them as fast:
-    benchmarks/export_speed.py) in about a tenth of the time (the built-in's four graphs: ~20 s instead of
-    ~3 min on 2 cores, which is what a new user waits at the first `serve`). Where it fails on a graph,
-    the dynamo exporter makes that one."""
+    "dynamo" is the default: its graphs are the fastest per frame. "torchscript" (torch's tracing exporter,
+    `dynamo=False`, then onnxscript's optimizer) writes graphs with the same frames in a quarter of the time
+    (the built-in's six: 12.6 s instead of 52.8 s on 2 cores), but keeps ~185 more small shape ops in the
+    generator (946 nodes against 761), 1-4 % slower per frame in ONNX Runtime (benchmarks/export_speed.py):
+    for exports made often (tests, experiments), not for serving. Where it fails on a graph, the dynamo
+    exporter makes that one."""
     if exporter not in EXPORTERS:
         raise InputError(f"unknown ONNX exporter {exporter!r}; one of {', '.join(EXPORTERS)}")
     if exporter == "torchscript":
@@ -473,7 +474,7 @@ def _int8_generator(model, path: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- main
 def export_onnx(model, out: Path, *, precision: str = "fp32", opset: int = OPSET,
-                graphs: tuple[str, ...] = GRAPH_NAMES, exporter: str = "torchscript") -> dict[str, Any]:
+                graphs: tuple[str, ...] = GRAPH_NAMES, exporter: str = "dynamo") -> dict[str, Any]:
     """Export `model`'s graphs into the existing directory `out`; returns the manifest's "graphs" entry
     (and writes no manifest). Each graph is checked against torch with ONNX Runtime."""
     import onnx  # noqa: PLC0415
