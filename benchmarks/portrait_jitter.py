@@ -1,5 +1,6 @@
 """How far the portrait's state estimate limits G: self-driving reconstruction PSNR (what `marionette evaluate`
-measures: the clip's first frame is the portrait, E_mot reads every driving frame with its mirror image) with the
+measures: the clip's first frame is the portrait, every driving frame read as `evaluate` reads it: `read_driving`,
+the model's views; before 2026-12-02 one reading with the mirror image) with the
 portrait read at 3 x 3 shifts of +-d px (`ModelConfig.portrait_jitter_px`) for several d, beside G told the
 ground-truth states of portrait and frames (the estimator's ceiling) and copy-source.
 

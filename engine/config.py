@@ -161,6 +161,14 @@ class ModelConfig:
     # E_mot's reading is not shift-equivariant to a pixel, and the portrait's error is a bias relative motion
     # carries into every frame. 0: one reading (README "The portrait read nine times")
     portrait_jitter_px: int = 0
+    # ... and at the zooms 1 -+ portrait_zoom about its centre too (each shift at each zoom; the head's scale and
+    # offset read in a zoomed view mapped back). 0: no zoom (README "Driving frames read at 27 views")
+    portrait_zoom: float = 0.0
+    # driving frames read offline (`render --pose-from`, `evaluate`; engine.runtimes.backend.read_driving) at the
+    # same kind of views: 3 x 3 shifts of +-driving_jitter_px, zooms 1 -+ driving_zoom, the readings mapped back
+    # and averaged. The live webcam path reads each frame once: 27 E_mot passes do not fit a frame's round
+    driving_jitter_px: int = 0
+    driving_zoom: float = 0.0
     # the runtime measures, once per avatar, how far G opens this portrait's mouth (the factor oracle's reading
     # of G's frames at a grid of jaws) and maps every commanded jaw so the mouth opens as far as the renderer's
     # would (engine.jaw_map): the global jaw_calibration fits the mean face, and per face G's opening for one
@@ -219,6 +227,7 @@ class ModelConfig:
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
                         patches=True, eye_source_gaze=False, motion_mirror=True,
                         anchors_from_keypoints=True, portrait_jitter_px=3, avatar_jaw_map=True,
+                        driving_jitter_px=3, driving_zoom=0.04,
                         net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True,
                                           motion_keypoints=N_LANDMARKS)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,

@@ -95,16 +95,15 @@ class Marionette(nn.Module):
         """E_mot + heads on the portrait (and its mirror image when `cfg.motion_mirror`) -> (its state z (B, total),
         its keypoints (B,K,2) in grid units, or None without E_mot's keypoint branch). Mirrored readings are mapped
         back and averaged (`mirror_mean`; keypoints on the renderer's landmarks: x negated, left and right swapped;
-        other keypoint sets are the plain reading's). With `cfg.portrait_jitter_px` d > 0 (and `jitter`), read at
-        the 3 x 3 shifts of +-d px too, the readings averaged and each shift's keypoints moved back first."""
+        other keypoint sets are the plain reading's). With `cfg.portrait_jitter_px` d > 0 and/or `cfg.portrait_zoom`
+        (and `jitter`), read at every `reading_views` view (3 x 3 shifts of +-d px, zooms 1 -+ zoom), each view's
+        reading mapped back (`unview_state`, `unview_keypoints`) and the views averaged."""
         k = self.cfg.net.motion_keypoints
         b = portrait.shape[0]
-        d = self.cfg.portrait_jitter_px if jitter else 0
-        shifts = [(dx, dy) for dy in (-d, 0, d) for dx in (-d, 0, d)] if d > 0 else [(0, 0)]
-        if d > 0:  # (9B,3,S,S): the portrait's content moved by (dx, dy) px, the border repeated
-            s = portrait.shape[-1]
-            pad = F.pad(portrait, (d, d, d, d), mode="replicate")
-            portrait = torch.cat([pad[:, :, d - dy:d - dy + s, d - dx:d - dx + s] for dx, dy in shifts], dim=0)
+        views = (reading_views(self.cfg.portrait_jitter_px, self.cfg.portrait_zoom) if jitter
+                 else reading_views(0, 0.0))
+        if len(views) > 1:  # (nB,3,S,S): the portrait's content moved by (dx, dy) px and zoomed by k
+            portrait = view_frames(portrait, views)
         feat = self.e_mot(portrait)
         out = self.heads(feat)
         kp = MotionEncoder.keypoints(feat, k) if k else None
@@ -113,15 +112,11 @@ class Marionette(nn.Module):
             out = mirror_mean(out, self.heads(feat_m))
             if k == len(LANDMARK_MIRROR):
                 kp = 0.5 * (kp + mirror_keypoints(MotionEncoder.keypoints(feat_m, k)))
-        z = self.compose(out)
-        if d > 0:  # the shifts' mean; each shift's keypoints moved back by its shift (grid units: 2 px / S)
-            n = len(shifts)
-            z = z.reshape(n, b, -1).mean(0)
+        if len(views) > 1:  # the views' mean, each view's reading mapped back first
+            out = unview_state(out, views, b)
             if kp is not None:
-                off = torch.tensor([[2.0 * dx / s, 2.0 * dy / s] for dx, dy in shifts], dtype=kp.dtype,
-                                   device=kp.device)  # (n,2)
-                kp = (kp.reshape(n, b, *kp.shape[1:]) - off[:, None, None, :]).mean(0)
-        return z, kp
+                kp = unview_keypoints(kp, views, b, portrait.shape[-1])
+        return self.compose(out), kp
 
     # ---- per driving frame
     def motion_feature(self, frames: torch.Tensor) -> torch.Tensor:
@@ -217,3 +212,66 @@ def mirror_mean(reading: Mapping[str, torch.Tensor], mirrored: Mapping[str, torc
     mirror image's mapped back. Its head pose has about half the variance (measured on held-out identities: the
     relative yaw error 1.25 -> 0.82 degrees, G's PSNR over copy-source +0.5 dB)."""
     return {k: 0.5 * (v + mirror_latent(k, mirrored[k])) for k, v in reading.items()}
+
+
+# ---------------------------------------------------------------------------- reading a frame at several views
+def reading_views(shift_px: int, zoom: float) -> list[tuple[int, int, float]]:
+    """The views (dx, dy, k) of a frame the state estimator reads and averages: its content moved by the 3 x 3
+    shifts of +-shift_px pixels (0: none), each at the zooms 1 - zoom, 1, 1 + zoom about the frame's centre (0:
+    1 only). E_mot's reading is neither shift- nor scale-equivariant to the pixel, and the views' mean is a steadier
+    head pose (README "The portrait read nine times", "Driving frames read at 27 views")."""
+    if shift_px < 0 or not 0.0 <= zoom < 0.5:
+        raise ValueError(f"reading views need shift_px >= 0 and 0 <= zoom < 0.5, got {shift_px}, {zoom}")
+    d = int(shift_px)
+    shifts = [(dx, dy) for dy in (-d, 0, d) for dx in (-d, 0, d)] if d > 0 else [(0, 0)]
+    zooms = (1.0 - zoom, 1.0, 1.0 + zoom) if zoom > 0 else (1.0,)
+    return [(dx, dy, k) for k in zooms for dx, dy in shifts]
+
+
+def view_frames(frames: torch.Tensor, views: list[tuple[int, int, float]]) -> torch.Tensor:
+    """(B,C,S,S) -> (nB,C,S,S), view-major: each view's content zoomed by k about the centre, then moved by
+    (dx, dy) px, the border repeated. Unzoomed views are exact pixel shifts."""
+    s = frames.shape[-1]
+    d = max(max(abs(dx), abs(dy)) for dx, dy, _ in views)
+    pad = F.pad(frames, (d, d, d, d), mode="replicate") if d > 0 else frames
+    out = []
+    for dx, dy, k in views:
+        if k == 1.0:
+            out.append(pad[:, :, d - dy:d - dy + s, d - dx:d - dx + s])
+            continue
+        # output u (grid units) shows input (u - t) / k: content scaled by k about the centre, moved by t
+        t = (2.0 * dx / s, 2.0 * dy / s)
+        theta = torch.tensor([[1.0 / k, 0.0, -t[0] / k], [0.0, 1.0 / k, -t[1] / k]], dtype=frames.dtype,
+                             device=frames.device).expand(frames.shape[0], 2, 3)
+        grid = F.affine_grid(theta, list(frames.shape), align_corners=False)
+        out.append(F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=False))
+    return torch.cat(out, dim=0)
+
+
+def unview_state(reading: Mapping[str, torch.Tensor], views: list[tuple[int, int, float]], b: int
+                 ) -> dict[str, torch.Tensor]:
+    """The factor readings {factor: (nB, n)} of `view_frames`' views -> their mean (B, n), each view's head pose
+    mapped back first: a zoom k multiplies the head's scale and its offset from the centre (pose latent entries 3-5,
+    ground-truth units). Shifts are symmetric, so their offsets cancel in the mean."""
+    n = len(views)
+    out = {}
+    for name, v in reading.items():
+        v = v.reshape(n, b, *v.shape[1:])
+        if name == "pose" and any(k != 1.0 for _, _, k in views):
+            k = torch.tensor([kk for _, _, kk in views], dtype=v.dtype, device=v.device).view(n, 1)
+            s5 = POSE_LATENT_SCALE[5]
+            tx, ty = v[..., 3] / k, v[..., 4] / k
+            scale = ((POSE_LATENT_OFFSET[5] + s5 * v[..., 5]) / k - POSE_LATENT_OFFSET[5]) / s5
+            v = torch.cat([v[..., :3], tx[..., None], ty[..., None], scale[..., None], v[..., 6:]], dim=-1)
+        out[name] = v.mean(0)
+    return out
+
+
+def unview_keypoints(kp: torch.Tensor, views: list[tuple[int, int, float]], b: int, s: int) -> torch.Tensor:
+    """Keypoints (nB,K,2) in grid units found in `view_frames`' views -> their mean (B,K,2), each view's mapped
+    back (a view shows the point p at k p + t)."""
+    n = len(views)
+    t = torch.tensor([[2.0 * dx / s, 2.0 * dy / s] for dx, dy, _ in views], dtype=kp.dtype, device=kp.device)
+    k = torch.tensor([kk for _, _, kk in views], dtype=kp.dtype, device=kp.device)
+    kp = kp.reshape(n, b, *kp.shape[1:])
+    return ((kp - t[:, None, None, :]) / k[:, None, None, None]).mean(0)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
+from engine.runtimes.backend import read_driving
 from engine.image import BUILTIN_AVATAR
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ AUDIO_BATCH = 64
 MOTION_BATCH = 32
 GENERATE_BATCH = 16
 DRIVING_MODES = ("hold", "loop")
+DRIVING_VIEWS = ("model", "one")  # a driving frame read at the model's views | once
 ALIGN_MODES = ("require", "auto", "off")  # find the face (error if none) | align if found | use the image as is
 
 
@@ -51,6 +53,9 @@ class RenderConfig:
     expression_from: Path | None = None
     expression: str | None = None
     driving: str = "hold"
+    # "model": driving frames read at the model's views (`ModelConfig.driving_jitter_px` / `driving_zoom`; the
+    # built-in: 27, each with its mirror image); "one": one reading (with the mirror image), ~27x less E_mot
+    driving_views: str = "model"
     fps: int = 25
     backend: str = "torch"
     seed: int = 0
@@ -69,13 +74,13 @@ class RenderConfig:
 
 # ------------------------------------------------------------------------------------ driving video
 def encode_driving_video(path: Path, rt, fps: float, n_frames: int, track: bool = False,
-                         detector: str | None = None) -> dict[str, np.ndarray]:
+                         detector: str | None = None, views: bool = True) -> dict[str, np.ndarray]:
     """A driving video -> its factor latents at the output frame rate, {factor: (m, dim)}.
 
     Frames are centre-cropped and resized to the model size (as portraits are), or, with `track`, cut
     out around the face followed by engine.face.FaceTracker (frames before the face is first found, and
     whole videos without one, are centre-cropped), and run through
-    `rt.encode_motion` in batches; output frame i takes the latest video frame shown at time i / fps.
+    `read_driving` in batches (the model's views; `views=False`: one `rt.encode_motion` reading); output frame i takes the latest video frame shown at time i / fps.
     Only the first n_frames / fps seconds are read (the rest could never be shown); m covers the
     video's duration (at most n_frames), and the caller holds or loops past it.
     """
@@ -100,7 +105,7 @@ def encode_driving_video(path: Path, rt, fps: float, n_frames: int, track: bool 
 
     def flush():
         if batch:
-            out = rt.encode_motion(torch.cat(batch))
+            out = read_driving(rt, torch.cat(batch)) if views else rt.encode_motion(torch.cat(batch))
             for k, v in out.items():
                 chunks.setdefault(k, []).append(np.asarray(v, np.float32))
             batch.clear()
@@ -222,6 +227,8 @@ class Mp4Writer:
 def _check(cfg: RenderConfig) -> None:
     if cfg.driving not in DRIVING_MODES:
         raise InputError(f"--driving must be one of {', '.join(DRIVING_MODES)}, got {cfg.driving!r}")
+    if cfg.driving_views not in DRIVING_VIEWS:
+        raise InputError(f"--driving-views must be one of {', '.join(DRIVING_VIEWS)}, got {cfg.driving_views!r}")
     if cfg.fps <= 0:
         raise InputError(f"fps must be positive, got {cfg.fps}")
     from engine.runtimes.backend import AUTO, BACKENDS
@@ -343,7 +350,7 @@ def prepare_render(cfg: RenderConfig) -> RenderJob:
         key = Path(path).resolve()
         if key not in driving:
             driving[key] = encode_driving_video(Path(path), rt, fps, n_frames, track=cfg.align != "off",
-                                                detector=cfg.detector)
+                                                detector=cfg.detector, views=cfg.driving_views == "model")
         return VideoSource({factor: driving[key][factor]}, mode=cfg.driving)
 
     sources = {

@@ -98,3 +98,31 @@ def test_the_builtin_exports_and_onnxruntime_matches_torch(builtin_onnx):
     got, want = ort.generate(a_ort, z), ref.generate(a_ref, z)
     assert got.shape == want.shape == (1, 3, model.cfg.image_size, model.cfg.image_size)
     assert float((got - want).abs().max()) < 0.01
+
+
+def test_the_builtin_estimator_reads_a_zoomed_view_back_to_the_frames_own_head_scale():
+    """The driving frames' and the portrait's zoomed views (`ModelConfig.driving_zoom`, `portrait_zoom`) are mapped
+    back by `unview_state` on the assumption that a zoom k multiplies the head's scale by k: the trained estimator
+    must agree, on fresh rendered faces, or the views' mean would pull every head pose off."""
+    import torch
+
+    from engine.checkpoint import load_model
+    from engine.model import POSE_LATENT_OFFSET, POSE_LATENT_SCALE, unview_state, view_frames
+    from trainer.corpus.face import FaceRenderer
+    from trainer.corpus.face_identity import sample_identity
+
+    model, _ = load_model(None)
+    rng = np.random.default_rng(20261202)
+    n = 8
+    ident = np.stack([np.asarray(sample_identity(rng), np.float32) for _ in range(n)])
+    pose = np.stack([rng.uniform(-8, 8, n), rng.uniform(-5, 5, n), rng.uniform(-4, 4, n), rng.uniform(-0.02, 0.02, n),
+                     rng.uniform(-0.02, 0.02, n), rng.uniform(0.96, 1.04, n)], 1).astype(np.float32)
+    frames = FaceRenderer(256).render(ident, pose=pose) * 2 - 1
+    truth = (pose[:, 5] - POSE_LATENT_OFFSET[5]) / POSE_LATENT_SCALE[5]
+    with torch.no_grad():
+        for k in (0.94, 1.06):
+            raw = model.encode_motion(view_frames(frames, [(0, 0, k)]), mirror=True)
+            back = unview_state(raw, [(0, 0, k)], n)["pose"][:, 5].numpy()
+            raw_err = np.abs(raw["pose"][:, 5].numpy() - truth).mean()
+            back_err = np.abs(back - truth).mean()
+            assert back_err < 0.25 and back_err < 0.5 * raw_err, (k, back_err, raw_err)

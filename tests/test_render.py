@@ -1,5 +1,6 @@
 """Offline render end to end with the `tiny` config (random weights or a saved tiny checkpoint), short audio."""
 
+import dataclasses
 import shutil
 import subprocess
 import wave
@@ -228,6 +229,16 @@ def test_driving_video_shorter_than_audio(tmp_path, portrait, mode):
     direct = encode_driving_video(video, job.runtime, 25, 30)
     assert direct["pose"].shape[0] == 10
     np.testing.assert_allclose(z[:10, sl["pose"]], direct["pose"], atol=1e-6)
+    # at views: the model's (27 for a model that asks for them), or one reading with --driving-views one
+    rt = job.runtime
+    once = encode_driving_video(video, rt, 25, 30, views=False)
+    np.testing.assert_array_equal(once["pose"], direct["pose"])  # this model asks for none
+    rt.model.cfg = dataclasses.replace(rt.cfg, driving_jitter_px=2, driving_zoom=0.05)
+    many = encode_driving_video(video, rt, 25, 30)
+    assert np.abs(many["pose"] - once["pose"]).max() > 1e-4
+    np.testing.assert_array_equal(encode_driving_video(video, rt, 25, 30, views=False)["pose"], once["pose"])
+    with pytest.raises(InputError, match="--driving-views"):
+        prepare_render(dataclasses.replace(cfg, driving_views="all"))
     info = _probe(write_render(job, cfg.out))
     assert len(info["frames"]) == 30
 

@@ -689,6 +689,69 @@ def test_the_portrait_is_read_at_nine_shifts_and_its_keypoints_moved_back():
         assert torch.equal(m.encode_motion(x, mirror=True)["pose"], m.encode_motion(x, mirror=True)["pose"])
 
 
+def test_reading_views_move_and_zoom_the_content_and_their_readings_map_back():
+    """`engine.model.reading_views` / `view_frames`: a view (dx, dy, k) shows the point p (grid units) at k p + t,
+    t = 2 (dx, dy) / S; `unview_keypoints` and `unview_state` undo exactly that for a reader that sees it (a zoom
+    multiplies the head's scale and its offset from the centre), and the views' mean is returned."""
+    from engine.model import (POSE_LATENT_OFFSET, POSE_LATENT_SCALE, reading_views, unview_keypoints, unview_state,
+                              view_frames)
+
+    views = reading_views(3, 0.04)
+    assert len(views) == 27 and (0, 0, 1.0) in views and reading_views(0, 0.0) == [(0, 0, 1.0)]
+    with pytest.raises(ValueError):
+        reading_views(-1, 0.0)
+    s = 64
+    ys, xs = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij")
+    img = torch.exp(-((xs - 20) ** 2 + (ys - 40) ** 2) / (2 * 2.5 ** 2))[None, None]  # a blob at (x 20, y 40)
+    for dx, dy, k in [(3, -3, 1.0), (0, 0, 1.25), (2, 1, 0.8)]:
+        v = view_frames(img, [(dx, dy, k)])[0, 0]
+        w = v / v.sum()
+        cx, cy = float((w * xs).sum()), float((w * ys).sum())
+        # pixel centre -> grid, moved, back to pixels
+        gx, gy = (2 * 20 + 1) / s - 1, (2 * 40 + 1) / s - 1
+        ex, ey = ((k * gx + 2 * dx / s) + 1) * s / 2 - 0.5, ((k * gy + 2 * dy / s) + 1) * s / 2 - 0.5
+        assert abs(cx - ex) < 0.05 and abs(cy - ey) < 0.05, (dx, dy, k, cx, cy, ex, ey)
+    b = 3
+    torch.manual_seed(1)
+    kp = torch.rand(b, 8, 2) * 1.6 - 0.8
+    seen = torch.cat([k * kp + torch.tensor([2.0 * dx / s, 2.0 * dy / s]) for dx, dy, k in views])
+    assert torch.allclose(unview_keypoints(seen, views, b, s), kp, atol=1e-6)
+    pose = torch.rand(b, 6) - 0.5  # latents; the physical scale 1 + 0.1 l, tx 0.08 l
+    phys = pose * torch.tensor(POSE_LATENT_SCALE) + torch.tensor(POSE_LATENT_OFFSET)
+    read = []
+    for dx, dy, k in views:
+        q = phys.clone()
+        q[:, 3:6] *= k
+        read.append((q - torch.tensor(POSE_LATENT_OFFSET)) / torch.tensor(POSE_LATENT_SCALE))
+    lip = torch.rand(b, 3)
+    back = unview_state({"pose": torch.cat(read), "lip": lip.repeat(len(views), 1)}, views, b)
+    assert torch.allclose(back["pose"], pose, atol=1e-5) and torch.allclose(back["lip"], lip, atol=1e-6)
+
+
+def test_driving_frames_are_read_offline_at_the_models_views():
+    """`read_driving` (render --pose-from, evaluate): one `encode_motion` where the model asks for no views, else the
+    mean of every view's reading mapped back; the built-in asks for 27 (3 x 3 shifts of 3 px at 3 zooms)."""
+    from engine.model import Marionette, reading_views, unview_state, view_frames
+    from engine.runtimes.backend import read_driving
+    from engine.runtimes.torch_runtime import TorchRuntime
+
+    cfg = dataclasses.replace(ModelConfig.preset("talk-tiny"), driving_jitter_px=0, driving_zoom=0.0)
+    torch.manual_seed(0)
+    rt = TorchRuntime(Marionette(cfg).eval(), device="cpu")
+    x = torch.rand(2, 3, 64, 64)
+    once = read_driving(rt, x)
+    assert all(torch.equal(once[k], v) for k, v in rt.encode_motion(x).items())
+    rt.model.cfg = dataclasses.replace(cfg, driving_jitter_px=2, driving_zoom=0.05)
+    views = reading_views(2, 0.05)
+    many = read_driving(rt, x)
+    want = unview_state({k: torch.cat([rt.encode_motion(view_frames(x, [v]))[k] for v in views]) for k in once},
+                        views, 2)
+    assert all(torch.allclose(many[k], want[k], atol=1e-6) for k in want)
+    assert (many["pose"] - once["pose"]).abs().max() > 0
+    talk = ModelConfig.preset("talk")
+    assert (talk.driving_jitter_px, talk.driving_zoom) == (3, 0.04)
+
+
 def test_the_mirror_reading_of_a_mirrored_frame_is_the_mirrored_state():
     """The mirror reading (`motion_mirror`) averages a frame's reading and its mirror image's, so for any weights a
     mirrored frame reads exactly as the mirrored state (yaw, roll, tx and gaze_x negated, the lids swapped, the

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InputError
+from engine.runtimes.backend import read_driving
 from trainer import oracle as _or
 from trainer.corpus import factors as _factors
 
@@ -657,9 +658,10 @@ def _png_path(out: Path) -> Path:
 
 
 def _batched_motion(rt, frames: torch.Tensor, bs: int) -> dict[str, np.ndarray]:
+    """The clip's frames read as `render --pose-from` reads a driving video (`read_driving`)."""
     parts: dict[str, list] = {}
     for i in range(0, len(frames), bs):
-        for k, v in rt.encode_motion(frames[i:i + bs]).items():
+        for k, v in read_driving(rt, frames[i:i + bs]).items():
             parts.setdefault(k, []).append(v.numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
 

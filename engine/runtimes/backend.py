@@ -98,6 +98,26 @@ class TorchBackend:
                 "threads": torch.get_num_threads() if dev.type == "cpu" else None, "torch": torch.__version__}
 
 
+def read_driving(backend: Backend, frames: Any) -> dict[str, torch.Tensor]:
+    """Driving frames (B,3,S,S) in [0,1] read offline (`render --pose-from`, `evaluate`) -> {"lip", "pose", "eye",
+    "exp"}: `backend.encode_motion` (with its mirror default) at every view of `ModelConfig.driving_jitter_px` and
+    `driving_zoom` (`engine.model.reading_views`), each view's reading mapped back and the views averaged; one
+    reading where both are 0. The live webcam path does not come here: its frame has one E_mot pass."""
+    from engine.model import reading_views, unview_state, view_frames  # noqa: PLC0415
+
+    cfg = backend.cfg
+    views = reading_views(getattr(cfg, "driving_jitter_px", 0), getattr(cfg, "driving_zoom", 0.0))
+    if len(views) == 1:
+        return backend.encode_motion(frames)
+    f = torch.as_tensor(frames, dtype=torch.float32)
+    if f.dim() == 3:
+        f = f.unsqueeze(0)
+    b = f.shape[0]
+    parts = [backend.encode_motion(view_frames(f, [v])) for v in views]  # a view at a time: memory stays B frames
+    stacked = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+    return unview_state(stacked, views, b)
+
+
 # ---------------------------------------------------------------------------------------- opening
 def open_backend(name: str, *, checkpoint: Path | None = None, config: str = "lite", seed: int = 0,
                  exported: Path | None = None, device: str = "cpu", precision: str = "fp32",
@@ -339,4 +359,4 @@ def _open_trt(checkpoint, exported, device, precision) -> Backend:
     return rt
 
 
-__all__ = ["Backend", "BACKENDS", "TorchBackend", "open_backend", "cached_export", "cache_path", "cache_root"]
+__all__ = ["Backend", "BACKENDS", "TorchBackend", "open_backend", "read_driving", "cached_export", "cache_path", "cache_root"]
