@@ -56,6 +56,12 @@ def corpus_psnr(m: "ev._Model", data: Path, jitters: list[int], clips: int, fram
                                              real).mean().item()
         rows.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return summarise(rows)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per-clip rows {"clip", "copy_source", variant: mean PSNR} -> the corpus' mean PSNR per variant, its gain over
+    copy-source, and the rows (also benchmarks/reading_views.py's)."""
     keys = [k for k in rows[0] if k != "clip"]
     mean = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in keys}
     return {"mean_psnr": mean, "gain_over_copy_source": {k: round(mean[k] - mean["copy_source"], 3) for k in keys},

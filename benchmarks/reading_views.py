@@ -22,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import builtin_checkpoint_dir, load_model  # noqa: E402
+from portrait_jitter import summarise  # noqa: E402  (benchmarks/, this script's directory)
 from trainer import evaluate as ev  # noqa: E402
 
 
@@ -60,10 +60,7 @@ def corpus_psnr(m: "ev._Model", data: Path, views: list[tuple[int, float]], port
         m.rt.model.cfg = cfg0
         rows.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    keys = [k for k in rows[0] if k != "clip"]
-    mean = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in keys}
-    return {"mean_psnr": mean, "gain_over_copy_source": {k: round(mean[k] - mean["copy_source"], 3) for k in keys},
-            "clips": rows}
+    return summarise(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

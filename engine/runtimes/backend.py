@@ -106,7 +106,7 @@ def read_driving(backend: Backend, frames: Any) -> dict[str, torch.Tensor]:
     from engine.model import reading_views, unview_state, view_frames  # noqa: PLC0415
 
     cfg = backend.cfg
-    views = reading_views(getattr(cfg, "driving_jitter_px", 0), getattr(cfg, "driving_zoom", 0.0))
+    views = reading_views(cfg.driving_jitter_px, cfg.driving_zoom)
     if len(views) == 1:
         return backend.encode_motion(frames)
     f = torch.as_tensor(frames, dtype=torch.float32)
