@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -270,10 +271,116 @@ def closed_lips_onset(text: str) -> bool:
     return first in CLOSED_LIPS
 
 
+class Utterance(NamedTuple):
+    """One thing the client says after a silence: int16 samples at 48 kHz, the index of its onset, and its first
+    word when known (to tell words that begin with shut lips apart)."""
+    samples: np.ndarray
+    onset: int
+    first_word: str | None
+    name: str
+
+
+# Real human speech on this machine besides real_speech_files()' WAVs (Debian's pocketsphinx-testdata): raw 16 kHz
+# int16 utterances, with the first word where the package's grammars say what is spoken
+HUMAN_RAW = {"goforward.raw": "go", "numbers.raw": None, "something.raw": None, "tidigits/dhd.2934z.raw": None}
+
+
+def _transcribed_first_words(d: Path) -> dict[str, str]:
+    """{file stem: first word} from the package's transcriptions ("<s> ten of clubs </s> (001)")."""
+    out = {}
+    for t in [d / "librivox" / "transcription", d / "cards" / "cards.transcription"]:
+        if t.is_file():
+            for line in t.read_text().splitlines():
+                words = [w for w in line.split() if w not in ("<s>", "</s>")]
+                if len(words) >= 2 and words[-1].startswith("("):
+                    out[words[-1].strip("()")] = words[0]
+    return out
+
+
+def phrase_onsets(x: np.ndarray, rate: int = 16000, min_pause_s: float = 0.15) -> list[int]:
+    """Where speech begins after a pause in a recording with room noise, as sample indices.
+
+    Levels in 10 ms hops, judged against the recording's own floor (5th percentile) and top (95th): a phrase
+    starts at a hop louder than max(floor + 15 dB, top - 30 dB) after >= `min_pause_s` of hops under the floor
+    + 40 % of that gap (the recording's start counts as a pause if it has 50 ms of it). The onset is then moved
+    back, 2.5 ms at a time, to the first sound above floor + 6 dB: the earliest point a listener's meter would
+    call speech, so the latency measured from it is not flattered."""
+    hop, fine = rate // 100, rate // 400
+    n = len(x) // hop
+    if n < 10:
+        return []
+    x = np.asarray(x, np.float64)
+    db = 10 * np.log10((x[:n * hop].reshape(n, hop) ** 2).mean(1) + 1e-12)
+    floor, top = np.percentile(db, 5), np.percentile(db, 95)
+    on = max(floor + 15, top - 30)
+    off = floor + 0.4 * (on - floor)
+    need = int(round(min_pause_s * 100))
+    out, quiet = [], need
+    for i in range(n):
+        if db[i] < off:
+            quiet += 1
+        elif db[i] > on:
+            if quiet >= need and i >= 5:
+                j = i * hop
+                lo = max(0, j - (quiet + 1) * hop)
+                while j - fine >= lo and 10 * np.log10((x[j - fine:j] ** 2).mean() + 1e-12) > floor + 6:
+                    j -= fine
+                out.append(j)
+            quiet = 0
+    return out
+
+
+def human_utterances(max_s: float = 1.5) -> list[Utterance]:
+    """Real human speech cut at its phrase onsets (several speakers: LibriVox readings, CMU test utterances),
+    each from 60 ms before its onset (faded in from the room noise) to its end or `max_s` after the onset,
+    resampled to 48 kHz; empty where the package is not installed."""
+    from engine.audio import load_audio, resample
+    from trainer.evaluate import REAL_SPEECH_DIR, real_speech_files
+
+    d = REAL_SPEECH_DIR
+    firsts = _transcribed_first_words(d)
+    src = [(f.stem, load_audio(f), firsts.get(f.stem)) for f in real_speech_files()]
+    src += [(Path(r).stem, np.fromfile(d / r, "<i2").astype(np.float32) / 32768, w)
+            for r, w in HUMAN_RAW.items() if (d / r).is_file()]
+    out = []
+    for stem, x, first in src:
+        ons = phrase_onsets(x)
+        for k, j in enumerate(ons):
+            pre, end = int(0.06 * 16000), min(len(x), j + int(max_s * 16000))
+            seg = np.array(x[max(0, j - pre): end], np.float64)
+            lead = j - max(0, j - pre)
+            seg[:lead] *= np.linspace(0, 1, lead, endpoint=False)
+            fade = min(480, len(seg) // 4)
+            seg[len(seg) - fade:] *= np.linspace(1, 0, fade)
+            y = np.clip(resample(seg.astype(np.float32), 16000, 48000), -1, 1)
+            out.append(Utterance((y * 32767).astype(np.int16), lead * 3, first if k == 0 else None, f"{stem}@{j / 16000:.2f}s"))
+    return out
+
+
+def espeak_utterances() -> list[Utterance]:
+    """espeak-ng saying the WORDS list (its onset: the first sample above 0.3 % of full scale)."""
+    out = []
+    for w in WORDS:
+        x = espeak(w)
+        out.append(Utterance(x, int(np.flatnonzero(np.abs(x.astype(np.int32)) > 0.003 * 32767)[0]), w.split()[0], w))
+    return out
+
+
+def speech_bank(kind: str) -> list[Utterance]:
+    """"human" (recordings of real speakers, the default where they are installed) or "espeak"."""
+    if kind == "human":
+        bank = human_utterances()
+        if not bank:
+            raise SystemExit("--speech human: no recordings of real speech here (apt-get install "
+                             "pocketsphinx-testdata), or use --speech espeak")
+        return bank
+    return espeak_utterances()
+
+
 async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | None = 0,
-              n_interrupts: int = 5, trace: bool = False) -> dict:
+              n_interrupts: int = 5, trace: bool = False, speech: str = "human") -> dict:
     rng = np.random.default_rng(seed)
-    bank = [espeak(w) for w in WORDS]
+    bank = speech_bank(speech)
     regions: list[tuple[float, int, np.ndarray]] = []  # (decoded arrival, pts, mouth region at 1/4 size)
 
     def on_video(t, pts, arr):
@@ -291,11 +398,10 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
     onsets = []
     for i in range(n_onsets):
         await asyncio.sleep(float(rng.uniform(0.9, 1.5)))  # silence (the mic sends zeros when idle)
-        x = bank[i % len(bank)]
-        loud = np.flatnonzero(np.abs(x.astype(np.int32)) > 0.003 * 32767)  # where the voice gate can start
-        start = mic.append(x)
-        onsets.append(start + int(loud[0]))
-        await asyncio.sleep(len(x) / 48000 + 0.1)
+        u = bank[i % len(bank)]
+        start = mic.append(u.samples)
+        onsets.append(start + u.onset)
+        await asyncio.sleep(len(u.samples) / 48000 + 0.1)
     # interrupts: a long utterance, cut off 0.8 s in (the client sends {"type": "interrupt"})
     long_speech = espeak("Aaah I am speaking for a long time without stopping and you may interrupt me now aaah",
                          wpm=140)
@@ -336,8 +442,9 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         if t_leave is not None and len(idx) and t[idx[0]] - t_leave <= 1.0:
             moved.append(1000 * (t[idx[0]] - t_leave))
     decoded, network, misses, leaves = [], [], 0, []
-    by_onset: dict[str, list[float]] = {"open_mouth_onset": [], "closed_lips_onset": []}
-    shut_first = {w: closed_lips_onset(w) for w in WORDS}
+    by_onset: dict[str, list[float]] = {"open_mouth_onset": [], "closed_lips_onset": [], "unknown_first_sound": []}
+    shut_first = {u.first_word: closed_lips_onset(u.first_word) for u in bank if u.first_word}
+    per_utterance: dict[str, list[float]] = {}
     for i, s in enumerate(onsets):
         t_leave = send_time_of_sample(mic.sent, s)
         if t_leave is None:
@@ -350,7 +457,11 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         leaves.append(t_leave)
         j = idx[0]
         decoded.append(1000 * (t[j] - t_leave))
-        by_onset["closed_lips_onset" if shut_first[WORDS[i % len(WORDS)]] else "open_mouth_onset"].append(decoded[-1])
+        u = bank[i % len(bank)]
+        kind = "unknown_first_sound" if not u.first_word else \
+            "closed_lips_onset" if shut_first[u.first_word] else "open_mouth_onset"
+        by_onset[kind].append(decoded[-1])
+        per_utterance.setdefault(u.name, []).append(round(decoded[-1], 1))
         first_packet = c.first_packet_time("video", frames[j][1])
         if first_packet is not None:
             network.append(1000 * (first_packet - t_leave))
@@ -370,7 +481,7 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
             if (dev[hold] < thr).all():
                 cut.append(1000 * (t[j] - t_int))
                 break
-    period = 1.0 / (server.server.pipeline.cfg.fps if server is not None else stats.get("target_fps", 25))
+    period = 1.0 / (server.server.fps if server is not None else stats.get("target_fps", 25))
     extra = {"trace": {"t": t.tolist(), "pts": [f[1] for f in regions], "dev": dev.tolist(), "interrupts": interrupts,
                        "onsets_leave": [send_time_of_sample(mic.sent, s) for s in onsets]}} if trace else {}
     return {**extra,
@@ -379,7 +490,8 @@ async def run(url: str, server, n_onsets: int, seed: int, audio_prefetch: int | 
         "onsets": len(onsets), "missed": misses, "threshold": thr, "threshold_move": thr_move,
         "quiet_frames_over_move_threshold": float((quiet > thr_move).mean()) if len(quiet) else None,
         "client_decoded_ms": percentiles(decoded),
-        "client_decoded_ms_by_first_sound": {k: percentiles(v) for k, v in by_onset.items()},
+        "client_decoded_ms_by_first_sound": {k: percentiles(v) for k, v in by_onset.items() if v},
+        "speech": speech, "utterances": len(bank), "client_decoded_ms_by_utterance": per_utterance,
         "client_decoded_first_move_ms": percentiles(moved), "client_network_ms": percentiles(network),
         "server_ms": percentiles([1000 * x for x in server_onsets]) if sess else stats.get("onset_latency_ms"),
         "stages_ms": stage_split(leaves, frames, thr, c, sess, tap, period) if sess else {},
@@ -407,6 +519,15 @@ function tick(now, md) {
   v.requestVideoFrameCallback(tick);
 }
 v.requestVideoFrameCallback(tick);
+// the browser's own view of A/V sync: each inbound stream's estimatedPlayoutTimestamp (its playout instant in the
+// sender's NTP time, from the RTCP sender reports) sampled every 100 ms; video - audio at one moment is how far the
+// picture plays behind the sound, as Chromium's own sync module sees it
+M.playout = [];
+M.playoutTimer = setInterval(() => M.pc.getStats().then(r => {
+  const row = [performance.now(), null, null];
+  r.forEach(s => { if (s.type === 'inbound-rtp' && s.estimatedPlayoutTimestamp)
+                     row[s.kind === 'audio' ? 1 : 2] = s.estimatedPlayoutTimestamp; });
+  M.playout.push(row); }), 100);
 """
 
 
@@ -441,7 +562,26 @@ def chromium_av_offset(tp, tr, rtp, sess, ajb_ms, playout: dict) -> dict:
             "audio_playout_path_ms": play_ms, "video_instant_to_presented_ms": percentiles(1000 * (tp[ok] - media))}
 
 
-def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = False) -> dict:
+def _per_emitted(stats: dict, key: str) -> float | None:
+    """A cumulative getStats delay (s, summed over emitted samples or frames) as its mean in ms."""
+    n = stats.get("jitterBufferEmittedCount")
+    return 1000 * stats[key] / n if n and stats.get(key) is not None else None
+
+
+def estimated_playout_offset(rows) -> dict:
+    """Chromium's own A/V sync figure: per getStats sample, audio's estimatedPlayoutTimestamp - video's (each the
+    sender's NTP time of the media that stream plays out now; positive: the picture shows older media than the
+    sound plays, i.e. it plays after its sound, as the other offsets here count). Samples 10 s in or later only (the sync
+    module settles), and only where both streams report one."""
+    d = [r[1] - r[2] for r in rows or [] if r[1] and r[2]]
+    if not d:
+        return {"n": 0, "note": "this Chromium reports no estimatedPlayoutTimestamp"}
+    t0 = rows[0][0]
+    late = [r[1] - r[2] for r in rows if r[1] and r[2] and r[0] - t0 > 10000]
+    return percentiles(late or d, ps=(5, 50, 95))
+
+
+def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = False, speech: str = "human") -> dict:
     """The same measurement from headless Chromium (the demo page, a fake microphone playing the words
     from a WAV file). Chromium's own capture and send timing are not visible from here, so the clock
     starts when the onset reaches the server (the aiortc run shows the uplink on loopback is ~2 ms,
@@ -458,10 +598,10 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
     if not (chromium and driver):
         return {"skipped": "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"}
     rng = np.random.default_rng(seed)
-    bank = [espeak(w) for w in WORDS]
+    bank = speech_bank(speech)
     parts = [np.zeros(48000 * 3, np.int16)]
     for i in range(n_onsets):
-        parts += [bank[i % len(bank)], np.zeros(int(48000 * rng.uniform(0.9, 1.5)), np.int16)]
+        parts += [bank[i % len(bank)].samples, np.zeros(int(48000 * rng.uniform(0.9, 1.5)), np.int16)]
     wav = tmp / "mic.wav"
     with wave.open(str(wav), "wb") as w:
         w.setnchannels(1)
@@ -498,6 +638,7 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
             return window.marionette.pc.getStats().then(r => { const o = {}; r.forEach(s => {
               if (s.type === 'inbound-rtp') o[s.kind] = s;
               if (s.type === 'media-playout') o.playout = s; }); return o; });""")
+        playout_rows = drv.execute_script("clearInterval(window.marionette.playoutTimer); return window.marionette.playout")
         rows = []
         while True:  # in chunks: a long run does not fit one reply
             chunk = drv.execute_script("return window.marionette.g2g.splice(0, 300)")
@@ -557,8 +698,15 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
         "server_arrival_to_received_open_ms": percentiles(received),
         "receive_to_presented_ms": percentiles(hold[np.isfinite(hold)]),
         "video_jitter_buffer_ms": vjb, "audio_jitter_buffer_ms": ajb,
+        # why the audio buffer holds what it holds: the packets' arrival jitter as Chromium measured it, and its
+        # buffer's target and minimum (the minimum is what A/V sync or a page asked of it)
+        "audio_arrival_jitter_ms": 1000 * au["jitter"] if au.get("jitter") is not None else None,
+        "audio_jitter_buffer_target_ms": _per_emitted(au, "jitterBufferTargetDelay"),
+        "audio_jitter_buffer_minimum_ms": _per_emitted(au, "jitterBufferMinimumDelay"),
+        "video_jitter_buffer_target_ms": _per_emitted(v, "jitterBufferTargetDelay"),
         "audio_minus_video_buffer_ms": None if vjb is None or ajb is None else ajb - vjb,
         "av_offset_ms": av,
+        "av_offset_estimated_playout_ms": estimated_playout_offset(playout_rows),
         "video_fps": v.get("framesPerSecond"), "frames_decoded": v.get("framesDecoded"),
         "frames_dropped": v.get("framesDropped"),
         "note": "the clock starts at the onset's arrival at the server; add Chromium's capture and send "
@@ -575,6 +723,11 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", default="low", help="the server's --latency level: low (its default) | balanced | safe")
     ap.add_argument("--backend", default="auto", help="the server's --backend (auto, as serve: ONNX Runtime on a CPU)")
     ap.add_argument("--threads", type=int, help="the server's inference threads (default: its own)")
+    ap.add_argument("--lanes", type=int, help="the server's --lanes (default: its own, auto)")
+    ap.add_argument("--avatar", type=Path, help="the server's --avatar (a photograph: aligned, streamed at its "
+                                                "--output-size; default: the built-in avatar)")
+    ap.add_argument("--fps", type=int, help="the server's --fps (default: serve's own, auto: 50 at --latency low "
+                                            "with ONNX Runtime in lanes, else 25)")
     ap.add_argument("--audio-packet-ms", type=float, default=5.0, help="the server's outbound Opus packet length")
     ap.add_argument("--interrupts", type=int, default=5, help="interrupts measured (aiortc client)")
     ap.add_argument("--client", choices=("aiortc", "chromium", "both"), default="both",
@@ -589,27 +742,35 @@ def main(argv=None) -> int:
                     help="thread: the server in this process, its stages split by reading its internals (the default); "
                          "process: `marionette serve` in a process of its own, as a user runs it, measured from the "
                          "aiortc client alone (no stage split; the A/V offset through the RTCP sender reports)")
+    ap.add_argument("--speech", choices=("human", "espeak"), default=None,
+                    help="what the clients say: human = phrases of recordings of real speakers (Debian's "
+                         "pocketsphinx-testdata; the default where installed), espeak = espeak-ng's words")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "glass_to_glass.json")
     a = ap.parse_args(argv)
+    if a.speech is None:
+        a.speech = "human" if human_utterances() else "espeak"
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         ck, what = (a.checkpoint, str(a.checkpoint)) if a.checkpoint else default_checkpoint(Path(tmp), a.config)
         if a.server == "process":
             return _main_process(a, ck, what, Path(tmp))
         cfg = ServeConfig(checkpoint=ck, config=a.config, ice_hosts=("127.0.0.1",), latency=a.latency,
-                          backend=a.backend, threads=a.threads, audio_packet_ms=a.audio_packet_ms,
+                          backend=a.backend, threads=a.threads, lanes=a.lanes, audio_packet_ms=a.audio_packet_ms,
+                          fps=a.fps, avatar=a.avatar,  # fps None: auto, as serve's default
                           playout_delay=not a.no_playout_delay)
         with ServerThread(cfg) as st:
             t0 = time.time()
             res["loadavg_start"] = os.getloadavg()
             if a.client in ("aiortc", "both"):
-                res["aiortc"] = asyncio.run(run(st.url, st, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts, a.trace))
+                res["aiortc"] = asyncio.run(run(st.url, st, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts, a.trace,
+                                                a.speech))
                 res["aiortc"]["loadavg_end"] = os.getloadavg()
             if a.client in ("chromium", "both"):
-                res["chromium"] = chromium_run(st, a.onsets, a.seed, Path(tmp), a.trace)
+                res["chromium"] = chromium_run(st, a.onsets, a.seed, Path(tmp), a.trace, a.speech)
                 res["chromium"]["loadavg_end"] = os.getloadavg()
             res.update({"model": what, "config": st.server.pipeline.cfg.name,
-                        "image_size": st.server.pipeline.cfg.image_size,
+                        "image_size": st.server.pipeline.cfg.image_size, "fps": st.server.fps,
+                        "lanes": st.server.lanes,
                         "lookahead_ms": st.server.pipeline.cfg.lookahead_ms,
                         "pipeline_latency_ms": 1000 * st.server.latency_s,
                         "lead_ms": 1000 * st.server.lead_s, "duration_s": time.time() - t0,
@@ -629,6 +790,12 @@ def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
             "--audio-packet-ms", f"{a.audio_packet_ms:g}"]
     if a.threads:
         args += ["--threads", str(a.threads)]
+    if a.lanes:
+        args += ["--lanes", str(a.lanes)]
+    if a.fps:
+        args += ["--fps", str(a.fps)]
+    if a.avatar:
+        args += ["--avatar", str(a.avatar)]
     if a.no_playout_delay:
         args += ["--no-playout-delay"]
     res: dict = {"server": "process", "serve_args": args}
@@ -638,7 +805,8 @@ def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
         res["loadavg_start"] = os.getloadavg()
         if a.client in ("aiortc", "both"):
             before = scrape_stages(url)
-            res["aiortc"] = asyncio.run(run(url, None, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts, a.trace))
+            res["aiortc"] = asyncio.run(run(url, None, a.onsets, a.seed, a.client_audio_prefetch, a.interrupts, a.trace,
+                                            a.speech))
             res["aiortc"]["loadavg_end"] = os.getloadavg()
             # the server's own split, as a user reads it: its /metrics stage histograms over this run
             res["aiortc"]["server_stages_ms"] = histogram_delta(before, scrape_stages(url))
@@ -650,6 +818,7 @@ def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
 
         mcfg = read_checkpoint_config(ck)[0]
         res.update({"model": what, "config": mcfg.name, "image_size": mcfg.image_size, "lookahead_ms": mcfg.lookahead_ms,
+                    "fps": st.get("target_fps"),
                     "pipeline_latency_ms": st.get("latency_ms"), "lead_ms": None, "duration_s": time.time() - t0,
                     "latency_level": a.latency, "client_audio_prefetch": a.client_audio_prefetch,
                     "audio_packet_ms": a.audio_packet_ms, "backend": a.backend, "threads": a.threads,
@@ -698,7 +867,8 @@ def _report(a, res: dict) -> int:
 
     def fmt(p):
         return f"p50 {p['p50']:.0f} ms, p95 {p['p95']:.0f} ms (n={p['n']})" if p and p.get("n") else "n=0"
-    print(f"glass-to-glass ({res['config']} {res['image_size']}px, lookahead {res['lookahead_ms']} ms, "
+    print(f"glass-to-glass ({res['config']} {res['image_size']}px at {res.get('fps')} fps, lookahead "
+          f"{res['lookahead_ms']} ms, "
           f"pipeline {res['pipeline_latency_ms']:.0f} ms, --latency {a.latency}, server in its own "
           f"{'process' if res.get('server') == 'process' else 'thread'}; {res['model']})")
     r = res.get("aiortc")
@@ -744,11 +914,17 @@ def _report(a, res: dict) -> int:
             print(f"  frame received -> presented            : {fmt(c['receive_to_presented_ms'])}")
             print(f"  jitter buffers: video {c['video_jitter_buffer_ms']}, audio {c['audio_jitter_buffer_ms']} ms; "
                   f"fps {c['video_fps']}")
+            print(f"  audio: arrival jitter {c['audio_arrival_jitter_ms']} ms, buffer target "
+                  f"{c['audio_jitter_buffer_target_ms']} / minimum {c['audio_jitter_buffer_minimum_ms']} ms")
             av = c.get("av_offset_ms") or {}
             if av.get("n"):
                 print(f"  A/V offset (video - audio, estimated): p5 {av['p5']:.1f}, p50 {av['p50']:.1f}, "
                       f"p95 {av['p95']:.1f} ms (audio sent {av['audio_lead_ms']:.1f} ms ahead, held "
                       f"{av['audio_jitter_buffer_ms']:.1f} + {av['audio_playout_path_ms']:.1f} ms)")
+            ep = c.get("av_offset_estimated_playout_ms") or {}
+            if ep.get("n"):
+                print(f"  A/V offset (video - audio, Chromium's estimatedPlayoutTimestamp): p5 {ep['p5']:.1f}, "
+                      f"p50 {ep['p50']:.1f}, p95 {ep['p95']:.1f} ms (n={ep['n']})")
     for n in notes:
         print("  NOTE: " + n)
     for n in info:

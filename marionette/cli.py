@@ -81,7 +81,8 @@ def _corpus_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def _lanes(p: argparse.ArgumentParser, v: str) -> int | None:
+def _auto_int(p: argparse.ArgumentParser, flag: str, v: str) -> int | None:
+    """"auto" -> None, else a positive whole number (an argparse error naming `flag` otherwise)."""
     if v == "auto":
         return None
     try:
@@ -89,7 +90,7 @@ def _lanes(p: argparse.ArgumentParser, v: str) -> int | None:
     except ValueError:
         n = 0
     if n < 1:
-        p.error(f"--lanes {v!r}: auto or a positive number")
+        p.error(f"{flag} {v!r}: auto or a positive number")
     return n
 
 
@@ -232,7 +233,11 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--backend", default="auto", help=(
         "auto (default: the fastest this machine has: onnxruntime on a CPU, torch on an NVIDIA GPU, TensorRT "
         "with --exported) | torch | onnxruntime | tensorrt"))
-    p.add_argument("--fps", type=_positive_int, default=25)
+    p.add_argument("--fps", default="auto", help=(
+        "frames a second: auto (default) is 50 at --latency low where a mouth can be made on every tick (ONNX "
+        "Runtime with lanes on 2+ cores: the head and eyes at the rate bodies are made, ~25 a second on 2 cores, "
+        "the mouth on every tick; a GPU: whole frames), which halves the wait of a voice onset for its tick; "
+        "else 25. Or a number"))
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict ICE host candidates to this address (repeatable), e.g. 127.0.0.1")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
@@ -269,8 +274,9 @@ def _cmd_serve(argv: list[str]) -> int:
         "net last, so the pipeline latency holds ~10 ms for the mouth instead of a whole round (~40 ms on 2 cores)"))
     p.add_argument("--lanes", default="auto", help=(
         "bodies of frames made at once, each on its own thread with one inference thread: auto (default) takes 2 "
-        "where one frame does not fit 90%% of the frame period (a slow CPU: benchmarks/lanes.py served ~1.6x the "
-        "pictures per second there), else 1; or a number. A frame's body then "
+        "where one frame timed on the idle machine takes over 60%% of the frame period (served, with the encoder and "
+        "a client on the same cores, a frame takes ~1.5x that; benchmarks/lanes.py served ~1.6x the "
+        "pictures per second on a slow CPU), else 1; or a number. A frame's body then "
         "starts up to two periods ahead (its mouth still reads the newest audio)"))
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (and of random weights)")
     p.add_argument("--align", choices=["require", "auto", "off"], default="require", help=(
@@ -315,7 +321,8 @@ def _cmd_serve(argv: list[str]) -> int:
     from streaming.server import ServeConfig, serve
 
     cfg = ServeConfig(host=a.host, port=a.port, avatar=a.avatar, checkpoint=a.checkpoint, config=a.config,
-                      backend=a.backend, fps=a.fps, ice_hosts=tuple(a.ice_host), ice_servers=tuple(a.ice_server),
+                      backend=a.backend, fps=_auto_int(p, "--fps", a.fps), ice_hosts=tuple(a.ice_host),
+                      ice_servers=tuple(a.ice_server),
                       max_sessions=a.max_sessions, max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
                       exported=a.exported, precision=a.precision, threads=a.threads, lead_ms=a.lead_ms,
                       latency=a.latency, seed=a.seed, kernels=a.kernels, align=a.align, output_size=a.output_size,
@@ -326,7 +333,7 @@ def _cmd_serve(argv: list[str]) -> int:
                       drain_timeout_s=max(0.0, a.drain_timeout), audio_packet_ms=a.audio_packet_ms,
                       frame_end_hint=not a.no_frame_end_hint, playout_delay=not a.no_playout_delay,
                       late_mouth=not a.no_late_mouth, lip_lag_ms=a.lip_lag_ms, margin_adapt_ms=a.margin_adapt_ms,
-                      lanes=_lanes(p, a.lanes))
+                      lanes=_auto_int(p, "--lanes", a.lanes))
     serve(cfg)
     return 0
 

@@ -42,12 +42,17 @@ class SessionMotion:
         if idle_model is not None:
             from engine.idle_model import LearnedIdleSource
 
-            self.idle = LearnedIdleSource(idle_model, seed=seed, log_floor=cfg.audio.log_floor, max_backlog=4 * fps)
+            # a stream at a multiple of the model's rate (e.g. 50 fps on a 25 fps model) steps the model once per
+            # `idle_div` ticks, on the mean mel of those ticks' hops
+            self.idle_div = max(1, self.fps // int(idle_model.cfg.fps))
+            self.idle = LearnedIdleSource(idle_model, seed=seed, log_floor=cfg.audio.log_floor,
+                                          max_backlog=4 * idle_model.cfg.fps)
         else:
+            self.idle_div = 1
             self.idle = IdleSource(seed=seed, fps=fps)
         self.learned_idle = idle_model is not None
         self.blink_close_s, self.blink_open_s = IdleSource.BLINK_CLOSE_S, IdleSource.BLINK_OPEN_S  # the idle blink
-        self.idle_pushed = 0  # frames whose energy the idle source has
+        self.idle_pushed = 0  # frames whose energy the idle source has (the learned model's own frames)
         self.pose_cmd = FixedSource(np.zeros(self.lat.pose, np.float32),
                                     transition_frames=max(0, round(self.POSE_TRANSITION_S * fps)))
         self.gaze_cmd = FixedSource(np.zeros(2, np.float32),
@@ -134,20 +139,33 @@ class SessionMotion:
     def push_energy_until(self, frame: int, rms_of_frame, hops_of_frame=None) -> None:
         """Give the idle source the audio of every frame up to `frame` (in order): the procedural source
         its speech energy (`rms_of_frame(i)`), the learned one the mean log-mel of the frame's own 10 ms
-        hops (`hops_of_frame(i)` -> (first hop, hops); silence when not given)."""
-        if frame < self.idle_pushed:
+        hops (`hops_of_frame(i)` -> (first hop, hops); silence when not given). With `idle_div` ticks to a model
+        frame, the model frames whose ticks are all <= `frame` (their hops joined)."""
+        d = self.idle_div
+        last = (frame + 1) // d - 1  # the last idle frame whose ticks have all come
+        if last < self.idle_pushed:
             return
-        idx = range(self.idle_pushed, frame + 1)
+        idx = range(self.idle_pushed, last + 1)
         if self.learned_idle:
             silent = np.full(self.cfg.audio.n_mels, self._silence, np.float32)
             rows = []
-            for i in idx:
-                h = hops_of_frame(i) if hops_of_frame is not None else None
-                rows.append(silent if h is None else self._mel_rows(h[0], max(1, h[1])).mean(0))
+            for f in idx:
+                hs = [hops_of_frame(t) for t in range(f * d, f * d + d)] if hops_of_frame is not None else []
+                hs = [h for h in hs if h is not None]
+                if not hs:
+                    rows.append(silent)
+                    continue
+                a, b = hs[0][0], hs[-1][0] + max(1, hs[-1][1])
+                rows.append(self._mel_rows(a, max(1, b - a)).mean(0))
             self.idle.push_frame_mel(np.stack(rows))
         else:
             self.idle.push_energy(np.asarray([rms_of_frame(i) for i in idx], np.float64))
-        self.idle_pushed = frame + 1
+        self.idle_pushed = last + 1
+
+    def _idle_frame(self, i: int) -> int:
+        """The idle source's frame for tick i: the newest whose ticks have all come (a model at 1/idle_div of the
+        stream's rate lags it by less than one of its frames)."""
+        return i if self.idle_div == 1 else max(0, (i + 1) // self.idle_div - 1)
 
     def compose_rest(self, i: int) -> dict[str, np.ndarray]:
         """pose, eye and exp latents of session frame i (lip is the scheduler's job)."""
@@ -163,7 +181,7 @@ class SessionMotion:
         elif mode == "controls":
             out["pose"] = self.pose_cmd.latents(i, 1)[0]
         else:
-            out["pose"] = self.idle.latents(i, 1, "pose")[0] + self.pose_cmd.latents(i, 1)[0]
+            out["pose"] = self.idle.latents(self._idle_frame(i), 1, "pose")[0] + self.pose_cmd.latents(i, 1)[0]
         # eyes
         mode = self.modes["eye"]
         if mode == "webcam" and wc is not None:
@@ -172,7 +190,7 @@ class SessionMotion:
             g = self.gaze_cmd.latents(i, 1)[0]
             eye = eye_latent(g[0], g[1], 0.0, 0.0)
         else:
-            eye = self.idle.latents(i, 1, "eye")[0].copy()
+            eye = self.idle.latents(self._idle_frame(i), 1, "eye")[0].copy()
             g = self.gaze_cmd.latents(i, 1)[0]
             eye[0] = np.clip(eye[0] + g[0], -1, 1)
             eye[1] = np.clip(eye[1] + g[1], -1, 1)

@@ -47,11 +47,13 @@ class Pipeline:
                  else "procedural (the checkpoint has no learned idle model)")
 
     def idle_model_for(self, fps: int):
-        """The learned idle model if it runs at `fps` on this model's mel bands, else None (procedural)."""
+        """The learned idle model if it runs at `fps`, or at a whole fraction of it (a session steps it once every
+        few ticks: `SessionMotion.idle_div`), on this model's mel bands; else None (procedural)."""
         from engine.idle_model import unfit_reason
 
         m = self.idle_model
-        why = None if m is None else unfit_reason(m, fps, self.cfg.audio.n_mels)
+        base = fps if m is None or int(fps) % int(m.cfg.fps) else int(m.cfg.fps)
+        why = None if m is None else unfit_reason(m, base, self.cfg.audio.n_mels)
         if why:
             log.warning("idle motion: procedural (%s)", why)
             return None

@@ -80,8 +80,15 @@ from streaming.metrics import CONTENT_TYPE, ServerMetrics
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-# lanes auto: two where one two-phase frame (body + mouth) takes more than this share of the frame period
-LANES_AUTO_SHARE = 0.9
+# --fps auto at --latency low (ServeConfig.fps None), where the runtime can make a mouth on every tick (_auto_fps)
+FAST_FPS = 50
+# lanes auto: two where one two-phase frame (body + mouth), timed in the warm-up on an idle machine, takes more
+# than this share of the frame period. Served, the same frame takes ~1.5x its idle time (the encoder, the event
+# loop, Opus and a client on the same cores preempt ONNX Runtime's two threads: 42.2 ms a round served against
+# 27.7 ms in the warm-up, 2026-12-02 20:30), so one lane is kept only where 1.5x the idle frame fits 90 % of the
+# period. With 0.9 here, that hour's server kept one lane and dropped 31 % of its ticks (14 fps sent); two lanes
+# dropped 2.5 % (25 fps, the mouth fresh on every tick): benchmarks/glass_to_glass.py --server process --lanes 1|2
+LANES_AUTO_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,9 @@ class ServeConfig:
     checkpoint: Path | None = None
     config: str = "lite"
     backend: str = "torch"
-    fps: int = 25
+    # None (serve's default, "auto"): FAST_FPS at --latency low where the runtime can make a mouth every tick of
+    # it (a GPU, or ONNX Runtime in two phases with lanes on 2+ cores), else 25 (see Server._auto_fps)
+    fps: int | None = 25
     ice_hosts: tuple[str, ...] = ()
     ice_servers: tuple[str, ...] = ()
     max_sessions: int = 8
@@ -310,6 +319,7 @@ class AvatarServer:
         self.lip_lag_s = 0.0
         self.warmup_times: dict[int, float] = {}
         self.lanes = 1  # bodies in flight at once (set by start: ServeConfig.lanes or auto)
+        self.fps = cfg.fps or FAST_FPS  # frames a second (set by start: ServeConfig.fps, or auto)
         self._ice = None
         try:
             self._ice_servers = ice_servers(cfg.ice_servers)
@@ -341,15 +351,16 @@ class AvatarServer:
     async def start(self) -> None:
         cfg = self.cfg
         self._loop = asyncio.get_running_loop()
-        if cfg.fps <= 0 or 90000 % cfg.fps:
-            raise InputError(f"--fps {cfg.fps}: must divide 90000 (e.g. 20, 24, 25, 30)")
+        if cfg.fps is not None and (cfg.fps <= 0 or 90000 % cfg.fps):
+            raise InputError(f"--fps {cfg.fps}: must divide 90000 (e.g. 20, 24, 25, 30, 50)")
         if cfg.latency not in LATENCY_LEVELS:
             raise InputError(f"--latency {cfg.latency!r}: valid: {', '.join(LATENCY_LEVELS)}")
         if not 0 <= cfg.margin_adapt_ms <= 1000:
             raise InputError(f"--margin-adapt-ms {cfg.margin_adapt_ms:g}: must be between 0 and 1000")
-        if cfg.lip_lag_ms is not None and not 0 <= cfg.lip_lag_ms <= 500 / cfg.fps:
+        max_lag = 500 / (cfg.fps or FAST_FPS)  # half the shortest period auto may choose
+        if cfg.lip_lag_ms is not None and not 0 <= cfg.lip_lag_ms <= max_lag:
             raise InputError(f"--lip-lag-ms {cfg.lip_lag_ms:g}: must be between 0 and half a frame period "
-                             f"({500 / cfg.fps:g} ms at {cfg.fps} fps)")
+                             f"({max_lag:g} ms at {cfg.fps or FAST_FPS} fps)")
         if cfg.ice_hosts:
             try:
                 self._ice = restrict_host_candidates(cfg.ice_hosts)
@@ -376,7 +387,8 @@ class AvatarServer:
         if p.random_weights:
             log.warning("serving a RANDOMLY initialised model: the avatar will not look like a talking head")
         await self._setup_faces(p)
-        self.clock = MediaClock(cfg.fps)
+        self.fps = cfg.fps or self._auto_fps(p)
+        self.clock = MediaClock(self.fps)
         self.scheduler = Scheduler(p, self.clock, self.metrics, lead_s=self.clock.period).start()
         self.avatars = AvatarStore(self.scheduler, p, max_items=cfg.max_avatars)
         src, source = self._builtin_avatar_source()
@@ -443,9 +455,30 @@ class AvatarServer:
         self.started = time.time()
         log.info("model %s (%dpx, lookahead %d ms%s), %d fps, round %.1f ms%s -> lead %.0f ms, pipeline latency %.0f ms",
                  mc.name, mc.image_size, mc.lookahead_ms, ", random weights" if p.random_weights else "",
-                 cfg.fps, 1000 * self.warmup_times.get(1, 0),
+                 self.fps, 1000 * self.warmup_times.get(1, 0),
                  f" (body {1000 * phases[0]:.1f} ms ahead, mouth {1000 * phases[1]:.1f} ms last)" if phases else "",
                  1000 * lead, 1000 * self.latency_s)
+
+    def _auto_fps(self, p) -> int:
+        """--fps auto: FAST_FPS at --latency low where a mouth can be made on every tick of it, else 25.
+
+        A frame shows the audio of its own period, and an onset waits for the next tick that can show it: on
+        average half a period, up to a whole one (20 / 40 ms at 25 fps, 10 / 20 at 50). At 50 fps the mouth phase
+        (E_aud, the mouth net, the paste: ~6 ms on 2 CPU cores) runs on every tick while the bodies (the head,
+        the eyes) come at the rate the lanes make them (~25 a second there: the other ticks are mouth-only). That
+        needs two phases and lanes (ONNX Runtime on 2+ cores), or a GPU, which makes whole frames at 50 fps."""
+        cfg = self.cfg
+        if cfg.latency != "low":
+            return 25
+        name = getattr(p.rt, "name", "")
+        dev = getattr(p.rt, "device", None)
+        if name == "tensorrt" or (dev is not None and getattr(dev, "type", str(dev)) == "cuda"):
+            return FAST_FPS
+        lanes_ok = cfg.lanes is None or cfg.lanes > 1
+        if (name == "onnxruntime" and cfg.late_mouth and p.late_mouth and p.can_reopen and lanes_ok
+                and (os.cpu_count() or 1) >= 2):
+            return FAST_FPS
+        return 25
 
     async def _choose_lanes(self, phases, state) -> int:
         """ServeConfig.lanes, or (auto) 2 where one two-phase frame takes more than LANES_AUTO_SHARE of the
@@ -664,7 +697,7 @@ class AvatarServer:
     async def info(self, request):
         p = self.pipeline
         return web.json_response({
-            "model": p.cfg.name, "image_size": p.cfg.image_size, "fps": self.cfg.fps,
+            "model": p.cfg.name, "image_size": p.cfg.image_size, "fps": self.fps,
             "lookahead_ms": p.cfg.lookahead_ms, "latency_ms": round(self.latency_s * 1000, 1),
             "latency_level": self.cfg.latency, "lead_ms": round(self.lead_s * 1000, 1),
             "late_mouth": self.scheduler.phased, "lanes": self.lanes, "threads": p.threads,
@@ -1174,7 +1207,7 @@ async def run_server(cfg: ServeConfig, stop: asyncio.Event | None = None, ready=
         log.warning("listening on %s without a token: anyone who reaches it can start sessions, upload avatars "
                     "and control every session (set --token or MARIONETTE_TOKEN; docs/security.md)", cfg.host)
     log.info("serving on http://%s:%d/ (model %s, %d fps, pipeline latency %.0f ms)", host, port,
-             server.pipeline.cfg.name, cfg.fps, server.latency_s * 1000)
+             server.pipeline.cfg.name, server.fps, server.latency_s * 1000)
     if ready is not None:
         ready(server, port)
     try:

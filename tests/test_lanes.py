@@ -22,8 +22,9 @@ from streaming.server import ServeConfig  # noqa: E402
 def lanes_server(builtin_onnx):
     from engine.checkpoint import builtin_checkpoint_dir
 
+    # fps None: serve's default (auto), 50 at --latency low with ONNX Runtime in two phases and lanes
     cfg = ServeConfig(checkpoint=builtin_checkpoint_dir(), config="talk", backend="onnxruntime",
-                      exported=builtin_onnx, ice_hosts=("127.0.0.1",), max_sessions=2, lanes=2)
+                      exported=builtin_onnx, ice_hosts=("127.0.0.1",), max_sessions=2, lanes=2, fps=None)
     with ServerThread(cfg) as st:
         yield st
 
@@ -34,6 +35,7 @@ def test_two_lanes_serve_the_builtin_talking_in_order_and_in_sync(lanes_server):
     # the runtime was reopened with one inference thread per lane, and the frame is made in two phases
     assert srv.lanes == 2 and srv.pipeline.threads == 1 and srv.pipeline.rt.threads == 1
     assert srv.scheduler.phased and srv.scheduler.lanes == 2
+    assert srv.fps == 50 and srv.clock.fps == 50  # --fps auto: a mouth on every tick of 50 a second
     audio, _ = speech_with_pauses(["Hello there, how are you today?", "This is a test of lip sync."],
                                   pause_s=1.5, lead_s=1.5)
     r = asyncio.run(run_session(st.url, audio, len(audio) / 48000 + 0.6, controls=list(STATIC_HEAD)))
@@ -43,8 +45,10 @@ def test_two_lanes_serve_the_builtin_talking_in_order_and_in_sync(lanes_server):
     assert sch.errors == 0 and sch.rounds > 0
     # every tick of the stream reached the client, in order (a tick without its own picture repeats the last)
     mv = r["mv"]
-    assert len(mv) > 100 and np.all(np.diff(mv) > 0)
-    assert np.median(np.diff(mv)) == pytest.approx(0.04, abs=0.002)
+    assert len(mv) > 200 and np.all(np.diff(mv) > 0)
+    assert np.median(np.diff(mv)) == pytest.approx(0.02, abs=0.002)
+    # a session's idle head and eyes come from the checkpoint's 25 fps learned model, stepped every other tick
+    assert srv.pipeline.idle_model is not None and srv.pipeline.idle_model_for(srv.fps) is srv.pipeline.idle_model
     # the mouth (made last, from the newest audio) moves with the speech and rests in the pauses
     dev = mouth_deviation(r["frames"])
     lab = speech_labels(r)
@@ -86,6 +90,11 @@ def test_the_command_line_takes_lanes(monkeypatch):
     assert main(["serve"]) == 0 and seen[-1].lanes is None  # auto
     assert main(["serve", "--lanes", "1"]) == 0 and seen[-1].lanes == 1
     assert main(["serve", "--lanes", "auto"]) == 0 and seen[-1].lanes is None
+    assert seen[-1].fps is None  # --fps auto by default
+    assert main(["serve", "--fps", "30"]) == 0 and seen[-1].fps == 30
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--fps", "fast"])
+    assert e.value.code == 2
     for bad in ("0", "two", "-1"):
         with pytest.raises(SystemExit) as e:
             main(["serve", "--lanes", bad])

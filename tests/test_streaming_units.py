@@ -539,6 +539,18 @@ def test_session_motion_uses_the_checkpoints_learned_idle_model(tmp_path):
     m.apply(C.Pose(yaw=15.0, transition_ms=0))
     assert m.compose_rest(22)["pose"][0] == pytest.approx(ref.latents(22, 1, "pose")[0, 0] + 0.5, abs=1e-4)
 
+    # a stream at twice the model's rate (50 fps on the 25 fps model) steps it once every two ticks, on the two
+    # ticks' hops together: tick i shows the model's frame (i + 1) // 2 - 1, the newest whose ticks have both come
+    assert p.idle_model_for(50) is p.idle_model and p.idle_model_for(60) is None
+    m2 = SessionMotion(p.cfg, p.presets, 50, seed=5, idle_model=p.idle_model_for(50))
+    assert m2.idle_div == 2
+    for i in range(0, len(x), 320):
+        m2.push_audio(x[i:i + 320])
+    m2.push_energy_until(41, lambda i: 0.0, lambda i: (2 * i, 2))
+    got2 = np.stack([m2.compose_rest(i)["pose"] for i in range(1, 42, 2)])
+    np.testing.assert_allclose(got2, want, atol=1e-4)
+    np.testing.assert_allclose(m2.compose_rest(40)["pose"], want[19], atol=1e-4)  # tick 40: frame 20 not complete
+
 
 def test_mel_windows_match_the_offline_front_end(tiny_pipeline):
     import torch
