@@ -75,11 +75,12 @@ def _best_shift(delays_for, shifts) -> int:
     return best
 
 
-def video_shift(client, tap, k0) -> int:
-    """Ticks to add to k0 + pts / 3600 to get the server's tick of a frame the client received."""
+def video_shift(client, tap, k0, per_frame: int = 3600) -> int:
+    """Ticks to add to k0 + pts / per_frame (90 kHz units a frame: 3600 at 25 fps) to get the server's tick of a
+    frame the client received."""
     rx = client.received.video
     return _best_shift(lambda d: [t - tap.video[k][0] for t, pts, _ in rx
-                                  if (k := k0 + int(round(pts / 3600)) + d) in tap.video], range(-2, 10))
+                                  if (k := k0 + int(round(pts / per_frame)) + d) in tap.video], range(-2, 10))
 
 
 def audio_shift(client, tap, j0) -> int:
@@ -117,7 +118,7 @@ def stage_split(onsets_leave, frames, thr, client, sess, tap, period) -> dict:
     """
     t0 = sess.clock.t0
     k0 = sess.video_track.k0
-    dk = video_shift(client, tap, k0)
+    dk = video_shift(client, tap, k0, int(round(90000 * period)))
     events = [(a + t0, k, snt + t0) for a, k, snt in sess.onset_events]
     rows = []
     for t_leave in onsets_leave:
@@ -157,7 +158,8 @@ def client_av_offset(client, sess, tap) -> dict:
     k0, j0 = sess.video_track.k0, sess.audio_track.j0
     if k0 is None or j0 is None:
         return {"n": 0}
-    dk, da = video_shift(client, tap, k0), audio_shift(client, tap, j0)
+    per_frame = 90000 // sess.clock.fps
+    dk, da = video_shift(client, tap, k0, per_frame), audio_shift(client, tap, j0)
     adelay = {}
     for t, pts, _rms in client.received.audio:
         j, o = divmod(int(pts) + da, 960)
@@ -165,7 +167,7 @@ def client_av_offset(client, sess, tap) -> dict:
             adelay[j0 + j] = t - (t0 + sess.clock.audio_time(j0 + j))
     offs = []
     for t, pts, _ in client.received.video:
-        k = k0 + int(round(pts / 3600)) + dk
+        k = k0 + int(round(pts / per_frame)) + dk
         media = t0 + sess.clock.video_time(k)
         j = sess.clock.audio_frame_at(sess.clock.video_time(k))
         if j in adelay:
@@ -173,7 +175,8 @@ def client_av_offset(client, sess, tap) -> dict:
     res = percentiles(offs, (5, 50, 95))
     if offs:
         res["max_abs"] = float(np.max(np.abs(offs)))
-    vd = [1000 * (t - (t0 + sess.clock.video_time(k0 + int(round(pts / 3600)) + dk))) for t, pts, _ in client.received.video]
+    vd = [1000 * (t - (t0 + sess.clock.video_time(k0 + int(round(pts / per_frame)) + dk)))
+          for t, pts, _ in client.received.video]
     res["video_delay_ms"] = percentiles(vd)
     res["audio_delay_ms"] = percentiles([1000 * v for v in adelay.values()])
     res["receiver_timestamp_shift"] = {"video_ticks": dk, "audio_samples": da}
