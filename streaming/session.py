@@ -472,11 +472,12 @@ class Session:
         self.drops[reason] = self.drops.get(reason, 0) + n
         self.metrics.frames_dropped.inc(n, reason=reason)
 
-    def audio_for_frame(self, j: int):
+    def audio_for_frame(self, j: int, start: int = 0, n: int = AUDIO_SAMPLES):
+        """Outbound audio frame j's samples [start, start + n) (int16), None before the stream has begun."""
         off = self.audio.offset48
         if off is None:
             return None
-        pcm, missing = self.audio.read48(j * AUDIO_SAMPLES + off, AUDIO_SAMPLES)
+        pcm, missing = self.audio.read48(j * AUDIO_SAMPLES + off + start, n)
         last = self.audio.last_arrival
         if missing and last is not None and self.clock.now() - last < 0.1:
             self.underrun_samples += missing

@@ -175,6 +175,9 @@ class DelayedAudioTrack(MediaStreamTrack):
         self.packet_ms = packet_ms
         self._encoder = None
         self._encoder_ms: float | None = None
+        self._sub = 0  # the next packet's place in frame `_next` (packets of `_frame_ms`)
+        self._frame_ms: float | None = None  # the packet length of the frame being sent
+        self._pcm = np.zeros((1, AUDIO_SAMPLES), np.int16)  # the frame being sent (for taps)
         self._packets: deque = deque()  # (clock time due, av.Packet) of the frame being sent
         # send each frame this long before its media time (its RTP timestamps unchanged): set where the
         # receiver holds its audio longer than its video (a browser asked for no video playout delay)
@@ -184,19 +187,57 @@ class DelayedAudioTrack(MediaStreamTrack):
         if not self.packet_ms:
             return await self._recv_frame()
         while not self._packets:
-            frame = await self._recv_frame()
-            j = self._next - 1
-            # encoding is blocking work: off the event loop, as aiortc runs its own encoders
-            await asyncio.get_running_loop().run_in_executor(None, self._encode, j, frame)
+            await self._recv_packet()
         due, packet = self._packets.popleft()
         await self._clock.sleep_until(due)
         if self.readyState != "live":
             raise MediaStreamError
         return packet
 
-    def _encode(self, j: int, frame: av.AudioFrame) -> None:
-        n = int(round(AUDIO_RATE * self.packet_ms / 1000))
-        if self._encoder is not None and self._encoder_ms != self.packet_ms:
+    async def _recv_packet(self) -> None:
+        """The next packet's samples, read when that packet is due (`lead_s` before its own media time), and
+        encoded. Each packet is read on its own, not with the rest of its 20 ms frame: read with its frame at
+        the frame's start, the last 5 ms packet's samples had to be in 15 ms earlier than they are played. With
+        `--lip-lag-ms` taking half a frame out of the pipeline latency, that left the outbound audio less slack
+        than the arrival margin, and it underran (in 2026-12-02's 50 fps runs, 14-19 s of 184)."""
+        s = self._s
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._next is None:
+            self.j0 = self._next = self._clock.audio_frame_at(self._clock.now()) + 1
+            self._sub = 0
+        if self._sub == 0:  # the packet length changes between frames only (the network's jitter)
+            self._frame_ms = self.packet_ms
+            self._pcm = np.zeros((1, AUDIO_SAMPLES), np.int16)
+        n = int(round(AUDIO_RATE * self._frame_ms / 1000))
+        j, start = self._next, self._sub * n
+        await self._clock.sleep_until(self._clock.audio_time(j) + start / AUDIO_RATE - self.lead_s)
+        if self.readyState != "live":
+            raise MediaStreamError
+        if start == 0:
+            self.frames_sent += 1
+            s.note_audio_sent(j, time.monotonic())
+        pcm = s.audio_for_frame(j, start, n)
+        if pcm is not None:
+            self._pcm[0, start:start + n] = pcm
+        # one Opus packet of <= 20 ms encodes in tens of microseconds: inline (a hop to an executor per packet
+        # would cost more, and add its own jitter to the send time)
+        self._encode(j, self._pcm[:, start:start + n], start)
+        self._sub += 1
+        if start + n >= AUDIO_SAMPLES:
+            self._next, self._sub = j + 1, 0
+            if s.taps:
+                frame = av.AudioFrame.from_ndarray(self._pcm, format="s16", layout="mono")
+                frame.sample_rate = AUDIO_RATE
+                frame.pts = self._clock.audio_pts(j, self.j0)
+                frame.time_base = AUDIO_TIME_BASE
+                s.tap_audio(j, frame)
+
+    def _encode(self, j: int, pcm: np.ndarray, start: int) -> None:
+        """Packets of `pcm` ((1, m) int16: frame j's samples from `start`) onto the send queue, each due `lead_s`
+        before its own media time and stamped with it."""
+        n = int(round(AUDIO_RATE * self._frame_ms / 1000))
+        if self._encoder is not None and self._encoder_ms != self._frame_ms:
             self._encoder = None  # the packet length changed (the network's jitter): a new encoder
         if self._encoder is None:
             c = av.CodecContext.create("libopus", "w")
@@ -205,22 +246,22 @@ class DelayedAudioTrack(MediaStreamTrack):
             c.format = "s16"
             c.bit_rate = 64000
             c.time_base = AUDIO_TIME_BASE
-            c.options = {"frame_duration": f"{self.packet_ms:g}", "application": "lowdelay"}
+            c.options = {"frame_duration": f"{self._frame_ms:g}", "application": "lowdelay"}
             c.open()
-            self._encoder, self._encoder_ms = c, self.packet_ms
-        pcm = frame.to_ndarray().reshape(1, -1)
+            self._encoder, self._encoder_ms = c, self._frame_ms
         base = self._clock.audio_pts(j, self.j0)
-        for i in range(AUDIO_SAMPLES // n):
+        for i in range(pcm.shape[1] // n):
+            at = start + i * n
             sub = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, i * n:(i + 1) * n]), format="s16",
                                              layout="mono")
             sub.sample_rate = AUDIO_RATE
-            sub.pts = base + i * n
+            sub.pts = base + at
             for packet in self._encoder.encode(sub):
                 # stamped with its own samples' place on the media clock (libopus's pts lead by its
                 # pre-skip): the sound and the picture of one instant keep one time
-                packet.pts = base + i * n
+                packet.pts = base + at
                 packet.time_base = AUDIO_TIME_BASE
-                self._packets.append((self._clock.audio_time(j) + i * n / AUDIO_RATE - self.lead_s, packet))
+                self._packets.append((self._clock.audio_time(j) + at / AUDIO_RATE - self.lead_s, packet))
 
     async def _recv_frame(self) -> av.AudioFrame:
         s = self._s
