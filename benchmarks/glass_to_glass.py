@@ -75,7 +75,7 @@ def _best_shift(delays_for, shifts) -> int:
     return best
 
 
-def video_shift(client, tap, k0, per_frame: int = 3600) -> int:
+def video_shift(client, tap, k0, per_frame: int) -> int:
     """Ticks to add to k0 + pts / per_frame (90 kHz units a frame: 3600 at 25 fps) to get the server's tick of a
     frame the client received."""
     rx = client.received.video
@@ -685,8 +685,7 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
                 if lst is opened and np.isfinite(tr[idx[0]]):
                     received.append(1000 * (tr[idx[0]] - a))
     v, au = stats.get("video", {}), stats.get("audio", {})
-    vjb = 1000 * v["jitterBufferDelay"] / v["jitterBufferEmittedCount"] if v.get("jitterBufferEmittedCount") else None
-    ajb = 1000 * au["jitterBufferDelay"] / au["jitterBufferEmittedCount"] if au.get("jitterBufferEmittedCount") else None
+    vjb, ajb = _per_emitted(v, "jitterBufferDelay"), _per_emitted(au, "jitterBufferDelay")
     hold = 1000 * (tp - tr)
     av = chromium_av_offset(tp, tr, [r[2] for r in rows], sess, ajb, stats.get("playout", {}))
     extra = {"trace": {"presented": tp.tolist(), "received": [None if not np.isfinite(x) else x for x in tr],

@@ -319,7 +319,7 @@ class AvatarServer:
         self.lip_lag_s = 0.0
         self.warmup_times: dict[int, float] = {}
         self.lanes = 1  # bodies in flight at once (set by start: ServeConfig.lanes or auto)
-        self.fps = cfg.fps or FAST_FPS  # frames a second (set by start: ServeConfig.fps, or auto)
+        self.fps = cfg.fps or 25  # frames a second (start sets it: ServeConfig.fps, or auto)
         self._ice = None
         try:
             self._ice_servers = ice_servers(cfg.ice_servers)
@@ -357,10 +357,11 @@ class AvatarServer:
             raise InputError(f"--latency {cfg.latency!r}: valid: {', '.join(LATENCY_LEVELS)}")
         if not 0 <= cfg.margin_adapt_ms <= 1000:
             raise InputError(f"--margin-adapt-ms {cfg.margin_adapt_ms:g}: must be between 0 and 1000")
-        max_lag = 500 / (cfg.fps or FAST_FPS)  # half the shortest period auto may choose
+        # half a frame period (with --fps auto, of 25 fps': at 50 a longer lag is held to half of its period)
+        max_lag = 500 / (cfg.fps or 25)
         if cfg.lip_lag_ms is not None and not 0 <= cfg.lip_lag_ms <= max_lag:
             raise InputError(f"--lip-lag-ms {cfg.lip_lag_ms:g}: must be between 0 and half a frame period "
-                             f"({max_lag:g} ms at {cfg.fps or FAST_FPS} fps)")
+                             f"({max_lag:g} ms at {cfg.fps or 25} fps)")
         if cfg.ice_hosts:
             try:
                 self._ice = restrict_host_candidates(cfg.ice_hosts)
@@ -447,6 +448,8 @@ class AvatarServer:
         self.audio_margin_s = margin / 1000
         lag = level.lip_lag_ms if cfg.lip_lag_ms is None else cfg.lip_lag_ms
         self.lip_lag_s = min(lag / 1000, period / 2)
+        if cfg.lip_lag_ms is not None and lag / 1000 > period / 2:
+            log.info("--lip-lag-ms %g held to half the %d fps period: %g ms", lag, self.fps, 1000 * self.lip_lag_s)
         self.latency_s = period / 2 - self.lip_lag_s + mc.lookahead_ms / 1000 + overhang + margin / 1000 + lead
         self.metrics.pipeline_latency.set(self.latency_s)
         self.metrics.avatars.set(len(self.avatars))

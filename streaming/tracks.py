@@ -220,23 +220,18 @@ class DelayedAudioTrack(MediaStreamTrack):
         pcm = s.audio_for_frame(j, start, n)
         if pcm is not None:
             self._pcm[0, start:start + n] = pcm
-        # one Opus packet of <= 20 ms encodes in tens of microseconds: inline (a hop to an executor per packet
-        # would cost more, and add its own jitter to the send time)
+        # a 5 ms Opus packet encodes in ~35 us here (7 ms of the loop a second): inline, as a hop to an executor
+        # per packet would cost more and add its own jitter to the send time
         self._encode(j, self._pcm[:, start:start + n], start)
         self._sub += 1
         if start + n >= AUDIO_SAMPLES:
             self._next, self._sub = j + 1, 0
             if s.taps:
-                frame = av.AudioFrame.from_ndarray(self._pcm, format="s16", layout="mono")
-                frame.sample_rate = AUDIO_RATE
-                frame.pts = self._clock.audio_pts(j, self.j0)
-                frame.time_base = AUDIO_TIME_BASE
-                s.tap_audio(j, frame)
+                s.tap_audio(j, self._frame(j, self._pcm))
 
     def _encode(self, j: int, pcm: np.ndarray, start: int) -> None:
-        """Packets of `pcm` ((1, m) int16: frame j's samples from `start`) onto the send queue, each due `lead_s`
+        """One packet of `pcm` ((1, n) int16: frame j's samples from `start`) onto the send queue, due `lead_s`
         before its own media time and stamped with it."""
-        n = int(round(AUDIO_RATE * self._frame_ms / 1000))
         if self._encoder is not None and self._encoder_ms != self._frame_ms:
             self._encoder = None  # the packet length changed (the network's jitter): a new encoder
         if self._encoder is None:
@@ -249,19 +244,24 @@ class DelayedAudioTrack(MediaStreamTrack):
             c.options = {"frame_duration": f"{self._frame_ms:g}", "application": "lowdelay"}
             c.open()
             self._encoder, self._encoder_ms = c, self._frame_ms
-        base = self._clock.audio_pts(j, self.j0)
-        for i in range(pcm.shape[1] // n):
-            at = start + i * n
-            sub = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, i * n:(i + 1) * n]), format="s16",
-                                             layout="mono")
-            sub.sample_rate = AUDIO_RATE
-            sub.pts = base + at
-            for packet in self._encoder.encode(sub):
-                # stamped with its own samples' place on the media clock (libopus's pts lead by its
-                # pre-skip): the sound and the picture of one instant keep one time
-                packet.pts = base + at
-                packet.time_base = AUDIO_TIME_BASE
-                self._packets.append((self._clock.audio_time(j) + at / AUDIO_RATE - self.lead_s, packet))
+        pts = self._clock.audio_pts(j, self.j0) + start
+        sub = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm), format="s16", layout="mono")
+        sub.sample_rate = AUDIO_RATE
+        sub.pts = pts
+        for packet in self._encoder.encode(sub):
+            # stamped with its own samples' place on the media clock (libopus's pts lead by its pre-skip): the
+            # sound and the picture of one instant keep one time
+            packet.pts = pts
+            packet.time_base = AUDIO_TIME_BASE
+            self._packets.append((self._clock.audio_time(j) + start / AUDIO_RATE - self.lead_s, packet))
+
+    def _frame(self, j: int, data: np.ndarray) -> av.AudioFrame:
+        """Audio frame j ((1, 960) int16) stamped with its place on the media clock."""
+        frame = av.AudioFrame.from_ndarray(data, format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = self._clock.audio_pts(j, self.j0)
+        frame.time_base = AUDIO_TIME_BASE
+        return frame
 
     async def _recv_frame(self) -> av.AudioFrame:
         s = self._s
@@ -276,11 +276,7 @@ class DelayedAudioTrack(MediaStreamTrack):
         # never skip audio frames: the Opus encoder numbers samples itself, a gap would shift sync
         self._next = j + 1
         pcm = s.audio_for_frame(j)
-        data = self._silence if pcm is None else pcm.reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(data, format="s16", layout="mono")
-        frame.sample_rate = AUDIO_RATE
-        frame.pts = self._clock.audio_pts(j, self.j0)
-        frame.time_base = AUDIO_TIME_BASE
+        frame = self._frame(j, self._silence if pcm is None else pcm.reshape(1, -1))
         self.frames_sent += 1
         s.note_audio_sent(j, time.monotonic())
         if s.taps:
