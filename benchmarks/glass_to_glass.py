@@ -736,8 +736,9 @@ def main(argv=None) -> int:
                     help="which client measures: aiortc (in this process), headless Chromium, or both in turn")
     ap.add_argument("--client-audio-prefetch", type=int, default=0,
                     help="audio packets the client's aiortc jitter buffer holds (aiortc's own default: 4 = 80 ms)")
-    ap.add_argument("--no-playout-delay", action="store_true",
-                    help="do not ask browsers for the latency level's playout delay (the RTP header extension)")
+    ap.add_argument("--browser-playout", choices=("sync", "asap"), default=None,
+                    help="the server's --browser-playout (default: its own, sync): asap asks browsers to show each "
+                         "frame as it is decoded (the playout-delay RTP header extension)")
     ap.add_argument("--trace", action="store_true",
                     help="keep every decoded frame's arrival time and mouth deviation, the onsets and interrupts")
     ap.add_argument("--server", choices=("thread", "process"), default="thread",
@@ -759,7 +760,7 @@ def main(argv=None) -> int:
         cfg = ServeConfig(checkpoint=ck, config=a.config, ice_hosts=("127.0.0.1",), latency=a.latency,
                           backend=a.backend, threads=a.threads, lanes=a.lanes, audio_packet_ms=a.audio_packet_ms,
                           fps=a.fps, avatar=a.avatar,  # fps None: auto, as serve's default
-                          playout_delay=not a.no_playout_delay)
+                          browser_playout=a.browser_playout or ServeConfig.browser_playout)
         with ServerThread(cfg) as st:
             t0 = time.time()
             res["loadavg_start"] = os.getloadavg()
@@ -776,7 +777,8 @@ def main(argv=None) -> int:
                         "lookahead_ms": st.server.pipeline.cfg.lookahead_ms,
                         "pipeline_latency_ms": 1000 * st.server.latency_s,
                         "lead_ms": 1000 * st.server.lead_s, "duration_s": time.time() - t0,
-                        "latency_level": a.latency, "client_audio_prefetch": a.client_audio_prefetch,
+                        "latency_level": a.latency, "browser_playout": a.browser_playout or "sync",
+                        "client_audio_prefetch": a.client_audio_prefetch,
                         "audio_packet_ms": a.audio_packet_ms,
                         "backend": a.backend, "threads": st.server.pipeline.threads,
                         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
@@ -798,8 +800,8 @@ def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
         args += ["--fps", str(a.fps)]
     if a.avatar:
         args += ["--avatar", str(a.avatar)]
-    if a.no_playout_delay:
-        args += ["--no-playout-delay"]
+    if a.browser_playout:
+        args += ["--browser-playout", a.browser_playout]
     res: dict = {"server": "process", "serve_args": args}
     restrict_host_candidates(["127.0.0.1"])
     with ServeProcess(args, tmp / "serve.log") as url:
@@ -822,7 +824,8 @@ def _main_process(a, ck: Path, what: str, tmp: Path) -> int:
         res.update({"model": what, "config": mcfg.name, "image_size": mcfg.image_size, "lookahead_ms": mcfg.lookahead_ms,
                     "fps": st.get("target_fps"),
                     "pipeline_latency_ms": st.get("latency_ms"), "lead_ms": None, "duration_s": time.time() - t0,
-                    "latency_level": a.latency, "client_audio_prefetch": a.client_audio_prefetch,
+                    "latency_level": a.latency, "browser_playout": a.browser_playout or "sync",
+                        "client_audio_prefetch": a.client_audio_prefetch,
                     "audio_packet_ms": a.audio_packet_ms, "backend": a.backend, "threads": a.threads,
                     "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
                                 "python": platform.python_version()}})

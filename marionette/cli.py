@@ -266,9 +266,13 @@ def _cmd_serve(argv: list[str]) -> int:
         "keep their audio buffers as short as their video's; 20 saves ~60 kbit/s of headers)"))
     p.add_argument("--no-frame-end-hint", action="store_true", help=(
         "do not send the empty RTP packet that lets aiortc receivers release each video frame at once"))
-    p.add_argument("--no-playout-delay", action="store_true", help=(
-        "at --latency low, do not ask browsers to show each frame as it is decoded (the playout-delay RTP header "
-        "extension): their own playout delay keeps the picture in step with their audio buffer, ~20 ms later"))
+    p.add_argument("--browser-playout", choices=["sync", "asap"], default="sync", help=(
+        "what browsers do with the picture: sync (default) lets them hold each frame until its sound plays, "
+        "so the lips stay on the voice; asap asks them to show each frame as it is decoded (the playout-delay "
+        "RTP header extension), ~30 ms sooner, the sound then trailing the picture by their audio buffer "
+        "(~60 ms at Chromium). aiortc receivers show frames as they come either way"))
+    p.add_argument("--no-playout-delay", dest="browser_playout", action="store_const", const="sync",
+                   help=argparse.SUPPRESS)  # the flag of `sync` when `asap` was low's default
     p.add_argument("--no-late-mouth", action="store_true", help=(
         "make each frame in one piece: by default the body of a frame is made ahead of its audio and the mouth "
         "net last, so the pipeline latency holds ~10 ms for the mouth instead of a whole round (~40 ms on 2 cores)"))
@@ -331,7 +335,7 @@ def _cmd_serve(argv: list[str]) -> int:
                       metrics_host=a.metrics_host or "127.0.0.1", metrics_port=a.metrics_port,
                       round_budget_ms=a.round_budget_ms, admission=not a.no_admission,
                       drain_timeout_s=max(0.0, a.drain_timeout), audio_packet_ms=a.audio_packet_ms,
-                      frame_end_hint=not a.no_frame_end_hint, playout_delay=not a.no_playout_delay,
+                      frame_end_hint=not a.no_frame_end_hint, browser_playout=a.browser_playout,
                       late_mouth=not a.no_late_mouth, lip_lag_ms=a.lip_lag_ms, margin_adapt_ms=a.margin_adapt_ms,
                       lanes=_auto_int(p, "--lanes", a.lanes))
     serve(cfg)

@@ -89,6 +89,15 @@ FAST_FPS = 50
 # period. With 0.9 here, that hour's server kept one lane and dropped 31 % of its ticks (14 fps sent); two lanes
 # dropped 2.5 % (25 fps, the mouth fresh on every tick): benchmarks/glass_to_glass.py --server process --lanes 1|2
 LANES_AUTO_SHARE = 0.6
+# ServeConfig.browser_playout. "asap" asks browsers for a playout delay of (min, max) ms and sends the avatar's
+# sound up to ASAP_AUDIO_LEAD_MS ahead of its picture (Chromium's audio buffer: 20-40 ms at 2 ms of jitter).
+# It was `low`'s default until 2026-12-02: headless Chromium then presented the open mouth p50 55 / p95 107 ms
+# after the onset reached the server, but by its own estimatedPlayoutTimestamp the picture led the sound by
+# 61 ms (p50; -68 .. -48 p5 .. p95); with "sync" 89 / 138 ms and -11 ms (-24 .. -5):
+# benchmarks/glass_to_glass.py --client chromium [--browser-playout asap], docs/latency.md
+BROWSER_PLAYOUTS = ("sync", "asap")
+ASAP_PLAYOUT_DELAY_MS = (0, 0)
+ASAP_AUDIO_LEAD_MS = 28.0
 
 
 @dataclass(frozen=True)
@@ -102,15 +111,6 @@ class LatencyLevel:
     lead_add_ms: float
     lead_min_ms: float
     lead_max_periods: float
-    # what a browser (libwebrtc) is asked to hold decoded video before showing it, (min, max) ms, through the
-    # playout-delay RTP header extension when its offer has one; None: its own choice, which also lines the
-    # video up with its audio buffer (Chromium: ~22 ms video, ~28 ms audio measured). (0, 0) shows each frame
-    # as it is decoded, ~20 ms sooner, and the sound then trails the picture by Chromium's audio buffer
-    playout_delay_ms: tuple[int, int] | None = None
-    # with that playout delay negotiated, the avatar's sound is sent this much ahead of its picture (at most the
-    # pipeline latency less a 20 ms frame and the arrival margin: the samples must be in): the browser holds
-    # its audio (Chromium's jitter buffer: 28-40 ms) and no longer its video, so this lines them up again
-    browser_audio_lead_ms: float = 0.0
     # how far the audio a frame shows sits before its tick (ms, 0 .. half a frame period): 0 shows the frame
     # period of audio centred on the tick (the lips never more than half a frame off the voice, either way);
     # 20 at 25 fps shows the period that ends at the tick: the pipeline latency is 20 ms shorter, and the lips
@@ -131,7 +131,7 @@ LATENCY_LEVELS: dict[str, LatencyLevel] = {
     # the default: every margin near its floor, the lips from the frame period before the tick; a session's arrival
     # margin grows where its network or client makes audio arrive late (ServeConfig.margin_adapt_ms)
     "low": LatencyLevel(audio_margin_ms=15.0, lead_factor=1.2, lead_add_ms=3.0, lead_min_ms=10.0, lead_max_periods=1.5,
-                        playout_delay_ms=(0, 0), browser_audio_lead_ms=28.0, lip_lag_ms=20.0),
+                        lip_lag_ms=20.0),
     # the default until 2026-12-01 (when the adaptive arrival margin made `low` safe on a jittery network)
     "balanced": LatencyLevel(audio_margin_ms=30.0, lead_factor=1.5, lead_add_ms=5.0, lead_min_ms=15.0,
                              lead_max_periods=2.0, lead_beside_bodies=True),
@@ -197,7 +197,12 @@ class ServeConfig:
     # receiver holds packets, not ms: aiortc's 4 packets are 80 ms of 20 ms ones, 20 ms of 5 ms ones)
     frame_end_hint: bool = True
     audio_packet_ms: float | None = 5.0
-    playout_delay: bool = True  # ask browsers for the latency level's playout delay (LatencyLevel.playout_delay_ms)
+    # what browsers (libwebrtc) do with the picture: "sync" (the default) leaves them their own playout delay,
+    # which holds each frame until its sound plays (their audio buffer and output path: ~60-70 ms at headless
+    # Chromium), so the lips stay on the voice; "asap" asks them, through the playout-delay RTP header extension,
+    # to show each frame as it is decoded (~30-35 ms sooner) and sends the sound ahead as far as its samples
+    # allow: the picture then leads the sound by ~50-60 ms at Chromium. aiortc receivers ignore both.
+    browser_playout: str = "sync"
     # make each frame in two phases where the runtime can (streaming.scheduler): the body ahead of the audio,
     # the mouth net last, so the pipeline latency holds the mouth's ~3 ms lead instead of the whole round's
     late_mouth: bool = True
@@ -355,6 +360,8 @@ class AvatarServer:
             raise InputError(f"--fps {cfg.fps}: must divide 90000 (e.g. 20, 24, 25, 30, 50)")
         if cfg.latency not in LATENCY_LEVELS:
             raise InputError(f"--latency {cfg.latency!r}: valid: {', '.join(LATENCY_LEVELS)}")
+        if cfg.browser_playout not in BROWSER_PLAYOUTS:
+            raise InputError(f"--browser-playout {cfg.browser_playout!r}: valid: {', '.join(BROWSER_PLAYOUTS)}")
         if not 0 <= cfg.margin_adapt_ms <= 1000:
             raise InputError(f"--margin-adapt-ms {cfg.margin_adapt_ms:g}: must be between 0 and 1000")
         # half a frame period (with --fps auto, of 25 fps': at 50 a longer lag is held to half of its period)
@@ -863,18 +870,16 @@ class AvatarServer:
         and the latency level asks for one (the sender then writes it on every packet)."""
         from streaming.rtc import PLAYOUT_DELAY_URI, answer_with_extmap, offered_extmap_id, request_playout_delay
 
-        delay = LATENCY_LEVELS[self.cfg.latency].playout_delay_ms
         sender, mid = session.video_sender, session.video_mid
-        if not self.cfg.playout_delay or delay is None or sender is None or mid is None:
+        if self.cfg.browser_playout != "asap" or sender is None or mid is None:
             return answer_sdp
         ext = offered_extmap_id(offer_sdp, mid, PLAYOUT_DELAY_URI)
-        if ext is None or not request_playout_delay(sender, ext, *delay):
+        if ext is None or not request_playout_delay(sender, ext, *ASAP_PLAYOUT_DELAY_MS):
             return answer_sdp
-        session.playout_delay_ms = delay
+        session.playout_delay_ms = ASAP_PLAYOUT_DELAY_MS
         # the browser now holds its sound and not its picture: send the sound ahead by as much as the samples allow
-        level = LATENCY_LEVELS[self.cfg.latency]
         room = self.latency_s - session.clock.period / 2 - self.audio_margin_s - 0.002
-        session.audio_track.lead_s = max(0.0, min(level.browser_audio_lead_ms / 1000, room))
+        session.audio_track.lead_s = max(0.0, min(ASAP_AUDIO_LEAD_MS / 1000, room))
         return answer_with_extmap(answer_sdp, mid, ext, PLAYOUT_DELAY_URI)
 
     def _refuse(self, adm: dict) -> web.Response:

@@ -92,6 +92,9 @@ def test_the_command_line_takes_lanes(monkeypatch):
     assert main(["serve", "--lanes", "auto"]) == 0 and seen[-1].lanes is None
     assert seen[-1].fps is None  # --fps auto by default
     assert main(["serve", "--fps", "30"]) == 0 and seen[-1].fps == 30
+    assert seen[-1].browser_playout == "sync"  # browsers hold each frame until its sound plays
+    assert main(["serve", "--browser-playout", "asap"]) == 0 and seen[-1].browser_playout == "asap"
+    assert main(["serve", "--no-playout-delay"]) == 0 and seen[-1].browser_playout == "sync"
     with pytest.raises(SystemExit) as e:
         main(["serve", "--fps", "fast"])
     assert e.value.code == 2

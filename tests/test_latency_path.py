@@ -213,30 +213,32 @@ def _with_offered_playout_delay(sdp: str, ext_id: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def balanced_server(tmp_path_factory):
-    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt-balanced") / "responsive", "lite")
+def asap_server(tmp_path_factory):
+    """--latency balanced --browser-playout asap (a browser asked to show each frame as it is decoded)."""
+    ck = responsive_checkpoint(tmp_path_factory.mktemp("ckpt-asap") / "responsive", "lite")
     with ServerThread(ServeConfig(checkpoint=ck, config="lite", ice_hosts=("127.0.0.1",), latency="balanced",
-                                  admission=False)) as st:
+                                  browser_playout="asap", admission=False)) as st:
         yield st
 
 
-def test_a_receiver_that_offers_playout_delay_gets_zero_on_every_video_packet_at_low(server, balanced_server):
-    """A real aiortc peer whose offer names the extension (as Chromium's does): at --latency low (the default)
-    the answer negotiates it and every video RTP packet carries min = max = 0 (show each frame as it is
-    decoded); audio carries none. At balanced the browser keeps its own playout delay."""
-    low_server = server
-    assert low_server.server.cfg.latency == "low"
-    answer, seen, stats = asyncio.run(_offer_with_playout_delay(low_server))
+def test_browsers_keep_their_own_playout_delay_unless_asked_to_show_frames_as_decoded(server, asap_server):
+    """A real aiortc peer whose offer names the playout-delay extension (as Chromium's does). By default
+    (`--browser-playout sync`, at every latency level) the answer leaves it out: the browser holds each frame
+    until its sound plays. With `asap` the answer negotiates it, every video RTP packet carries min = max = 0
+    (show each frame as it is decoded), audio carries none, and the sound goes ahead of the picture as far as
+    its samples are in."""
+    assert server.server.cfg.latency == "low" and server.server.cfg.browser_playout == "sync"
+    answer, seen, stats = asyncio.run(_offer_with_playout_delay(server))
+    assert PLAYOUT_DELAY_URI not in answer and stats["playout_delay_ms"] is None and stats["audio_lead_ms"] == 0
+    assert len(seen["video"]) > 20 and not any(11 in ext for ext in seen["video"])
+    answer, seen, stats = asyncio.run(_offer_with_playout_delay(asap_server))
     assert f"a=extmap:11 {PLAYOUT_DELAY_URI}" in answer.split("m=video", 1)[1]
     assert stats["playout_delay_ms"] == [0, 0]
     assert len(seen["video"]) > 20 and all(ext.get(11) == b"\x00\x00\x00" for ext in seen["video"])
     assert not any(11 in ext for ext in seen["audio"])
-    # the browser now holds its sound and not its picture: the sound goes ahead, as far as its samples are in
-    room = stats["latency_ms"] - 20 - low_server.server.audio_margin_s * 1000 - 2
+    period_ms = 1000 / asap_server.server.fps
+    room = stats["latency_ms"] - period_ms / 2 - asap_server.server.audio_margin_s * 1000 - 2
     assert 0 < stats["audio_lead_ms"] <= min(28.0, room) + 0.01, (stats["audio_lead_ms"], room)
-    answer, seen, stats = asyncio.run(_offer_with_playout_delay(balanced_server))
-    assert PLAYOUT_DELAY_URI not in answer and stats["playout_delay_ms"] is None and stats["audio_lead_ms"] == 0
-    assert len(seen["video"]) > 20 and not any(11 in ext for ext in seen["video"])
 
 
 async def _offer_with_playout_delay(server):
