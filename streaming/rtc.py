@@ -19,6 +19,8 @@ server's sessions and the client.
   extension on the video, when the offer has it (Chromium's does): the receiver renders each frame as
   soon as it is decoded instead of holding it for smoothing. aiortc does not negotiate this extension, so
   the answer's SDP gets its extmap line and the sender's header-extension map writes it.
+* `answer_with_ptime`: `a=ptime` in the answer's audio sections, so a browser's microphone is sent in 10 ms
+  Opus frames rather than 20: a voice onset waits half as long for its packet to fill (0-10 ms, not 0-20).
 * `iter_frames`: a received track's frames until it ends.
 """
 
@@ -211,6 +213,18 @@ def answer_with_extmap(sdp: str, mid: str, ext_id: int, uri: str) -> str:
         if f"a=mid:{mid}" in sec and not any(line.startswith(f"a=extmap:{ext_id} ") for line in sec):
             sec.insert(sec.index(f"a=mid:{mid}") + 1, f"a=extmap:{ext_id} {uri}")
     return "\r\n".join(line for sec in parts for line in sec) + "\r\n"
+
+
+def answer_with_ptime(sdp: str, ptime_ms: int) -> str:
+    """The answer with `a=ptime:ptime_ms` in each audio m-section that has none: the packet length the answerer
+    wants to receive (RFC 4566). libwebrtc senders (browsers) size their Opus frames by it (JSEP; the smallest
+    supported frame of at least that length); aiortc senders always send 20 ms frames."""
+    parts = _media_sections(sdp)
+    for sec in parts[1:]:
+        if sec[0].startswith("m=audio") and not any(line.startswith("a=ptime:") for line in sec):
+            at = next((i + 1 for i, line in enumerate(sec) if line.startswith("a=mid:")), len(sec))
+            sec.insert(at, f"a=ptime:{int(ptime_ms)}")
+    return "\r\n".join(line for sec in parts for line in sec if line) + "\r\n"
 
 
 def request_playout_delay(sender, ext_id: int, min_ms: int = 0, max_ms: int = 0) -> bool:

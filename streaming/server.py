@@ -120,6 +120,9 @@ class LatencyLevel:
     # lanes: size the lead on the mouth phase measured beside the lanes' bodies (about twice its time alone on 2
     # cores) rather than alone: fewer frames late and dropped, ~10-15 ms more pipeline latency
     lead_beside_bodies: bool = False
+    # the microphone packet length asked of senders that take it from the answer (`a=ptime`: browsers; aiortc
+    # always sends 20 ms): a voice onset waits up to a packet at the sender before it can leave. None: not asked
+    browser_ptime_ms: int | None = None
 
     def lead_for(self, p90_s: float, period_s: float) -> float:
         """The scheduler lead (s) for work whose 90th-percentile time is p90_s."""
@@ -131,7 +134,7 @@ LATENCY_LEVELS: dict[str, LatencyLevel] = {
     # the default: every margin near its floor, the lips from the frame period before the tick; a session's arrival
     # margin grows where its network or client makes audio arrive late (ServeConfig.margin_adapt_ms)
     "low": LatencyLevel(audio_margin_ms=15.0, lead_factor=1.2, lead_add_ms=3.0, lead_min_ms=10.0, lead_max_periods=1.5,
-                        lip_lag_ms=20.0),
+                        lip_lag_ms=20.0, browser_ptime_ms=10),
     # the default until 2026-12-01 (when the adaptive arrival margin made `low` safe on a jittery network)
     "balanced": LatencyLevel(audio_margin_ms=30.0, lead_factor=1.5, lead_add_ms=5.0, lead_min_ms=15.0,
                              lead_max_periods=2.0, lead_beside_bodies=True),
@@ -744,7 +747,7 @@ class AvatarServer:
     async def offer(self, request):
         from aiortc import RTCSessionDescription
 
-        from streaming.rtc import peer_connection
+        from streaming.rtc import answer_with_ptime, peer_connection
 
         from streaming.session import Session
 
@@ -812,6 +815,9 @@ class AvatarServer:
                 session.attach_outbound()
                 await pc.setLocalDescription(await pc.createAnswer())
                 answer_sdp = self._with_playout_delay(session, sdp, pc.localDescription.sdp)
+                ptime = LATENCY_LEVELS[self.cfg.latency].browser_ptime_ms
+                if ptime:
+                    answer_sdp = answer_with_ptime(answer_sdp, ptime)
             except Exception as e:  # noqa: BLE001 - aiortc raises many kinds on bad SDP
                 await session.close("bad offer")
                 self.metrics.sessions_rejected.inc(reason="400")

@@ -231,7 +231,11 @@ def test_browsers_keep_their_own_playout_delay_unless_asked_to_show_frames_as_de
     answer, seen, stats = asyncio.run(_offer_with_playout_delay(server))
     assert PLAYOUT_DELAY_URI not in answer and stats["playout_delay_ms"] is None and stats["audio_lead_ms"] == 0
     assert len(seen["video"]) > 20 and not any(11 in ext for ext in seen["video"])
+    # at low the answer asks browsers for 10 ms microphone packets (an onset waits 0-10 ms to leave, not 0-20)
+    sections = {sec.split()[0]: sec for sec in answer.split("m=")[1:]}
+    assert "a=ptime:10" in sections["audio"] and "a=ptime" not in sections["video"]
     answer, seen, stats = asyncio.run(_offer_with_playout_delay(asap_server))
+    assert "a=ptime" not in answer  # balanced: the sender's own packet length
     assert f"a=extmap:11 {PLAYOUT_DELAY_URI}" in answer.split("m=video", 1)[1]
     assert stats["playout_delay_ms"] == [0, 0]
     assert len(seen["video"]) > 20 and all(ext.get(11) == b"\x00\x00\x00" for ext in seen["video"])
@@ -239,6 +243,18 @@ def test_browsers_keep_their_own_playout_delay_unless_asked_to_show_frames_as_de
     period_ms = 1000 / asap_server.server.fps
     room = stats["latency_ms"] - period_ms / 2 - asap_server.server.audio_margin_s * 1000 - 2
     assert 0 < stats["audio_lead_ms"] <= min(28.0, room) + 0.01, (stats["audio_lead_ms"], room)
+
+
+def test_answer_with_ptime_asks_for_the_packet_length_in_audio_sections_only():
+    from streaming.rtc import answer_with_ptime
+
+    sdp = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+           "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=rtpmap:111 opus/48000/2\r\n"
+           "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\n")
+    out = answer_with_ptime(sdp, 10)
+    secs = out.split("m=")
+    assert "a=mid:0\r\na=ptime:10\r\n" in secs[1] and "ptime" not in secs[2] and out.endswith("\r\n")
+    assert answer_with_ptime(out, 20) == out  # a section that has one keeps it
 
 
 async def _offer_with_playout_delay(server):
