@@ -874,7 +874,8 @@ def _report(a, res: dict) -> int:
         return f"p50 {p['p50']:.0f} ms, p95 {p['p95']:.0f} ms (n={p['n']})" if p and p.get("n") else "n=0"
     print(f"glass-to-glass ({res['config']} {res['image_size']}px at {res.get('fps')} fps, lookahead "
           f"{res['lookahead_ms']} ms, "
-          f"pipeline {res['pipeline_latency_ms']:.0f} ms, --latency {a.latency}, server in its own "
+          f"pipeline {res['pipeline_latency_ms']:.0f} ms, --latency {a.latency}, browsers: "
+          f"{res.get('browser_playout', 'sync')}, server in its own "
           f"{'process' if res.get('server') == 'process' else 'thread'}; {res['model']})")
     r = res.get("aiortc")
     if r:
