@@ -716,6 +716,8 @@ class AvatarServer:
             "late_mouth": self.scheduler.phased, "lanes": self.lanes, "threads": p.threads,
             "body_lead_ms": round(self.scheduler.body_lead_s * 1000, 1) if self.scheduler.phased else None,
             "audio_margin_ms": round(self.audio_margin_s * 1000, 1), "lip_lag_ms": round(self.lip_lag_s * 1000, 1),
+            "browser_playout": self.cfg.browser_playout,
+            "browser_ptime_ms": LATENCY_LEVELS[self.cfg.latency].browser_ptime_ms,
             "random_weights": p.random_weights, "presets": sorted(p.presets),
             "exp_dim": p.cfg.latents.exp, "max_sessions": self.cfg.max_sessions,
             "admission": self.admission(),

@@ -14,7 +14,9 @@ steps, sender-report timestamps), which does not depend on the machine's load.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import urllib.request
 
 import numpy as np
 import pytest
@@ -234,6 +236,9 @@ def test_browsers_keep_their_own_playout_delay_unless_asked_to_show_frames_as_de
     # at low the answer asks browsers for 10 ms microphone packets (an onset waits 0-10 ms to leave, not 0-20)
     sections = {sec.split()[0]: sec for sec in answer.split("m=")[1:]}
     assert "a=ptime:10" in sections["audio"] and "a=ptime" not in sections["video"]
+    with urllib.request.urlopen(server.url + "/info", timeout=10) as r:
+        info = json.loads(r.read())
+    assert info["browser_playout"] == "sync" and info["browser_ptime_ms"] == 10
     answer, seen, stats = asyncio.run(_offer_with_playout_delay(asap_server))
     assert "a=ptime" not in answer  # balanced: the sender's own packet length
     assert f"a=extmap:11 {PLAYOUT_DELAY_URI}" in answer.split("m=video", 1)[1]
