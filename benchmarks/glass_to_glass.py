@@ -588,7 +588,7 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
     """The same measurement from headless Chromium (the demo page, a fake microphone playing the words
     from a WAV file). Chromium's own capture and send timing are not visible from here, so the clock
     starts when the onset reaches the server (the aiortc run shows the uplink on loopback is ~2 ms,
-    plus up to one 20 ms Opus frame that Chromium's sender fills before sending). Each presented frame
+    plus up to one Opus frame that Chromium's sender fills before sending: 10 ms at low, 20 elsewhere). Each presented frame
     (requestVideoFrameCallback: presentationTime, receiveTime) is read back with its mouth region."""
     import shutil
     import wave
@@ -712,7 +712,8 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
         "video_fps": v.get("framesPerSecond"), "frames_decoded": v.get("framesDecoded"),
         "frames_dropped": v.get("framesDropped"),
         "note": "the clock starts at the onset's arrival at the server; add Chromium's capture and send "
-                "(up to a 20 ms Opus frame) for the glass-to-glass figure",
+                "(up to one Opus frame: 10 ms at --latency low, which asks for a=ptime:10, else 20) for the "
+                "glass-to-glass figure",
     }
 
 
