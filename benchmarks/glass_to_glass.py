@@ -588,8 +588,9 @@ def chromium_run(server, n_onsets: int, seed: int, tmp: Path, trace: bool = Fals
     """The same measurement from headless Chromium (the demo page, a fake microphone playing the words
     from a WAV file). Chromium's own capture and send timing are not visible from here, so the clock
     starts when the onset reaches the server (the aiortc run shows the uplink on loopback is ~2 ms,
-    plus up to one Opus frame that Chromium's sender fills before sending: 10 ms at low, 20 elsewhere). Each presented frame
-    (requestVideoFrameCallback: presentationTime, receiveTime) is read back with its mouth region."""
+    plus up to one Opus frame that Chromium's sender fills before sending: 10 ms at low, 20 elsewhere).
+    Each presented frame (requestVideoFrameCallback: presentationTime, receiveTime) is read back with its
+    mouth region."""
     import shutil
     import wave
 
