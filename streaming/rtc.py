@@ -190,6 +190,11 @@ def _media_sections(sdp: str) -> list[list[str]]:
     return parts
 
 
+def _joined(parts: list[list[str]]) -> str:
+    """`_media_sections`' lists back into one SDP (CRLF line ends)."""
+    return "\r\n".join(line for sec in parts for line in sec) + "\r\n"
+
+
 def offered_extmap_id(sdp: str, mid: str | None, uri: str) -> int | None:
     """The id the offer gives header extension `uri` in the m-section whose mid is `mid` (None: not offered)."""
     if mid is None:
@@ -212,7 +217,7 @@ def answer_with_extmap(sdp: str, mid: str, ext_id: int, uri: str) -> str:
     for sec in parts[1:]:
         if f"a=mid:{mid}" in sec and not any(line.startswith(f"a=extmap:{ext_id} ") for line in sec):
             sec.insert(sec.index(f"a=mid:{mid}") + 1, f"a=extmap:{ext_id} {uri}")
-    return "\r\n".join(line for sec in parts for line in sec) + "\r\n"
+    return _joined(parts)
 
 
 def answer_with_ptime(sdp: str, ptime_ms: int) -> str:
@@ -224,7 +229,7 @@ def answer_with_ptime(sdp: str, ptime_ms: int) -> str:
         if sec[0].startswith("m=audio") and not any(line.startswith("a=ptime:") for line in sec):
             at = next((i + 1 for i, line in enumerate(sec) if line.startswith("a=mid:")), len(sec))
             sec.insert(at, f"a=ptime:{int(ptime_ms)}")
-    return "\r\n".join(line for sec in parts for line in sec if line) + "\r\n"
+    return _joined(parts)
 
 
 def request_playout_delay(sender, ext_id: int, min_ms: int = 0, max_ms: int = 0) -> bool:
