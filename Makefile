@@ -71,7 +71,16 @@ oracle: setup
 	$(BIN)/marionette oracle --out $(BUILTIN_RUN)/oracle \
 		--steps 3000 --batch 32 --size 96 --regions --render-pool 10000 --device $(DEVICE)
 
+# The polish (trainer/polish.py, README "The polish"): G's stages once more from the first pass's model at lr 3e-4,
+# into $(BUILTIN_RUN)/polish, where it fits BUILTIN_BUDGET_MIN of wall time since the run started (projected from
+# the first pass's own stage times); POLISH=on|off decides instead. The installed model is the polished one if
+# the polish completed, else the first pass's.
+POLISH ?= auto
+BUILTIN_BUDGET_MIN ?= 150
+POLISH_TRAIN = $(BIN)/marionette train --config talk --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/polish \
+	--device $(DEVICE) --workers 1 --ckpt-every 250 --resume
 builtin: setup
+	mkdir -p $(BUILTIN_RUN) && (test -f $(BUILTIN_RUN)/started || date +%s > $(BUILTIN_RUN)/started)
 	@# speech corpus (audio + idle-motion stages; 64 px: their frames are not used)
 	test -f $(BUILTIN_RUN)/corpus/manifest.json || $(BIN)/marionette corpus --out $(BUILTIN_RUN)/corpus \
 		--identities 120 --clips-per-identity 2 --seconds 8 --size 64 --seed 1 --device $(DEVICE)
@@ -81,10 +90,20 @@ builtin: setup
 	$(BIN)/marionette train --config talk --stage all --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/talk \
 		--device $(DEVICE) --workers 1 --ckpt-every 250 $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
 		$$(test -d $(BUILTIN_RUN)/talk/state && echo --resume)
-	@# the jaw calibration: G's small openings read against the renderer's by the oracle (idempotent)
-	$(BIN)/python benchmarks/mouth_opening.py --checkpoint $(BUILTIN_RUN)/talk/checkpoint --oracle $(ORACLE) \
-		--calibrate --install --out $(BUILTIN_RUN)/mouth_opening.json
-	$(BIN)/marionette install-builtin --checkpoint $(BUILTIN_RUN)/talk/checkpoint --oracle $(ORACLE)
+	$(BIN)/python -m trainer.polish --run $(BUILTIN_RUN) --budget-min $(BUILTIN_BUDGET_MIN) --force $(POLISH); \
+	rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 10 ]; then exit $$rc; fi; \
+	if [ $$rc -eq 0 ]; then \
+		$(POLISH_TRAIN) --stage render --init $(BUILTIN_RUN)/talk/checkpoint --steps 1000 --lr 3e-4 \
+			$(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) && \
+		$(POLISH_TRAIN) --stage state && \
+		$(POLISH_TRAIN) --stage patch --steps 2500 --lr 3e-4; \
+	fi
+	@# the jaw calibration: G's small openings read against the renderer's by the oracle (idempotent); install
+	CK=$(BUILTIN_RUN)/talk/checkpoint; \
+	grep -qs '"patch"' $(BUILTIN_RUN)/polish/state/progress.json && CK=$(BUILTIN_RUN)/polish/checkpoint; \
+	$(BIN)/python benchmarks/mouth_opening.py --checkpoint $$CK --oracle $(ORACLE) \
+		--calibrate --install --out $(BUILTIN_RUN)/mouth_opening.json && \
+	$(BIN)/marionette install-builtin --checkpoint $$CK --oracle $(ORACLE)
 
 # the installed built-in on a held-out 256 px corpus (seed 2) -> benchmarks/results/quality.{json,md} and its PNG grids
 quality: setup

@@ -176,9 +176,10 @@ class ModelConfig:
     # (the built-in's ships with it)
     avatar_jaw_map: bool = False
     # pose_warp: the computed warp's head ellipsoid, half-axes (x, y, z) in head units, in training and at run time;
-    # empty: engine.geometry's HEAD_AXES (the corpus' mean cranium plus a hair margin, what the built-in trained
-    # with). engine.geometry.CRANIUM_AXES moves a rendered face better; run with a G trained on HEAD_AXES it trades
-    # disentanglement for PSNR, and a G fine-tuned on it as well (README "The warp's head")
+    # empty: engine.geometry's HEAD_AXES (the corpus' mean cranium plus a hair margin). engine.geometry.CRANIUM_AXES
+    # moves a rendered face better: run with a G trained on HEAD_AXES it trades disentanglement for PSNR, and a G
+    # fine-tuned on it as well (README "The warp's head"); `talk` trains with it from the start (README "The
+    # cranium retrain")
     head_axes: tuple = ()
 
     # --- mel window geometry of the audio encoder (derived) ---
@@ -227,7 +228,7 @@ class ModelConfig:
             "talk": cls(name="talk", lookahead_ms=0, gt_latents=True, relative=True, pose_warp=True, local_z=True,
                         patches=True, eye_source_gaze=False, motion_mirror=True,
                         anchors_from_keypoints=True, portrait_jitter_px=3, avatar_jaw_map=True,
-                        driving_jitter_px=3, driving_zoom=0.04,
+                        driving_jitter_px=3, driving_zoom=0.04, head_axes=(0.74, 1.02, 0.88),  # CRANIUM_AXES
                         net=NetworkConfig(mouth_branch=False, patch_levels=3, patch_warp=True,
                                           motion_keypoints=N_LANDMARKS)),
             "talk-tiny": cls(name="talk-tiny", image_size=64, lookahead_ms=40, gt_latents=True, relative=True,

@@ -202,6 +202,18 @@ def test_masks_are_local(r96):
     assert float(overlap) < 0.01
 
 
+def test_the_brows_mask_is_the_eye_windows(r96):
+    """'brows' (the trainer's region loss, not a factor group): the eyes' region and the brows above them,
+    inside the expression's region, and still a small part of the frame."""
+    _, ids, pose = _setup()
+    eyes, brows = r96.region_mask(ids, pose, "eyes"), r96.region_mask(ids, pose, "brows")
+    expr = r96.region_mask(ids, pose, "expression")
+    assert float((eyes & ~brows).float().mean()) < 1e-3  # (nearly) all of the eyes' region
+    assert float((brows & ~expr).float().mean()) < 1e-3
+    grown = brows.float().mean((1, 2, 3)) / eyes.float().mean((1, 2, 3)).clamp(min=1e-6)
+    assert float(grown.min()) > 1.2 and float(brows.float().mean((1, 2, 3)).max()) < 0.2, grown.tolist()
+
+
 def test_blink_closes_the_lids(r128):
     ids = _ids(4, 21)
     pose = _pose(n=4)

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +118,8 @@ def test_a_model_runs_its_warp_with_its_own_head_axes():
     assert c2.head_axes == CRANIUM_AXES and Marionette(c2).generator.head_axes == CRANIUM_AXES
     with pytest.raises(ValueError, match="head_axes"):
         ModelConfig.from_dict({**cfg.to_dict(), "head_axes": [0.7, 1.0]})
+    # the built-in's preset trains and runs with the cranium's axes (README "The cranium retrain")
+    assert ModelConfig.preset("talk").head_axes == CRANIUM_AXES
 
 
 def test_ground_truth_latents_zero_their_unused_dimensions():
@@ -224,6 +227,22 @@ def test_talk_tiny_trains_render_audio_idle_end_to_end(small_corpus, tmp_path, o
     train(TrainConfig(stage="all", data=small_corpus, config="talk-tiny", out=run, workers=0, resume=True,
                       progress=False, device="cpu"))
     assert len((run / "metrics.jsonl").read_text().splitlines()) == n
+    # the polish as `make builtin` runs it (trainer.polish): G's stages again from that model, each call with
+    # --resume into a fresh directory (the render stage from --init); the decision is taken from this run's times
+    from trainer.polish import decide, projected_seconds, started
+
+    top = tmp_path
+    (top / "talk").symlink_to(run)
+    (top / "started").write_text(f"{time.time() - 5:.0f}\n")
+    assert projected_seconds(run, "talk-tiny") > 0 and not started(top)
+    polish = top / "polish"
+    for stage, extra in (("render", {"init": ckpt, "lr": 3e-4}), ("state", {}), ("patch", {"lr": 3e-4})):
+        train(TrainConfig(stage=stage, config="talk-tiny", data=small_corpus, out=polish, steps=3, workers=0,
+                          resume=True, progress=False, device="cpu", **extra))
+    assert json.loads((polish / "state" / "progress.json").read_text())["completed"] == ["render", "state", "patch"]
+    polished, _ = load_model(polish / "checkpoint")
+    assert any(not torch.equal(a, b) for a, b in zip(polished.generator.parameters(), model.generator.parameters()))
+    assert started(top) and decide(top, 0.0).run  # begun: finished even with no budget left
 
 
 def test_render_stage_needs_no_corpus(tmp_path, one_thread):

@@ -15,8 +15,8 @@ the first minutes. So the renderer is in the training loop:
   heads are regressed to the ground truth on sources and targets (appearance-augmented; E_mot's keypoint branch
   to the renderer's landmarks, `trainer.corpus.face.landmark_points`), so they are the
   per-avatar state estimator, the driving-video / webcam encoder and the evaluation's self-driving path
-  at once. The image loss is L1 with the mouth and eye regions (the renderer's region masks at the target
-  pose) weighted up, and more so where the target has content that the source moved to the target's pose
+  at once. The image loss is L1 with the mouth and the eye windows (lids, irises, brows: the renderer's
+  region masks at the target pose) weighted up, and more so where the target has content that the source moved to the target's pose
   lacks (an opened mouth, shut lids, a moved iris: `PairRenderer`'s "change" mask), plus an image-gradient
   L1 for sharpness.
 * ``state`` stage (`StateStage`, data from `StatePool`): E_mot + heads alone, regressed to the ground truth on
@@ -126,7 +126,7 @@ class PairRenderer:
     (seed, step), so a resumed run sees the same data.
 
     Returns {"source" (n_ids,3,S,S), "target" (B,3,S,S) in [-1,1], "z_source" (n_ids,total), "z_target" (B,total),
-    "region" (B,1,S,S) mouth-or-eyes mask (unless region=False),
+    "region" (B,1,S,S) mouth-or-eye-windows mask (the eye windows with the brows) (unless region=False),
     "change" (B,1,S,S) where the target has content the source lacks,
     "src_index" (B,), "anchor_source" (n_ids,3,2), "anchor_target" (B,3,2) (`trainer.corpus.face.anchor_points`),
     "kp_source" (n_ids,K,2), "kp_target" (B,K,2) (`trainer.corpus.face.landmark_points`),
@@ -137,7 +137,7 @@ class PairRenderer:
         from trainer.corpus.face import FaceRenderer, sample_identity
 
         self.one_factor = float(one_factor)
-        self.with_region = bool(region)  # the mouth-or-eyes mask (the render stage's loss; ~13 % of the rendering)
+        self.with_region = bool(region)  # the mouth-or-eye-windows mask (the render stage's loss; ~13 % of the rendering)
         self.small_jaw = float(small_jaw)  # share of targets whose jaw is redrawn in [0, SMALL_JAW] (speech's range)
         self.cfg = model_cfg
         self.n_ids, self.per_id, self.seed = int(n_ids), int(per_id), int(seed)
@@ -166,7 +166,7 @@ class PairRenderer:
         ident_t = np.repeat(ident, self.per_id, axis=0)
         t_img = r.render(ident_t, tgt["pose"], tgt["eyes"], tgt["mouth"], tgt["expression"])
         rep = {g: np.repeat(src[g], self.per_id, axis=0) for g in GROUPS}
-        region = (r.region_mask(ident_t, tgt["pose"], "mouth") | r.region_mask(ident_t, tgt["pose"], "eyes")
+        region = (r.region_mask(ident_t, tgt["pose"], "mouth") | r.region_mask(ident_t, tgt["pose"], "brows")
                   if self.with_region else None)
         # where the target has content that the source, moved to the target's pose, lacks (an opened mouth,
         # a shut lid, a moved iris, a smile): the target rendered at its own pose with the source's other
@@ -265,7 +265,7 @@ class RenderStage(StageModule):
     """E_app + E_mot (+ heads) + G on rendered pairs with ground-truth latents (see the module docstring)."""
 
     name = "render"
-    REGION_WEIGHT = 4.0  # extra L1 weight inside the mouth and eye regions (where new pixels are made)
+    REGION_WEIGHT = 4.0  # extra L1 weight inside the mouth and the eye windows (where new pixels are made)
     SOURCE_NOISE = 0.0  # sd of an error added to the source's ground-truth latents (see forward: 0 is best)
     REG_WEIGHT = 1.0
     GRAD_WEIGHT = 2.0  # image-gradient L1 (sharpness)

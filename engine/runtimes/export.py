@@ -55,7 +55,16 @@ OPSET = 18  # GridSample 16+; torch 2.13's dynamo exporter down-converts lower o
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 MIN_PSNR_DB = 35.0  # a reduced precision must stay this close to fp32 on generated frames
-FP32_TOLERANCE = 1e-3  # ORT vs torch, max abs, on [0,1] frames and on latents, at export time
+FP32_TOLERANCE = 1e-3  # ORT vs torch, max abs, on latents and grids (and on images, but see below), at export time
+# an image output (a frame, the body's pre-frame, window and mouth square) may exceed FP32_TOLERANCE on a few
+# pixels: bilinear sampling at a high-contrast edge turns ORT's and torch's float rounding of a coordinate (the
+# grid within 4e-5, 0.005 px) into up to ~1.5e-3 there (measured: 4 of 393,216 values of one draw). It passes
+# if no more than FP32_OUTLIER_FRACTION of its values exceed FP32_TOLERANCE, none exceeds FP32_OUTLIER_MAX and
+# the mean stays under FP32_MEAN_TOLERANCE; a wrong graph moves far more pixels, or far more.
+FP32_OUTLIER_FRACTION = 1e-4
+FP32_OUTLIER_MAX = 1e-2
+FP32_MEAN_TOLERANCE = 1e-5
+IMAGE_OUTPUTS = frozenset({"frame", "pre", "win", "square"})
 GRAPH_NAMES = ("generator", "audio_encoder", "avatar_encoder", "motion_encoder")
 # the generator in two phases (a late-bound mouth, `Generator.body` / `.mouth`): exported for patch models in
 # fp32 ONNX, where the server makes the body ahead of the audio and the mouth last (streaming.scheduler)
@@ -472,6 +481,34 @@ def _int8_generator(model, path: Path) -> dict[str, Any]:
     return {**notes, "int8_psnr_db_vs_fp32": db, "int8_max_abs_diff_vs_fp32": float(np.abs(got - ref).max())}
 
 
+def fp32_parity(name: str, got: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    """ONNX Runtime's output `got` vs torch's `ref` for the output called `name`: its max / mean abs
+    difference, how many values exceed FP32_TOLERANCE, and "failed" (why, or "" when it passes): a latent or
+    grid must stay within FP32_TOLERANCE everywhere, an image (IMAGE_OUTPUTS) may have a few edge pixels up to
+    FP32_OUTLIER_MAX (see FP32_OUTLIER_FRACTION)."""
+    if got.shape != ref.shape:
+        return {"max_abs": float("inf"), "mean_abs": float("inf"), "n_over": int(ref.size), "size": int(ref.size),
+                "failed": f"shape {tuple(got.shape)} != {tuple(ref.shape)}"}
+    d = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    n_over = int((~(d <= FP32_TOLERANCE)).sum())  # NaN counts as over
+    res = {"max_abs": float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0,
+           "mean_abs": float(d.mean()) if d.size else 0.0, "n_over": n_over, "size": int(d.size)}
+    if n_over == 0:
+        why = ""
+    elif name not in IMAGE_OUTPUTS:
+        why = f"max abs diff {res['max_abs']:.3g} > {FP32_TOLERANCE}"
+    elif n_over > FP32_OUTLIER_FRACTION * d.size:
+        why = (f"{n_over} of {d.size} values differ by more than {FP32_TOLERANCE} "
+               f"(> {FP32_OUTLIER_FRACTION:g} of them)")
+    elif not res["max_abs"] <= FP32_OUTLIER_MAX:
+        why = f"max abs diff {res['max_abs']:.3g} > {FP32_OUTLIER_MAX}"
+    elif not res["mean_abs"] <= FP32_MEAN_TOLERANCE:
+        why = f"mean abs diff {res['mean_abs']:.3g} > {FP32_MEAN_TOLERANCE}"
+    else:
+        why = ""
+    return {**res, "failed": why}
+
+
 # --------------------------------------------------------------------------------------------- main
 def export_onnx(model, out: Path, *, precision: str = "fp32", opset: int = OPSET,
                 graphs: tuple[str, ...] = GRAPH_NAMES, exporter: str = "dynamo") -> dict[str, Any]:
@@ -493,10 +530,15 @@ def export_onnx(model, out: Path, *, precision: str = "fp32", opset: int = OPSET
         ref = _torch_outputs(model, spec, example)
         feeds = {n: x.numpy() for n, x in zip(spec.inputs, example)}
         got = _ort_session(path).run(list(spec.outputs), feeds)
-        diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
-        if not diff <= FP32_TOLERANCE:
-            raise RuntimeError(f"exported {name} disagrees with torch: max abs diff {diff:.3g} > {FP32_TOLERANCE}")
-        validation: dict[str, Any] = {"fp32_max_abs_diff_vs_torch": diff}
+        parity = {out: fp32_parity(out, a, b) for out, a, b in zip(spec.outputs, got, ref)}
+        diff = max(p["max_abs"] for p in parity.values())
+        failed = {out: p["failed"] for out, p in parity.items() if p["failed"]}
+        if failed:
+            raise RuntimeError(f"exported {name} disagrees with torch: "
+                               + "; ".join(f"{out}: {why}" for out, why in failed.items()))
+        validation: dict[str, Any] = {"fp32_max_abs_diff_vs_torch": diff,
+                                      "fp32_parity": {out: {k: v for k, v in p.items() if k != "failed"}
+                                                      for out, p in parity.items()}}
         if precision == "int8" and name == "generator":
             validation.update(_int8_generator(model, path))
         m = onnx.load(str(path), load_external_data=False)

@@ -1066,6 +1066,8 @@ def _region(p, group: str, o, d, pix: float) -> torch.Tensor:
     m3 = 3.0 * pix * TAN * CAM_Z * p["inv_s"] + 0.005
     if group == "eyes":
         return in_boxes([_eye_box(p, -1.0), _eye_box(p, 1.0)])
+    if group == "brows":  # the eye windows: lids, irises and the brows above them (a squint moves them)
+        return in_boxes([_eye_window_box(p, -1.0), _eye_window_box(p, 1.0)])
     if group == "mouth":
         return in_boxes([_mouth_box(p)]) | _jaw_hit(p, o, d, m3)
     # expression: face texture, brows + eyes (squint), mouth corners
@@ -1182,9 +1184,11 @@ class FaceRenderer:
         """(B, 1, size, size) bool: where factor group `group` ('eyes', 'mouth', 'expression') may change
         pixels at this pose, for any values of the group (and of the other groups): the eye regions with
         lids (eyes), lips, mouth opening and the jaw/chin with the space it sweeps (mouth), the face
-        (expression). 'pose' gives all True (pose moves everything)."""
-        if group not in ("eyes", "mouth", "expression", "pose"):
-            raise InputError(f"region_mask: group must be 'eyes', 'mouth', 'expression' or 'pose', got {group!r}")
+        (expression). 'pose' gives all True (pose moves everything). 'brows' is not a factor group: the
+        eye windows with the brows (eyes and the squint of an expression; the trainer's region loss)."""
+        if group not in ("eyes", "mouth", "expression", "pose", "brows"):
+            raise InputError("region_mask: group must be 'eyes', 'mouth', 'expression', 'pose' or 'brows', "
+                             f"got {group!r}")
         ident, pose_t = self._batch(self._identity(identity), self._group(pose, "pose"))
         B, S = ident.shape[0], self.size
         if group == "pose":
