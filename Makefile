@@ -77,8 +77,6 @@ oracle: setup
 # the polish completed, else the first pass's.
 POLISH ?= auto
 BUILTIN_BUDGET_MIN ?= 150
-POLISH_TRAIN = $(BIN)/marionette train --config talk --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/polish \
-	--device $(DEVICE) --workers 1 --ckpt-every 250 --resume
 builtin: setup
 	mkdir -p $(BUILTIN_RUN) && (test -f $(BUILTIN_RUN)/started || date +%s > $(BUILTIN_RUN)/started)
 	@# speech corpus (audio + idle-motion stages; 64 px: their frames are not used)
@@ -90,14 +88,8 @@ builtin: setup
 	$(BIN)/marionette train --config talk --stage all --data $(BUILTIN_RUN)/corpus --out $(BUILTIN_RUN)/talk \
 		--device $(DEVICE) --workers 1 --ckpt-every 250 $(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) \
 		$$(test -d $(BUILTIN_RUN)/talk/state && echo --resume)
-	$(BIN)/python -m trainer.polish --run $(BUILTIN_RUN) --budget-min $(BUILTIN_BUDGET_MIN) --force $(POLISH); \
-	rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 10 ]; then exit $$rc; fi; \
-	if [ $$rc -eq 0 ]; then \
-		$(POLISH_TRAIN) --stage render --init $(BUILTIN_RUN)/talk/checkpoint --steps 1000 --lr 3e-4 \
-			$(if $(LOOKAHEAD_MS),--lookahead-ms $(LOOKAHEAD_MS)) && \
-		$(POLISH_TRAIN) --stage state && \
-		$(POLISH_TRAIN) --stage patch --steps 2500 --lr 3e-4; \
-	fi
+	$(BIN)/python -m trainer.polish --run $(BUILTIN_RUN) --budget-min $(BUILTIN_BUDGET_MIN) --force $(POLISH) \
+		--device $(DEVICE)
 	@# the jaw calibration: G's small openings read against the renderer's by the oracle (idempotent); install
 	CK=$(BUILTIN_RUN)/talk/checkpoint; \
 	grep -qs '"patch"' $(BUILTIN_RUN)/polish/state/progress.json && CK=$(BUILTIN_RUN)/polish/checkpoint; \

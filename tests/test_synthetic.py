@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -227,22 +226,23 @@ def test_talk_tiny_trains_render_audio_idle_end_to_end(small_corpus, tmp_path, o
     train(TrainConfig(stage="all", data=small_corpus, config="talk-tiny", out=run, workers=0, resume=True,
                       progress=False, device="cpu"))
     assert len((run / "metrics.jsonl").read_text().splitlines()) == n
-    # the polish as `make builtin` runs it (trainer.polish): G's stages again from that model, each call with
-    # --resume into a fresh directory (the render stage from --init); the decision is taken from this run's times
-    from trainer.polish import decide, projected_seconds, started
+    # the polish as `make builtin` runs it (trainer.polish): G's stages again from that model into RUN/polish, each
+    # resumable; the decision is taken from this run's own stage times
+    from trainer.polish import decide, polish, projected_seconds, started
 
     top = tmp_path
     (top / "talk").symlink_to(run)
-    (top / "started").write_text(f"{time.time() - 5:.0f}\n")
+    (top / "corpus").symlink_to(small_corpus)
     assert projected_seconds(run, "talk-tiny") > 0 and not started(top)
-    polish = top / "polish"
-    for stage, extra in (("render", {"init": ckpt, "lr": 3e-4}), ("state", {}), ("patch", {"lr": 3e-4})):
-        train(TrainConfig(stage=stage, config="talk-tiny", data=small_corpus, out=polish, steps=3, workers=0,
-                          resume=True, progress=False, device="cpu", **extra))
-    assert json.loads((polish / "state" / "progress.json").read_text())["completed"] == ["render", "state", "patch"]
-    polished, _ = load_model(polish / "checkpoint")
+    ck = polish(top, config="talk-tiny", device="cpu", steps=3, workers=0, progress=False)
+    assert json.loads((top / "polish" / "state" / "progress.json").read_text())["completed"] == \
+        ["render", "state", "patch"]
+    polished, _ = load_model(ck)
     assert any(not torch.equal(a, b) for a, b in zip(polished.generator.parameters(), model.generator.parameters()))
     assert started(top) and decide(top, 0.0).run  # begun: finished even with no budget left
+    n = len((top / "polish" / "metrics.jsonl").read_text().splitlines())
+    polish(top, config="talk-tiny", device="cpu", steps=3, workers=0, progress=False)  # a rerun: nothing to do
+    assert len((top / "polish" / "metrics.jsonl").read_text().splitlines()) == n
 
 
 def test_render_stage_needs_no_corpus(tmp_path, one_thread):

@@ -8,10 +8,10 @@ projected from the first pass's own stage times on this machine (each stage's se
 steps) plus the jaw calibration, and compared with what is left of the budget since the run started
 (RUN/started, written by the Makefile). A polish already begun is finished (a resumed run does not change its mind).
 
-    python -m trainer.polish --run RUN [--budget-min 150] [--force auto|on|off]
+    python -m trainer.polish --run RUN [--budget-min 150] [--force auto|on|off] [--device cpu]
 
-exits 0 when the polish is to run and SKIP (10) when it is skipped, the reason logged either way (anything else:
-an error).
+decides, logs why, and trains RUN/polish when it runs (each stage resumable, as `marionette train --resume`);
+exit status 0 either way, 2 when there is no first pass to judge by.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 STAGES: tuple[tuple[str, int | None, float | None], ...] = (("render", 1000, 3e-4), ("state", None, None),
                                                               ("patch", 2500, 3e-4))
 CALIBRATION_S = 120.0  # the jaw calibration after it (benchmarks/mouth_opening.py --calibrate: ~1 min measured)
-SKIP = 10  # the exit status for "skipped" (1 is Python's for an uncaught error)
 SETUP_S = 60.0  # per stage: loading, the state stage's frame pool (~20 s measured), the first checkpoint
 
 
@@ -103,11 +102,30 @@ def decide(run: Path, budget_s: float, force: str = "auto", now: float | None = 
                            "(POLISH=on runs it anyway)", projected, left)
 
 
+def polish(run: Path, *, config: str = "talk", device: str = "auto", steps: int | None = None, workers: int = 1,
+           progress: bool = True) -> Path:
+    """Train STAGES into RUN/polish from RUN/talk/checkpoint (its lookahead kept), each stage resumed where it
+    stopped (completed ones are skipped) -> RUN/polish/checkpoint. `steps` overrides every stage's (tests)."""
+    from engine.checkpoint import read_checkpoint_config
+    from trainer.train import TrainConfig, train
+
+    init = run / "talk" / "checkpoint"
+    lookahead = read_checkpoint_config(init)[0].lookahead_ms
+    ck = run / "polish" / "checkpoint"
+    for i, (stage, n, lr) in enumerate(STAGES):
+        first = {"init": init, "lookahead_ms": lookahead} if i == 0 else {}
+        ck = train(TrainConfig(stage=stage, config=config, data=run / "corpus", out=run / "polish",
+                               steps=steps if steps is not None else n, lr=lr, device=device, workers=workers,
+                               ckpt_every=250, resume=True, progress=progress, **first))
+    return ck
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.polish", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="the built-in's run directory (BUILTIN_RUN)")
     ap.add_argument("--budget-min", type=float, default=150.0, help="the recipe's wall-time budget in minutes")
     ap.add_argument("--force", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -117,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("the polish: %s", e)
         return 2
     log.info("the polish %s: %s", "runs" if d.run else "is skipped", d.reason)
-    return 0 if d.run else SKIP
+    if d.run:
+        polish(a.run, device=a.device)
+    return 0
 
 
 if __name__ == "__main__":

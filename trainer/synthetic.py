@@ -16,9 +16,9 @@ the first minutes. So the renderer is in the training loop:
   to the renderer's landmarks, `trainer.corpus.face.landmark_points`), so they are the
   per-avatar state estimator, the driving-video / webcam encoder and the evaluation's self-driving path
   at once. The image loss is L1 with the mouth and the eye windows (lids, irises, brows: the renderer's
-  region masks at the target pose) weighted up, and more so where the target has content that the source moved to the target's pose
-  lacks (an opened mouth, shut lids, a moved iris: `PairRenderer`'s "change" mask), plus an image-gradient
-  L1 for sharpness.
+  region masks at the target pose) weighted up, and more so where the target has content that the source
+  moved to the target's pose lacks (an opened mouth, shut lids, a moved iris: `PairRenderer`'s "change" mask),
+  plus an image-gradient L1 for sharpness.
 * ``state`` stage (`StateStage`, data from `StatePool`): E_mot + heads alone, regressed to the ground truth on
   a pool of rendered frames (cheaper per image than fresh renders), the head pose weighted up and the keypoint
   branch on the landmarks: the state estimator must be accurate, because relative motion moves the head by
@@ -137,7 +137,7 @@ class PairRenderer:
         from trainer.corpus.face import FaceRenderer, sample_identity
 
         self.one_factor = float(one_factor)
-        self.with_region = bool(region)  # the mouth-or-eye-windows mask (the render stage's loss; ~13 % of the rendering)
+        self.with_region = bool(region)  # the mouth + eye-windows mask (the render stage's loss; ~13 % of the rendering)
         self.small_jaw = float(small_jaw)  # share of targets whose jaw is redrawn in [0, SMALL_JAW] (speech's range)
         self.cfg = model_cfg
         self.n_ids, self.per_id, self.seed = int(n_ids), int(per_id), int(seed)
